@@ -1,0 +1,5 @@
+import sys
+
+from hqlabel.jobs.cli import main
+
+sys.exit(main())

@@ -1,0 +1,217 @@
+"""Grounding DINO (``transformers.GroundingDinoForObjectDetection``) as an open-vocabulary detector.
+
+The class list becomes one prompt (``"cat. dog. traffic light."``). Grounding DINO scores every query box
+against every prompt token; a box's score for a class is the best score over that class's tokens, so boxes
+map back to the class list, never to token fragments.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import (
+    BertConfig,
+    BertTokenizer,
+    GroundingDinoConfig,
+    GroundingDinoForObjectDetection,
+    GroundingDinoProcessor,
+    SwinConfig,
+)
+from transformers.models.grounding_dino.image_processing_pil_grounding_dino import (
+    GroundingDinoImageProcessorPil,
+)
+
+from hqlabel.detectors.base import Detections, batched_nms
+from hqlabel.platform.hub import load_pretrained
+
+
+def build_prompt(classes: list[str]) -> tuple[str, list[tuple[int, int]]]:
+    """Join class names into a Grounding DINO prompt.
+
+    Returns:
+        The prompt (lower case, ``". "``-separated, ending in ``"."``) and, per class, its character span
+        ``(start, end)`` in the prompt.
+    """
+    parts, spans, pos = [], [], 0
+    for name in classes:
+        text = name.lower()
+        spans.append((pos, pos + len(text)))
+        parts.append(text + ".")
+        pos += len(text) + 2  # the "." and the joining space
+    return " ".join(parts), spans
+
+
+def token_class_map(
+    offsets: list[tuple[int, int]], spans: list[tuple[int, int]], max_len: int
+) -> torch.Tensor:
+    """C x T boolean map: which prompt tokens belong to which class.
+
+    Args:
+        offsets: per token, its character span in the prompt (special tokens are ``(0, 0)``).
+        spans: per class, its character span.
+        max_len: T, the detector's text length (logits are padded to it).
+    """
+    positive = torch.zeros(len(spans), max_len, dtype=torch.bool)
+    for t, (start, end) in enumerate(offsets[:max_len]):
+        if end <= start:
+            continue
+        for c, (c_start, c_end) in enumerate(spans):
+            if start >= c_start and end <= c_end:
+                positive[c, t] = True
+    return positive
+
+
+class GroundingDinoDetector:
+    """Grounding DINO with class-aware NMS; ``detect`` takes a batch of images and a class list."""
+
+    def __init__(
+        self,
+        model: GroundingDinoForObjectDetection,
+        processor: GroundingDinoProcessor,
+        *,
+        box_threshold: float = 0.35,
+        text_threshold: float = 0.25,
+        nms_threshold: float = 0.5,
+        max_detections: int = 100,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.processor = processor
+        self.box_threshold = box_threshold
+        self.text_threshold = text_threshold
+        self.nms_threshold = nms_threshold
+        self.max_detections = max_detections
+        self._prompt_cache: dict[tuple[str, ...], tuple[str, torch.Tensor]] = {}
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **kwargs) -> GroundingDinoDetector:
+        """Load model and processor from a hub id (``IDEA-Research/grounding-dino-tiny``) or a directory."""
+        model = load_pretrained(
+            GroundingDinoForObjectDetection.from_pretrained,
+            name_or_path,
+            what="detector",
+            option="--detector",
+        )
+        processor = load_pretrained(
+            GroundingDinoProcessor.from_pretrained, name_or_path, what="detector", option="--detector"
+        )
+        return cls(model, processor, **kwargs)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write model and processor so that ``from_pretrained(directory)`` rebuilds this detector."""
+        self.model.save_pretrained(directory)
+        self.processor.save_pretrained(directory)
+
+    def _prompt(self, classes: list[str]) -> tuple[str, torch.Tensor]:
+        key = tuple(classes)
+        if key not in self._prompt_cache:
+            prompt, spans = build_prompt(classes)
+            max_len = self.model.config.max_text_len
+            encoded = self.processor.tokenizer(prompt, return_offsets_mapping=True)
+            if len(encoded["input_ids"]) > max_len:
+                raise ValueError(
+                    f"the prompt for {len(classes)} classes is {len(encoded['input_ids'])} tokens, more than "
+                    f"the detector's limit of {max_len}; pass fewer or shorter class names"
+                )
+            positive = token_class_map(encoded["offset_mapping"], spans, max_len)
+            missing = [classes[c] for c in range(len(classes)) if not positive[c].any()]
+            if missing:
+                raise ValueError(f"class names {missing} produce no tokens for the detector; rename them")
+            self._prompt_cache[key] = (prompt, positive)
+        return self._prompt_cache[key]
+
+    @torch.inference_mode()
+    def detect(self, images: list[np.ndarray], classes: list[str]) -> list[Detections]:
+        """Detect ``classes`` in ``images``.
+
+        Args:
+            images: H x W x 3 uint8 RGB arrays (sizes may differ).
+            classes: class names; ``Detections.labels`` index into this list.
+
+        Returns:
+            One ``Detections`` per image, boxes in XYXY pixels of that image, at most ``max_detections``.
+        """
+        if not images:
+            return []
+        prompt, positive = self._prompt(classes)
+        inputs = self.processor(images=images, text=[prompt] * len(images), return_tensors="pt")
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        outputs = self.model(**inputs)
+        probs = outputs.logits.float().sigmoid()  # B x Q x T
+        positive = positive.to(self.device)
+        # B x Q x C: best token score per class; a class whose tokens all stay under text_threshold drops out.
+        class_scores = (probs[:, :, None, :] * positive[None, None]).amax(-1)
+        class_scores = class_scores.masked_fill(class_scores < self.text_threshold, 0.0)
+        scores, labels = class_scores.max(-1)
+
+        results = []
+        for i, image in enumerate(images):
+            h, w = image.shape[:2]
+            keep = scores[i] > self.box_threshold
+            cx, cy, bw, bh = outputs.pred_boxes[i, keep].float().unbind(-1)
+            boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1)
+            boxes = boxes * torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+            det_scores, det_labels = scores[i, keep], labels[i, keep]
+            kept = batched_nms(boxes, det_scores, det_labels, self.nms_threshold)[: self.max_detections]
+            results.append(Detections(boxes[kept].cpu(), det_scores[kept].cpu(), det_labels[kept].cpu()))
+        return results
+
+
+def tiny_random_tokenizer() -> BertTokenizer:
+    """A BERT WordPiece tokenizer with a vocabulary generated here: special tokens, punctuation, and
+    single-character word pieces, so any ASCII class name tokenizes without a download."""
+    pieces = list(string.ascii_lowercase + string.digits)
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.punctuation, *pieces]
+    tokens += [f"##{p}" for p in pieces]
+    return BertTokenizer(vocab={token: i for i, token in enumerate(tokens)})
+
+
+def tiny_random_grounding_dino(seed: int = 0, **kwargs) -> GroundingDinoDetector:
+    """A tiny randomly initialised Grounding DINO of the real architecture (Swin + BERT + deformable DETR).
+
+    Offline and fast; its boxes are meaningless. ``kwargs`` go to ``GroundingDinoDetector``.
+    """
+    tokenizer = tiny_random_tokenizer()
+    backbone = SwinConfig(
+        embed_dim=8,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 1, 1],
+        window_size=7,
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    text = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
+    config = GroundingDinoConfig(
+        backbone_config=backbone,
+        text_config=text,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=2,  # the tied box heads need at least 2
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_n_points=2,
+        decoder_n_points=2,
+        num_queries=20,
+        num_feature_levels=3,
+        max_text_len=64,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = GroundingDinoForObjectDetection(config)
+    image_processor = GroundingDinoImageProcessorPil(size={"shortest_edge": 128, "longest_edge": 192})
+    processor = GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return GroundingDinoDetector(model, processor, **kwargs)

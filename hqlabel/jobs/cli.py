@@ -1,0 +1,136 @@
+"""The ``hqlabel`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from hqlabel import __version__
+from hqlabel.platform.config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, PRESETS
+
+# Errors that come from the user's input or environment: shown as one line, without a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError)
+
+
+def _add_label_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "label",
+        help="label a dataset: text prompt -> detector boxes -> HQ-SAM masks -> Parquet",
+        description="Detect the --classes in every image of INPUT and write one HQ-SAM mask per instance.",
+    )
+    p.add_argument("input", help="a folder of images (searched recursively) or a Parquet file/folder")
+    p.add_argument("--classes", required=True, help='comma-separated class names, e.g. "person, bicycle"')
+    p.add_argument("--out", required=True, help="output folder (masks/, errors/, job.json)")
+    p.add_argument("--detector", default=DEFAULT_DETECTOR, help="Grounding DINO hub id or local dir")
+    p.add_argument("--segmenter", default=DEFAULT_SEGMENTER, help="SAM-HQ hub id or local dir")
+    p.add_argument("--preset", choices=PRESETS, help="tiny randomly initialised models (offline smoke runs)")
+    p.add_argument("--box-threshold", type=float, default=0.35, help="minimum box score (default 0.35)")
+    p.add_argument("--text-threshold", type=float, default=0.25, help="minimum class token score (0.25)")
+    p.add_argument("--nms-threshold", type=float, default=0.5, help="same-class box IoU merged by NMS (0.5)")
+    p.add_argument(
+        "--hq-token-only",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="masks from the HQ token alone instead of SAM + HQ logits (default: off)",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="images per model call (default 8)")
+    p.add_argument("--num-workers", type=int, help="labeling actors (default: one per GPU, or by CPUs)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--max-pixels", type=int, help="images with more pixels become error rows (100M)")
+    p.add_argument("--max-side", type=int, help="downscale longer images to this side first (1333)")
+    p.add_argument("--id-column", default="image_id", help="Parquet input: image id column")
+    p.add_argument("--image-column", default="image", help="Parquet input: encoded image bytes column")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
+    p.add_argument("--address", help="Ray cluster address to join (default: start a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_label)
+
+
+def _label(args: argparse.Namespace) -> int:
+    from hqlabel.jobs.label import run_label_job
+    from hqlabel.jobs.spec import LabelJobSpec
+    from hqlabel.platform.config import LabelerConfig
+
+    labeler = LabelerConfig(
+        classes=args.classes,
+        detector=args.detector,
+        segmenter=args.segmenter,
+        preset=args.preset,
+        box_threshold=args.box_threshold,
+        text_threshold=args.text_threshold,
+        nms_threshold=args.nms_threshold,
+        hq_token_only=args.hq_token_only,
+        device=args.device,
+    )
+    optional = {
+        "max_pixels": args.max_pixels,
+        "max_side": args.max_side,
+        "num_workers": args.num_workers,
+        "num_cpus": args.num_cpus,
+    }
+    spec = LabelJobSpec(
+        input=args.input,
+        out=args.out,
+        labeler=labeler,
+        id_column=args.id_column,
+        image_column=args.image_column,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        ray_address=args.address,
+        **{k: v for k, v in optional.items() if v is not None},
+    )
+    summary = run_label_job(spec, progress=not args.no_progress)
+    print(summary)
+    return 0
+
+
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo-data", help="write synthetic demo images (shapes) to try the pipeline")
+    p.add_argument("out", help="folder to write the images to")
+    p.add_argument("--num-images", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from hqlabel.platform.demo import make_demo_images
+
+    paths = make_demo_images(args.out, args.num_images, seed=args.seed)
+    print(f"wrote {len(paths)} demo images to {args.out} (classes: circle, square, triangle)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hqlabel", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"hqlabel {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_label_parser(sub)
+    _add_demo_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        if args.verbose:
+            raise
+        print(f"hqlabel: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hqlabel: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""How many labeling actors, and with what resources: decided in one place from what the cluster has."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    """Placement of the labeling pipeline.
+
+    Attributes:
+        num_actors: labeling actors (each holds a detector and a segmenter).
+        actor_cpus: CPUs reserved per actor (its torch thread count on CPU).
+        actor_gpus: GPUs per actor (1 on GPU clusters, 0 otherwise).
+        task_cpus: CPUs per read/decode/write task.
+    """
+
+    num_actors: int
+    actor_cpus: float
+    actor_gpus: float
+    task_cpus: float
+
+
+def plan_resources(cpus: float, gpus: float, num_workers: int | None = None) -> ResourcePlan:
+    """Size the pipeline for a cluster with ``cpus`` CPUs and ``gpus`` GPUs.
+
+    With GPUs: one actor per GPU (or ``num_workers``, at most one per GPU), one CPU each. Without: actors
+    share the CPUs, but at least one CPU always stays free for the read, decode and write tasks; otherwise
+    the actors starve them and a small machine hangs.
+
+    Raises:
+        ValueError: fewer than 2 CPUs, or more GPU workers asked for than GPUs exist.
+    """
+    if cpus < 2:
+        raise ValueError(
+            f"the Ray cluster has {cpus:g} CPUs; labeling needs at least 2 (one for the model actor, one for "
+            "reading and writing). Start Ray with more CPUs (--num-cpus)"
+        )
+    whole_gpus = int(gpus)
+    if whole_gpus >= 1:
+        if num_workers is not None and num_workers > whole_gpus:
+            raise ValueError(
+                f"--num-workers {num_workers} asks for more GPU actors than the {whole_gpus} GPUs available"
+            )
+        actors = num_workers or whole_gpus
+        spare = cpus - actors
+        return ResourcePlan(actors, 1.0 if spare >= 1 else 0.5, 1.0, 1.0 if spare >= 1 else 0.5)
+    reserve = max(1.0, cpus // 4)  # for read/decode/write tasks
+    budget = cpus - reserve
+    actors = max(1, min(num_workers or 1, int(budget)))
+    if num_workers is None:
+        # Few fat actors: one per 4 CPUs keeps torch's intra-op threads busy without oversubscribing.
+        actors = max(1, int(budget // 4))
+    actor_cpus = max(1.0, float(int(budget // actors)))
+    # Tasks ask for half a CPU: two decode/write tasks share the spare core, and the differing request keeps
+    # Ray Data from fusing decoding into the model actors (decode overlaps model work instead).
+    return ResourcePlan(actors, actor_cpus, 0.0, 0.5)

@@ -1,0 +1,1 @@
+"""Storage and data model: Arrow schemas, dataset readers/writers, mask encoding, configuration."""

@@ -1,0 +1,82 @@
+"""Typed configuration shared by the model layers, the workers and the jobs.
+
+``LabelerConfig`` is everything a worker needs to build its models and label images; job specs embed it,
+and the resolved value is saved next to every output (``job.json``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
+DEFAULT_SEGMENTER = "syscv-community/sam-hq-vit-base"
+PRESETS = ("tiny-random",)
+
+
+def parse_classes(text: str | list[str]) -> list[str]:
+    """Turn ``"person, bicycle, traffic light"`` (or a list) into a clean, de-duplicated class list.
+
+    Names keep their spelling (the output ``label`` column uses them as given); blank entries are dropped.
+
+    Raises:
+        ValueError: no class is left, or a name contains ``.`` (Grounding DINO separates classes with it).
+    """
+    items = text.split(",") if isinstance(text, str) else list(text)
+    classes: list[str] = []
+    seen: set[str] = set()
+    for item in items:
+        name = " ".join(str(item).split())
+        if not name:
+            continue
+        if "." in name:
+            raise ValueError(
+                f"class name {name!r} contains '.', which separates classes in the detector prompt; "
+                "remove it (e.g. 'st. bernard' -> 'st bernard')"
+            )
+        key = name.lower()
+        if key not in seen:
+            seen.add(key)
+            classes.append(name)
+    if not classes:
+        raise ValueError(
+            f"no class names in {text!r}; pass a comma-separated list such as --classes 'cat, dog'"
+        )
+    return classes
+
+
+class LabelerConfig(BaseModel):
+    """What a labeling worker builds and how it labels."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    classes: list[str] = Field(
+        description="Class names to detect; the output `label` column takes these values."
+    )
+    detector: str = Field(DEFAULT_DETECTOR, description="Grounding DINO hub id or local directory.")
+    segmenter: str = Field(DEFAULT_SEGMENTER, description="SAM-HQ hub id or local directory.")
+    preset: Literal["tiny-random"] | None = Field(
+        None, description="Build tiny randomly initialised models instead of loading weights (offline tests)."
+    )
+    box_threshold: float = Field(0.35, ge=0.0, le=1.0, description="Minimum detector score of a kept box.")
+    text_threshold: float = Field(
+        0.25, ge=0.0, le=1.0, description="Minimum token score for a class to be assigned to a box."
+    )
+    nms_threshold: float = Field(
+        0.5, gt=0.0, le=1.0, description="IoU above which same-class boxes are merged."
+    )
+    max_detections: int = Field(
+        100, ge=1, description="Most instances kept per image (highest scores first)."
+    )
+    hq_token_only: bool = Field(
+        False, description="Masks from the HQ token alone instead of SAM logits + HQ logits."
+    )
+    mask_threshold: float = Field(0.0, description="Logit threshold that binarises masks.")
+    decoder_chunk_size: int = Field(64, ge=1, description="Boxes decoded per mask-decoder call.")
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.")
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _clean_classes(cls, value: str | list[str]) -> list[str]:
+        return parse_classes(value)

@@ -1,0 +1,96 @@
+"""Arrow schemas of everything HQLabel writes, and helpers that build tables in them.
+
+The masks table is the output contract of a labeling job (one row per instance):
+
+    image_id     string
+    instance_id  int32            0..n-1 within the image
+    label        string           a class name from the job's class list
+    score        float32          detector confidence
+    box          fixed_size_list<float32>[4]   XYXY pixels of the original image
+    mask         struct<size: list<int32> [height, width], counts: binary>   COCO compressed RLE
+    area         int64            mask pixels at the original resolution
+    pred_iou     float32          HQ-SAM IoU-head prediction
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+RLE_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.binary())])
+BOX_TYPE = pa.list_(pa.float32(), 4)
+
+INSTANCE_FIELDS: list[pa.Field] = [
+    pa.field("instance_id", pa.int32(), nullable=False),
+    pa.field("label", pa.string(), nullable=False),
+    pa.field("score", pa.float32(), nullable=False),
+    pa.field("box", BOX_TYPE, nullable=False),
+    pa.field("mask", RLE_TYPE, nullable=False),
+    pa.field("area", pa.int64(), nullable=False),
+    pa.field("pred_iou", pa.float32(), nullable=False),
+]
+INSTANCE_TYPE = pa.struct(INSTANCE_FIELDS)
+
+MASKS_SCHEMA = pa.schema([pa.field("image_id", pa.string(), nullable=False), *INSTANCE_FIELDS])
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("error", pa.string(), nullable=False),
+    ]
+)
+
+# What flows between pipeline stages: one row per image, whatever happened to it.
+DECODED_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),
+        pa.field("pixels", pa.binary()),  # H x W x 3 uint8 RGB, row-major, at the working resolution
+        pa.field("height", pa.int32()),  # working resolution
+        pa.field("width", pa.int32()),
+        pa.field("orig_height", pa.int32()),  # original resolution, what masks and boxes refer to
+        pa.field("orig_width", pa.int32()),
+        pa.field("error_stage", pa.string()),
+        pa.field("error", pa.string()),
+    ]
+)
+RESULT_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),
+        pa.field("instances", pa.list_(INSTANCE_TYPE)),
+        pa.field("error_stage", pa.string()),
+        pa.field("error", pa.string()),
+    ]
+)
+
+
+def results_to_tables(results: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """Split a per-image ``RESULT_SCHEMA`` table into the masks table and the errors table.
+
+    Returns:
+        ``(masks, errors)`` in ``MASKS_SCHEMA`` and ``ERRORS_SCHEMA``; an image with an error contributes
+        no masks, an image with no instances contributes to neither.
+    """
+    results = results.cast(RESULT_SCHEMA)
+    failed = pc.is_valid(results["error"])
+    errors = results.filter(failed).select(["image_id", "error_stage", "error"])
+    errors = errors.rename_columns(["image_id", "stage", "error"]).cast(ERRORS_SCHEMA)
+
+    ok = results.filter(pc.invert(failed))
+    instances = ok["instances"].combine_chunks()
+    flat = pc.list_flatten(instances)
+    parents = pc.list_parent_indices(instances)
+    columns = {"image_id": pc.take(ok["image_id"], parents)}
+    for field in INSTANCE_FIELDS:
+        columns[field.name] = pc.struct_field(flat, field.name)
+    masks = pa.Table.from_pydict(columns).cast(MASKS_SCHEMA)
+    return masks, errors
+
+
+def error_rows(image_ids: Sequence[str], stage: str, error: str) -> list[dict]:
+    """Per-image result rows that record the same failure for each of ``image_ids``."""
+    return [
+        {"image_id": image_id, "instances": None, "error_stage": stage, "error": error}
+        for image_id in image_ids
+    ]

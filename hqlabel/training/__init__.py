@@ -1,0 +1,1 @@
+"""HQ-token retraining (Ray Train), losses and metrics."""

@@ -1,0 +1,158 @@
+"""Detector boxes -> HQ-SAM masks -> RLE instance rows. ``Labeler`` is the Ray-free core; ``LabelWorker`` is
+the callable class that Ray Data instantiates once per actor (it loads the models in ``__init__``)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from hqlabel.detectors import Detector
+from hqlabel.detectors.grounding_dino import GroundingDinoDetector, tiny_random_grounding_dino
+from hqlabel.platform.config import LabelerConfig
+from hqlabel.platform.rle import encode_masks, mask_area
+from hqlabel.platform.schema import RESULT_SCHEMA
+from hqlabel.segmenters import HQSamSegmenter, tiny_random_sam_hq
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else as given (validated)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+    return resolved
+
+
+def build_models(config: LabelerConfig) -> tuple[GroundingDinoDetector, HQSamSegmenter]:
+    """The detector and segmenter that ``config`` names (``preset`` overrides the model ids)."""
+    device = resolve_device(config.device)
+    det_kwargs = dict(
+        box_threshold=config.box_threshold,
+        text_threshold=config.text_threshold,
+        nms_threshold=config.nms_threshold,
+        max_detections=config.max_detections,
+        device=device,
+    )
+    seg_kwargs = dict(
+        hq_token_only=config.hq_token_only,
+        mask_threshold=config.mask_threshold,
+        chunk_size=config.decoder_chunk_size,
+        device=device,
+    )
+    if config.preset == "tiny-random":
+        return tiny_random_grounding_dino(**det_kwargs), tiny_random_sam_hq(**seg_kwargs)
+    return (
+        GroundingDinoDetector.from_pretrained(config.detector, **det_kwargs),
+        HQSamSegmenter.from_pretrained(config.segmenter, **seg_kwargs),
+    )
+
+
+class Labeler:
+    """Labels images: detect ``classes``, then one HQ-SAM mask per box (one encoder pass per image)."""
+
+    def __init__(self, detector: Detector, segmenter: HQSamSegmenter, classes: list[str]) -> None:
+        self.detector = detector
+        self.segmenter = segmenter
+        self.classes = list(classes)
+
+    @classmethod
+    def from_config(cls, config: LabelerConfig) -> Labeler:
+        detector, segmenter = build_models(config)
+        return cls(detector, segmenter, config.classes)
+
+    def label(
+        self, images: list[np.ndarray], output_sizes: list[tuple[int, int]] | None = None
+    ) -> list[list[dict]]:
+        """Label a batch of images.
+
+        Args:
+            images: H x W x 3 uint8 RGB (working resolution).
+            output_sizes: per image, the (H, W) that boxes and masks are reported in (the original
+                resolution when ``images`` are downscaled copies); defaults to each image's own size.
+
+        Returns:
+            Per image, its instances as dicts with the fields of ``INSTANCE_TYPE`` (``instance_id`` 0..n-1
+            by decreasing detector score; ``mask`` COCO RLE at the output size).
+        """
+        output_sizes = output_sizes or [image.shape[:2] for image in images]
+        detections = self.detector.detect(images, self.classes)
+        todo = [i for i, d in enumerate(detections) if len(d)]
+        results: list[list[dict]] = [[] for _ in images]
+        if not todo:
+            return results
+        embeddings = self.segmenter.embed([images[i] for i in todo])
+        logits = self.segmenter.predict_boxes(embeddings, [detections[i].boxes for i in todo])
+        for i, mask_logits in zip(todo, logits, strict=True):
+            det = detections[i]
+            (h, w), (out_h, out_w) = images[i].shape[:2], output_sizes[i]
+            boxes = det.boxes * torch.tensor([out_w / w, out_h / h, out_w / w, out_h / h])
+            rles = []
+            for chunk in self.segmenter.iter_masks(mask_logits, (out_h, out_w)):
+                rles += encode_masks(chunk.cpu().numpy())
+            iou = mask_logits.iou_scores.float().cpu().tolist()
+            for k, rle in enumerate(rles):
+                results[i].append(
+                    {
+                        "instance_id": k,
+                        "label": self.classes[int(det.labels[k])],
+                        "score": float(det.scores[k]),
+                        "box": [float(v) for v in boxes[k]],
+                        "mask": rle,
+                        "area": mask_area(rle),
+                        "pred_iou": iou[k],
+                    }
+                )
+        return results
+
+
+class LabelWorker:
+    """Ray Data actor UDF: ``DECODED_SCHEMA`` batch in, ``RESULT_SCHEMA`` batch out (one row per image).
+
+    Rows that arrive with an error pass through. If labeling a batch fails, each image is retried alone so
+    that only the image at fault becomes an error row (stage ``"label"``).
+    """
+
+    def __init__(self, config: LabelerConfig, num_threads: int | None = None) -> None:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.labeler = Labeler.from_config(config)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        out = [
+            {
+                "image_id": r["image_id"],
+                "instances": None,
+                "error_stage": r["error_stage"],
+                "error": r["error"],
+            }
+            for r in rows
+        ]
+        todo = [i for i, r in enumerate(rows) if r["error"] is None]
+        images = [
+            np.frombuffer(rows[i]["pixels"], np.uint8).reshape(rows[i]["height"], rows[i]["width"], 3)
+            for i in todo
+        ]
+        sizes = [(rows[i]["orig_height"], rows[i]["orig_width"]) for i in todo]
+        try:
+            labeled = self.labeler.label(images, sizes)
+        except Exception:  # isolate the image at fault; each failure is recorded as an error row below
+            logger.warning("labeling a batch of %d images failed; retrying them one by one", len(todo))
+            labeled = []
+            for k, i in enumerate(todo):
+                try:
+                    labeled += self.labeler.label([images[k]], [sizes[k]])
+                except Exception as e:
+                    logger.warning("labeling %s failed: %s", rows[i]["image_id"], e)
+                    out[i].update(error_stage="label", error=f"{type(e).__name__}: {e}")
+                    labeled.append(None)
+        for i, instances in zip(todo, labeled, strict=True):
+            if instances is not None:
+                out[i]["instances"] = instances
+        return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)

@@ -1,0 +1,34 @@
+import pytest
+
+from hqlabel.jobs.resources import plan_resources
+
+
+@pytest.mark.parametrize("cpus", [2, 3, 4, 8, 16, 64])
+def test_cpu_plans_leave_room_for_io_tasks(cpus):
+    plan = plan_resources(cpus, 0)
+    assert plan.num_actors >= 1 and plan.actor_gpus == 0
+    assert cpus - plan.num_actors * plan.actor_cpus >= 1, "read/decode/write tasks need a free CPU"
+    assert plan.task_cpus != plan.actor_cpus  # keeps decoding out of the model actors
+
+
+def test_two_cpus_give_one_single_threaded_actor():
+    plan = plan_resources(2, 0)
+    assert (plan.num_actors, plan.actor_cpus) == (1, 1.0)
+
+
+def test_requested_workers_are_capped_by_cpus():
+    assert plan_resources(4, 0, num_workers=10).num_actors == 3
+    assert plan_resources(16, 0, num_workers=2).num_actors == 2
+
+
+def test_gpu_plan_is_one_actor_per_gpu():
+    plan = plan_resources(16, 4)
+    assert (plan.num_actors, plan.actor_gpus) == (4, 1.0)
+    assert plan_resources(16, 4, num_workers=2).num_actors == 2
+    with pytest.raises(ValueError, match="GPU"):
+        plan_resources(16, 2, num_workers=3)
+
+
+def test_one_cpu_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="--num-cpus"):
+        plan_resources(1, 0)

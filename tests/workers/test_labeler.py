@@ -1,0 +1,137 @@
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from conftest import encode, random_image
+
+from hqlabel.platform.config import LabelerConfig
+from hqlabel.platform.rle import decode_mask
+from hqlabel.platform.schema import DECODED_SCHEMA, RESULT_SCHEMA
+from hqlabel.workers import Labeler, LabelWorker, decode_batch, write_results
+
+CLASSES = ["cat", "traffic light"]
+
+
+@pytest.fixture(scope="module")
+def config() -> LabelerConfig:
+    return LabelerConfig(classes=CLASSES, preset="tiny-random", box_threshold=0.3, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def labeler(config) -> Labeler:
+    return Labeler.from_config(config)
+
+
+def test_label_rows_follow_the_contract(labeler):
+    images = [random_image(0, (48, 64)), random_image(1, (70, 30))]
+    output_sizes = [(96, 128), (70, 30)]  # first image is a 2x downscaled copy of its original
+    results = labeler.label(images, output_sizes)
+    assert len(results) == 2
+    assert sum(len(r) for r in results) > 0, "the tiny detector is expected to fire on random images"
+    for instances, (h, w) in zip(results, output_sizes, strict=True):
+        assert [inst["instance_id"] for inst in instances] == list(range(len(instances)))
+        for inst in instances:
+            assert inst["label"] in CLASSES
+            mask = decode_mask(inst["mask"])
+            assert mask.shape == (h, w)
+            assert inst["area"] == int(mask.sum())
+            x0, y0, x1, y1 = inst["box"]
+            assert 0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h
+            assert 0.0 <= inst["score"] <= 1.0
+
+
+def test_encoder_runs_once_per_image_whatever_the_box_count(labeler):
+    calls = []
+
+    def count(module, args, kwargs, output):
+        pixels = args[0] if args else kwargs["pixel_values"]
+        calls.append(pixels.shape[0])
+
+    hook = labeler.segmenter.model.vision_encoder.register_forward_hook(count, with_kwargs=True)
+    try:
+        images = [random_image(i, (40, 56)) for i in range(3)]
+        results = labeler.label(images)
+    finally:
+        hook.remove()
+    with_boxes = sum(1 for r in results if r)
+    assert sum(len(r) for r in results) > len(images), "need several boxes per image for this test"
+    assert calls == [with_boxes]
+
+
+def test_images_without_boxes_skip_the_segmenter(config):
+    strict = Labeler.from_config(config.model_copy(update={"box_threshold": 1.0}))
+    calls = []
+    hook = strict.segmenter.model.vision_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        assert strict.label([random_image(0)]) == [[]]
+    finally:
+        hook.remove()
+    assert calls == []
+
+
+def _decoded(rows: list[tuple[str, bytes | None, str | None]]) -> pa.Table:
+    batch = pa.Table.from_pylist([{"image_id": i, "image": b, "path": p} for i, b, p in rows])
+    return decode_batch(batch, max_side=64)
+
+
+def test_decode_batch_keeps_every_row_and_records_failures(tmp_path):
+    good = encode(random_image(3, (80, 120)))
+    missing = str(tmp_path / "nope.png")
+    out = _decoded(
+        [("a", good, None), ("b", b"not an image", None), ("c", None, missing), (None, good, None)]
+    )
+    assert out.schema == DECODED_SCHEMA
+    rows = out.to_pylist()
+    assert [r["image_id"] for r in rows] == ["a", "b", "c", ""]
+    assert (rows[0]["orig_height"], rows[0]["orig_width"]) == (80, 120)
+    assert max(rows[0]["height"], rows[0]["width"]) == 64  # downscaled working copy
+    assert len(rows[0]["pixels"]) == rows[0]["height"] * rows[0]["width"] * 3
+    assert rows[0]["error"] is None
+    assert rows[1]["error_stage"] == "decode"
+    assert rows[2]["error_stage"] == "read" and "nope.png" in rows[2]["error"]
+    assert rows[3]["error_stage"] == "read" and "image_id" in rows[3]["error"]
+
+
+def test_label_worker_is_a_plain_callable(config):
+    worker = LabelWorker(config, num_threads=1)
+    decoded = _decoded([("a", encode(random_image(5, (90, 60))), None), ("bad", b"\x00" * 10, None)])
+    out = worker(decoded)
+    assert out.schema == RESULT_SCHEMA
+    rows = out.to_pylist()
+    assert [r["image_id"] for r in rows] == ["a", "bad"]
+    assert rows[0]["error"] is None and rows[0]["instances"]
+    assert decode_mask(rows[0]["instances"][0]["mask"]).shape == (90, 60)  # original resolution
+    assert rows[1]["error_stage"] == "decode" and rows[1]["instances"] is None
+
+
+def test_label_worker_isolates_an_image_that_fails_in_the_models(config, monkeypatch):
+    worker = LabelWorker(config)
+    decoded = _decoded([(f"img{i}", encode(random_image(i, (40, 40))), None) for i in range(3)])
+    real_detect = worker.labeler.detector.detect
+
+    def detect(images, classes):  # the second image breaks the detector, alone or in a batch
+        if any(float(img.mean()) == float(poison.mean()) for img in images):
+            raise RuntimeError("boom")
+        return real_detect(images, classes)
+
+    poison = np.frombuffer(decoded["pixels"][1].as_py(), np.uint8)
+    monkeypatch.setattr(worker.labeler.detector, "detect", detect)
+    rows = worker(decoded).to_pylist()
+    assert [r["error_stage"] for r in rows] == [None, "label", None]
+    assert "boom" in rows[1]["error"]
+    assert rows[0]["instances"] and rows[2]["instances"]
+
+
+def test_write_results_is_idempotent_per_batch(config, tmp_path):
+    import pyarrow.parquet as pq
+
+    worker = LabelWorker(config)
+    results = worker(_decoded([("a", encode(random_image(7)), None), ("b", b"junk", None)]))
+    for _ in range(2):  # a retried batch rewrites the same files
+        stats = write_results(results, out_dir=str(tmp_path)).to_pylist()
+    masks = pq.read_table(tmp_path / "masks")
+    errors = pq.read_table(tmp_path / "errors")
+    assert stats == [{"images": 2, "instances": masks.num_rows, "errors": 1}]
+    assert set(masks["image_id"].to_pylist()) == {"a"}
+    assert errors["image_id"].to_pylist() == ["b"]
+    assert torch.tensor(masks["instance_id"].to_pylist()).tolist() == list(range(masks.num_rows))
