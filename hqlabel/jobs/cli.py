@@ -120,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.verbose:  # our progress bar and summary say what Ray Data's execution logs would
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
     try:
         return args.func(args)
     except USER_ERRORS as e:
