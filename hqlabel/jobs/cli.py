@@ -25,7 +25,10 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", required=True, help='comma-separated class names, e.g. "person, bicycle"')
     p.add_argument("--out", required=True, help="output folder (masks/, errors/, job.json)")
     p.add_argument("--detector", default=DEFAULT_DETECTOR, help="Grounding DINO hub id or local dir")
-    p.add_argument("--segmenter", default=DEFAULT_SEGMENTER, help="SAM-HQ hub id or local dir")
+    p.add_argument(
+        "--segmenter", default=DEFAULT_SEGMENTER, help="SAM-HQ / SAM hub id, local dir or original .pth file"
+    )
+    p.add_argument("--hq-weights", help="fine-tuned HQ-token weights (safetensors) on top of --segmenter")
     p.add_argument("--preset", choices=PRESETS, help="tiny randomly initialised models (offline smoke runs)")
     p.add_argument("--box-threshold", type=float, default=0.35, help="minimum box score (default 0.35)")
     p.add_argument("--text-threshold", type=float, default=0.25, help="minimum class token score (0.25)")
@@ -35,6 +38,12 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
         action=argparse.BooleanOptionalAction,
         default=False,
         help="masks from the HQ token alone instead of SAM + HQ logits (default: off)",
+    )
+    p.add_argument(
+        "--multimask",
+        choices=("off", "best"),
+        default="off",
+        help="off: SAM's single-mask token; best: the original SysCV release's best-of-3 SAM mask + HQ",
     )
     p.add_argument("--batch-size", type=int, default=8, help="images per model call (default 8)")
     p.add_argument("--num-workers", type=int, help="labeling actors (default: one per GPU, or by CPUs)")
@@ -64,6 +73,8 @@ def _label(args: argparse.Namespace) -> int:
         text_threshold=args.text_threshold,
         nms_threshold=args.nms_threshold,
         hq_token_only=args.hq_token_only,
+        multimask=args.multimask,
+        hq_weights=args.hq_weights,
         device=args.device,
     )
     optional = {
@@ -85,6 +96,66 @@ def _label(args: argparse.Namespace) -> int:
     )
     summary = run_label_job(spec, progress=not args.no_progress)
     print(summary)
+    return 0
+
+
+def _numbers(text: str, count: tuple[int, ...], what: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) not in count:
+        raise argparse.ArgumentTypeError(f"{what} {text!r}: expected {' or '.join(map(str, count))} numbers")
+    return values
+
+
+def _box(text: str) -> tuple[float, ...]:
+    return _numbers(text, (4,), "box")
+
+
+def _point(text: str) -> tuple[float, float, int]:
+    values = _numbers(text, (2, 3), "point")
+    return values[0], values[1], int(values[2]) if len(values) == 3 else 1
+
+
+def _add_segment_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "segment",
+        help="HQ-SAM masks for boxes or clicks on one image (mask + overlay PNGs)",
+        description="Segment the objects given by --box (one object each) or --point clicks (one object).",
+    )
+    p.add_argument("image", help="the image file")
+    p.add_argument("--box", type=_box, action="append", default=[], help="x0,y0,x1,y1 pixels (repeatable)")
+    p.add_argument(
+        "--point", type=_point, action="append", default=[], help="x,y[,label] (label 1 fg, 0 bg; repeatable)"
+    )
+    p.add_argument("--out", default=".", help="output folder (default: current)")
+    p.add_argument("--segmenter", default=DEFAULT_SEGMENTER, help="SAM-HQ / SAM hub id, dir or .pth file")
+    p.add_argument("--hq-weights", help="fine-tuned HQ-token weights (safetensors)")
+    p.add_argument("--preset", choices=PRESETS, help="tiny randomly initialised model (offline)")
+    p.add_argument("--hq-token-only", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--multimask", choices=("off", "best", "all"), default="off")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_segment)
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from hqlabel.jobs.segment import run_segment
+    from hqlabel.jobs.spec import SegmentJobSpec
+
+    spec = SegmentJobSpec(
+        image=args.image,
+        out=args.out,
+        boxes=args.box,
+        points=args.point,
+        segmenter=args.segmenter,
+        preset=args.preset,
+        hq_weights=args.hq_weights,
+        hq_token_only=args.hq_token_only,
+        multimask=args.multimask,
+        device=args.device,
+    )
+    print(run_segment(spec))
     return 0
 
 
@@ -110,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_label_parser(sub)
+    _add_segment_parser(sub)
     _add_demo_parser(sub)
     return parser
 

@@ -55,7 +55,13 @@ class LabelerConfig(BaseModel):
         description="Class names to detect; the output `label` column takes these values."
     )
     detector: str = Field(DEFAULT_DETECTOR, description="Grounding DINO hub id or local directory.")
-    segmenter: str = Field(DEFAULT_SEGMENTER, description="SAM-HQ hub id or local directory.")
+    segmenter: str = Field(
+        DEFAULT_SEGMENTER,
+        description="SAM-HQ (or SAM) hub id, local directory, or original checkpoint (sam_hq_vit_b.pth).",
+    )
+    hq_weights: str | None = Field(
+        None, description="Fine-tuned HQ-token weights (safetensors) loaded on top of the segmenter."
+    )
     preset: Literal["tiny-random"] | None = Field(
         None, description="Build tiny randomly initialised models instead of loading weights (offline tests)."
     )
@@ -72,8 +78,14 @@ class LabelerConfig(BaseModel):
     hq_token_only: bool = Field(
         False, description="Masks from the HQ token alone instead of SAM logits + HQ logits."
     )
+    multimask: Literal["off", "best"] = Field(
+        "off",
+        description="'off': SAM's single-mask token; 'best': the original release's best-of-3 SAM mask + HQ.",
+    )
     mask_threshold: float = Field(0.0, description="Logit threshold that binarises masks.")
-    decoder_chunk_size: int = Field(64, ge=1, description="Boxes decoded per mask-decoder call.")
+    decoder_chunk_size: int = Field(
+        16, ge=1, description="Prompts per mask-decoder call (~60 MB each at ViT-B decoder size, float32)."
+    )
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.")
 
     @field_validator("classes", mode="before")

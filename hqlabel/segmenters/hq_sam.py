@@ -1,118 +1,110 @@
-"""HQ-SAM (``transformers.SamHQModel``): embed each image once, then decode any number of box prompts.
+"""HQ-SAM (``transformers.SamHQModel``): embed each image once, then decode any number of prompts.
 
 The image encoder is the expensive part; ``embed`` runs it once per image and keeps both the final image
 embedding and the intermediate ViT embeddings (outputs of the global-attention blocks). HQ-SAM's fused
 high-resolution feature needs the first of those: decoding from the final embedding alone silently drops the
-HQ branch, so ``ImageEmbeddings`` refuses to exist without them.
+HQ branch, so ``ImageEmbeddings`` of an HQ model refuses to exist without them.
+
+Plain SAM (``transformers.SamModel``) goes through the same API, so SAM and HQ-SAM can label the same job.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import SamHQConfig, SamHQModel, SamHQProcessor
+from transformers import SamHQConfig, SamHQModel, SamHQProcessor, SamModel, SamProcessor
 from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 
 from hqlabel.platform.hub import load_pretrained
+from hqlabel.segmenters.structures import ImageEmbeddings, MaskLogits, Prompts
+from hqlabel.segmenters.transformers_fixes import fix_sam_hq_mask_decoder
 
-
-@dataclass
-class ImageEmbeddings:
-    """Encoder outputs for a batch of B images.
-
-    Attributes:
-        image_embeddings: B x C x h x w (C = 256, h = w = 64 for the released models).
-        intermediate_embeddings: per global-attention ViT block, B x h x w x D; HQ-SAM uses the first.
-        original_sizes: per image (H, W) of the image that was embedded.
-        reshaped_sizes: per image (H', W') after the longest-side resize, before padding.
-    """
-
-    image_embeddings: torch.Tensor
-    intermediate_embeddings: list[torch.Tensor]
-    original_sizes: list[tuple[int, int]]
-    reshaped_sizes: list[tuple[int, int]]
-
-    def __post_init__(self) -> None:
-        if not self.intermediate_embeddings:
-            raise ValueError(
-                "HQ-SAM needs the intermediate ViT embeddings next to the image embeddings; without them the "
-                "HQ fusion branch is skipped. Build ImageEmbeddings with HQSamSegmenter.embed()"
-            )
-        batch = self.image_embeddings.shape[0]
-        sizes = {len(self.original_sizes), len(self.reshaped_sizes)}
-        sizes |= {e.shape[0] for e in self.intermediate_embeddings}
-        if sizes != {batch}:
-            raise ValueError(f"ImageEmbeddings parts disagree on the batch size: {sorted(sizes | {batch})}")
-
-    def __len__(self) -> int:
-        return self.image_embeddings.shape[0]
-
-    def __getitem__(self, i: int) -> ImageEmbeddings:
-        return ImageEmbeddings(
-            self.image_embeddings[i : i + 1],
-            [e[i : i + 1] for e in self.intermediate_embeddings],
-            [self.original_sizes[i]],
-            [self.reshaped_sizes[i]],
-        )
-
-
-@dataclass
-class MaskLogits:
-    """Decoder output for the N prompts of one image.
-
-    Attributes:
-        logits: N x h x w low-resolution mask logits (h = w = 256 for the released models), in the padded
-            square frame of the encoder input.
-        iou_scores: N, the IoU head's prediction for each mask.
-        original_size: (H, W) of the embedded image.
-        reshaped_size: (H', W') of that image inside the padded frame.
-    """
-
-    logits: torch.Tensor
-    iou_scores: torch.Tensor
-    original_size: tuple[int, int]
-    reshaped_size: tuple[int, int]
-
-    def __len__(self) -> int:
-        return int(self.logits.shape[0])
+Multimask = Literal["off", "best", "all"]
+MULTIMASK_MODES: tuple[str, ...] = ("off", "best", "all")
 
 
 class HQSamSegmenter:
-    """Box-prompted HQ-SAM masks, batched: one encoder pass per image, chunked decoder calls per box set."""
+    """Prompted HQ-SAM (or SAM) masks, batched: one encoder pass per image, chunked decoder calls.
+
+    Args:
+        model: ``SamHQModel`` (or ``SamModel``), frozen, in eval mode.
+        processor: its processor (resize longest side, normalise, pad).
+        hq_token_only: HQ logits alone instead of SAM logits + HQ logits ("error correction").
+        mask_threshold: logit threshold that binarises masks.
+        chunk_size: prompts per decoder call; bounds decoder memory whatever the number of prompts.
+        multimask: "off" (one mask per prompt, SAM's single-mask token), "best" (the original SysCV release:
+            SAM's best of three masks by predicted IoU, plus HQ), "all" (transformers: all three, each + HQ).
+    """
 
     def __init__(
         self,
-        model: SamHQModel,
-        processor: SamHQProcessor,
+        model: SamHQModel | SamModel,
+        processor: SamHQProcessor | SamProcessor,
         *,
         hq_token_only: bool = False,
         mask_threshold: float = 0.0,
-        chunk_size: int = 64,
+        chunk_size: int = 16,
+        multimask: Multimask = "off",
         device: str | torch.device = "cpu",
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if multimask not in MULTIMASK_MODES:
+            raise ValueError(f"multimask must be one of {MULTIMASK_MODES}, got {multimask!r}")
         self.device = torch.device(device)
+        if isinstance(model, SamHQModel):
+            fix_sam_hq_mask_decoder(model)  # transformers' HQ decoder upscales the wrong tensor (see module)
         self.model = model.to(self.device).eval()
         self.processor = processor
         self.hq_token_only = hq_token_only
         self.mask_threshold = mask_threshold
         self.chunk_size = chunk_size
+        self.multimask = multimask
+        if hq_token_only and not self.is_hq:
+            raise ValueError("hq_token_only needs an HQ-SAM model; this is plain SAM")
+
+    @property
+    def is_hq(self) -> bool:
+        return isinstance(self.model, SamHQModel)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, **kwargs) -> HQSamSegmenter:
-        """Load from a hub id (``syscv-community/sam-hq-vit-base|large|huge``) or a local directory."""
-        model = load_pretrained(
-            SamHQModel.from_pretrained, name_or_path, what="segmenter", option="--segmenter"
-        )
-        processor = load_pretrained(
-            SamHQProcessor.from_pretrained, name_or_path, what="segmenter", option="--segmenter"
-        )
+    def from_pretrained(cls, name_or_path: str, *, hq_weights: str | None = None, **kwargs) -> HQSamSegmenter:
+        """Load HQ-SAM or SAM.
+
+        Args:
+            name_or_path: a hub id (``syscv-community/sam-hq-vit-base|large|huge``, or plain SAM's
+                ``facebook/sam-vit-base``),
+                a local directory saved by ``save_pretrained``, or an original checkpoint file
+                (``sam_hq_vit_b.pth``, ``sam_vit_b_01ec64.pth``).
+            hq_weights: fine-tuned HQ-token weights (``save_hq_weights``) to load on top.
+        """
+        if Path(name_or_path).expanduser().is_file():
+            from hqlabel.segmenters.checkpoints import load_original_checkpoint
+
+            model, processor = load_original_checkpoint(Path(name_or_path).expanduser())
+        else:
+            from transformers import AutoConfig
+
+            config = load_pretrained(
+                AutoConfig.from_pretrained, name_or_path, what="segmenter", option="--segmenter"
+            )
+            plain = config.model_type == "sam"
+            model_cls, processor_cls = (SamModel, SamProcessor) if plain else (SamHQModel, SamHQProcessor)
+            model = load_pretrained(
+                model_cls.from_pretrained, name_or_path, what="segmenter", option="--segmenter"
+            )
+            processor = load_pretrained(
+                processor_cls.from_pretrained, name_or_path, what="segmenter", option="--segmenter"
+            )
+        if hq_weights is not None:
+            from hqlabel.segmenters.hq_weights import load_hq_weights
+
+            load_hq_weights(model, hq_weights)
         return cls(model, processor, **kwargs)
 
     def save_pretrained(self, directory: str | Path) -> None:
@@ -132,87 +124,172 @@ class HQSamSegmenter:
             raise ValueError("embed() needs at least one image")
         inputs = self.processor(images=images, return_tensors="pt")
         pixel_values = inputs["pixel_values"].to(self.device, self.model.dtype)
-        image_embeddings, intermediate = self.model.get_image_embeddings(pixel_values)
+        if self.is_hq:
+            image_embeddings, intermediate = self.model.get_image_embeddings(pixel_values)
+        else:
+            image_embeddings, intermediate = self.model.get_image_embeddings(pixel_values), []
         return ImageEmbeddings(
             image_embeddings,
             list(intermediate),
             [tuple(s) for s in inputs["original_sizes"].tolist()],
             [tuple(s) for s in inputs["reshaped_input_sizes"].tolist()],
+            hq=self.is_hq,
         )
 
-    @torch.inference_mode()
     def predict_boxes(self, embeddings: ImageEmbeddings, boxes: list[torch.Tensor]) -> list[MaskLogits]:
-        """Decode one mask per box.
+        """``predict`` with box prompts only: per image, N_i x 4 XYXY pixels of the embedded image."""
+        return self.predict(embeddings, [None if len(b) == 0 else Prompts(boxes=b) for b in boxes])
+
+    @torch.inference_mode()
+    def predict(self, embeddings: ImageEmbeddings, prompts: list[Prompts | None]) -> list[MaskLogits]:
+        """Decode masks for the prompts of each embedded image.
 
         Args:
             embeddings: from ``embed`` (B images).
-            boxes: per image, N_i x 4 XYXY pixels of the embedded image (N_i may be 0).
+            prompts: per image, its ``Prompts`` (or None for no objects).
 
         Returns:
-            Per image, ``MaskLogits`` with N_i masks (error-correction SAM + HQ logits, or HQ logits alone
-            when ``hq_token_only``).
+            Per image, ``MaskLogits`` with one row per prompt (K masks each, see ``multimask``).
         """
-        if len(boxes) != len(embeddings):
-            raise ValueError(f"got boxes for {len(boxes)} images but embeddings of {len(embeddings)}")
+        if len(prompts) != len(embeddings):
+            raise ValueError(f"got prompts for {len(prompts)} images but embeddings of {len(embeddings)}")
+        if embeddings.hq != self.is_hq:
+            raise ValueError("these embeddings come from a different model type (SAM vs HQ-SAM)")
         results = []
-        for i, image_boxes in enumerate(boxes):
+        for i, image_prompts in enumerate(prompts):
             image = embeddings[i]
             (h, w), (rh, rw) = image.original_sizes[0], image.reshaped_sizes[0]
-            scale = torch.tensor([rw / w, rh / h, rw / w, rh / h])
-            prompts = image_boxes.detach().float().cpu().reshape(-1, 4) * scale
+            scale = torch.tensor([rw / w, rh / h])
             logits, scores = [], []
-            for chunk in prompts.split(self.chunk_size) if len(prompts) else []:
-                out = self.model(
-                    image_embeddings=image.image_embeddings,
-                    intermediate_embeddings=image.intermediate_embeddings,
-                    input_boxes=chunk[None].to(self.device, self.model.dtype),
-                    multimask_output=False,
-                    hq_token_only=self.hq_token_only,
+            n = 0 if image_prompts is None else len(image_prompts)
+            side = 4 * image.image_embeddings.shape[-1]
+            if n and image_prompts.masks is not None and image_prompts.masks.shape[-2:] != (side, side):
+                raise ValueError(
+                    f"mask prompts must be N x {side} x {side} low-res logits (MaskLogits.logits[:, k]), "
+                    f"got shape {tuple(image_prompts.masks.shape)}"
                 )
-                logits.append(out.pred_masks[0, :, 0])
-                scores.append(out.iou_scores[0, :, 0])
+            for start in range(0, n, self.chunk_size):
+                chunk = image_prompts.slice(start, start + self.chunk_size)
+                masks, iou = self._decode(image, chunk, scale)
+                logits.append(masks)
+                scores.append(iou)
             if logits:
                 mask_logits, iou = torch.cat(logits), torch.cat(scores)
             else:
-                side = 4 * image.image_embeddings.shape[-1]
-                mask_logits = image.image_embeddings.new_zeros(0, side, side)
-                iou = image.image_embeddings.new_zeros(0)
+                k = 3 if self.multimask == "all" and not self.hq_token_only else 1
+                mask_logits = image.image_embeddings.new_zeros(0, k, side, side)
+                iou = image.image_embeddings.new_zeros(0, k)
             results.append(MaskLogits(mask_logits, iou, (h, w), (rh, rw)))
         return results
+
+    def _decode(
+        self, image: ImageEmbeddings, prompts: Prompts, scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoder call for the n prompts of one image -> (n x K x h x w logits, n x K IoU)."""
+        if prompts.points is not None and bool((prompts.point_labels == -10).any()):
+            return self._decode_without_padding(image, prompts, scale)
+        n, dtype = len(prompts), self.model.dtype
+        kwargs: dict = {}
+        if prompts.masks is None:
+            # One image, n prompts: the decoder shares the image embedding across the prompt batch.
+            embed, inter, shape = image.image_embeddings, image.intermediate_embeddings, (1, n)
+        else:
+            # transformers adds the dense (mask) prompt per image, so a per-prompt mask needs a batch of n.
+            embed = image.image_embeddings.expand(n, -1, -1, -1)
+            inter = [e.expand(n, -1, -1, -1) for e in image.intermediate_embeddings]
+            shape = (n, 1)
+            kwargs["input_masks"] = prompts.masks[:, None].to(self.device, dtype)
+        if prompts.boxes is not None:
+            boxes = prompts.boxes * scale.repeat(2)
+            kwargs["input_boxes"] = boxes.reshape(*shape, 4).to(self.device, dtype)
+        if prompts.points is not None:
+            points = prompts.points * scale
+            kwargs["input_points"] = points.reshape(*shape, -1, 2).to(self.device, dtype)
+            kwargs["input_labels"] = prompts.point_labels.reshape(*shape, -1).to(self.device)
+        if self.is_hq:
+            kwargs.update(intermediate_embeddings=inter, hq_token_only=self.hq_token_only)
+        out = self.model(image_embeddings=embed, multimask_output=self.multimask != "off", **kwargs)
+        masks = out.pred_masks.reshape(n, -1, *out.pred_masks.shape[-2:])
+        iou = out.iou_scores.reshape(n, -1)
+        if masks.shape[1] == 1:  # hq_token_only returns the HQ mask alone; its IoU is the best SAM one's
+            return masks, iou[:, :1]
+        if self.multimask == "best":
+            if not self.is_hq:  # plain SAM's transformers output is not sorted: pick the best by IoU
+                best = iou.argmax(-1)
+                masks, iou = masks[torch.arange(n), best][:, None], iou[torch.arange(n), best][:, None]
+            else:  # transformers sorts the three SAM masks by IoU (each + HQ): the first is the original's
+                masks, iou = masks[:, :1], iou[:, :1]
+        return masks, iou
+
+    def _decode_without_padding(
+        self, image: ImageEmbeddings, prompts: Prompts, scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_decode`` with the -10 padding points dropped. transformers zeroes their embeddings, but the
+        decoder still attends to the zero tokens (no attention mask), which changes the masks; so the prompts
+        are decoded in groups with equally many real points, each group without padding."""
+        real = prompts.point_labels != -10
+        order = torch.sort(real.to(torch.int8), dim=1, descending=True, stable=True).indices  # real first
+        points = prompts.points.gather(1, order[..., None].expand(-1, -1, 2))
+        labels = prompts.point_labels.gather(1, order)
+        counts = real.sum(1)
+        rows, masks, iou = [], [], []
+        for count in counts.unique().tolist():
+            group = torch.nonzero(counts == count)[:, 0]
+            group_masks, group_iou = self._decode(
+                image,
+                Prompts(
+                    None if prompts.boxes is None else prompts.boxes[group],
+                    points[group, :count] if count else None,
+                    labels[group, :count] if count else None,
+                    None if prompts.masks is None else prompts.masks[group],
+                ),
+                scale,
+            )
+            rows.append(group)
+            masks.append(group_masks)
+            iou.append(group_iou)
+        inverse = torch.argsort(torch.cat(rows))
+        return torch.cat(masks)[inverse], torch.cat(iou)[inverse]
 
     def iter_masks(
         self, logits: MaskLogits, output_size: tuple[int, int] | None = None, chunk_size: int = 16
     ) -> Iterator[torch.Tensor]:
-        """Upsample and binarise masks a chunk at a time (full-resolution masks of many boxes are large).
+        """Upsample and binarise masks a chunk at a time (full-resolution masks of many prompts are large).
 
         Args:
             logits: decoder output of one image.
             output_size: (H, W) of the masks; defaults to the embedded image's size. A different size (the
                 image's original resolution, when a downscaled copy was embedded) keeps the same frame.
-            chunk_size: masks per yielded chunk.
+            chunk_size: prompts per yielded chunk.
 
         Yields:
-            n x H x W bool tensors, in prompt order, on the segmenter's device.
+            n x K x H x W bool tensors, in prompt order, on the segmenter's device.
         """
         output_size = tuple(output_size or logits.original_size)
         rh, rw = logits.reshaped_size
         for chunk in logits.logits.split(chunk_size):
-            x = F.interpolate(chunk[:, None].float(), self.pad_size, mode="bilinear", align_corners=False)
+            x = F.interpolate(chunk.float(), self.pad_size, mode="bilinear", align_corners=False)
             x = F.interpolate(x[..., :rh, :rw], output_size, mode="bilinear", align_corners=False)
-            yield x[:, 0] > self.mask_threshold
+            yield x > self.mask_threshold
 
 
-def tiny_random_sam_hq(seed: int = 0, **kwargs) -> HQSamSegmenter:
+def tiny_random_sam_hq(
+    seed: int = 0, *, image_size: int = 128, patch_size: int = 8, decoder_hidden: int = 16, **kwargs
+) -> HQSamSegmenter:
     """A tiny randomly initialised SAM-HQ of the real architecture (ViT encoder with windowed and global
-    attention, prompt encoder, HQ mask decoder). Offline and fast; its masks are meaningless."""
-    decoder_hidden = 16
+    attention, prompt encoder, HQ mask decoder). Offline and fast; its masks are meaningless.
+
+    ``image_size``/``patch_size`` set the embedding grid (``image_size // patch_size``); ``decoder_hidden``
+    the prompt/decoder width (256 in the released models). ``kwargs`` go to ``HQSamSegmenter``.
+    """
+    vit_dim = 32
     config = SamHQConfig(
         vision_config=dict(
-            hidden_size=32,
+            hidden_size=vit_dim,
             num_hidden_layers=2,
             num_attention_heads=2,
-            image_size=128,
-            patch_size=8,
+            image_size=image_size,
+            patch_size=patch_size,
             window_size=4,
             global_attn_indexes=[1],
             num_pos_feats=decoder_hidden // 2,  # must be half the prompt/decoder hidden size
@@ -222,19 +299,21 @@ def tiny_random_sam_hq(seed: int = 0, **kwargs) -> HQSamSegmenter:
             initializer_range=0.02,
         ),
         prompt_encoder_config=dict(
-            hidden_size=decoder_hidden, image_size=128, patch_size=8, mask_input_channels=4
+            hidden_size=decoder_hidden, image_size=image_size, patch_size=patch_size, mask_input_channels=4
         ),
         mask_decoder_config=dict(
             hidden_size=decoder_hidden,
-            mlp_dim=32,
+            mlp_dim=2 * decoder_hidden,
             num_hidden_layers=2,
             num_attention_heads=2,
-            iou_head_hidden_dim=16,
-            vit_dim=32,
+            iou_head_hidden_dim=decoder_hidden,
+            vit_dim=vit_dim,
         ),
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = SamHQModel(config)
-    image_processor = SamImageProcessorPil(size={"longest_edge": 128}, pad_size={"height": 128, "width": 128})
+    image_processor = SamImageProcessorPil(
+        size={"longest_edge": image_size}, pad_size={"height": image_size, "width": image_size}
+    )
     return HQSamSegmenter(model, SamHQProcessor(image_processor=image_processor), **kwargs)

@@ -9,12 +9,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from hqlabel.detectors import Detector
-from hqlabel.detectors.grounding_dino import GroundingDinoDetector, tiny_random_grounding_dino
+from hqlabel.detectors import Detector, GroundingDinoDetector, build_detector
 from hqlabel.platform.config import LabelerConfig
 from hqlabel.platform.rle import encode_masks, mask_area
 from hqlabel.platform.schema import RESULT_SCHEMA
-from hqlabel.segmenters import HQSamSegmenter, tiny_random_sam_hq
+from hqlabel.segmenters import HQSamSegmenter, build_segmenter
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +42,12 @@ def build_models(config: LabelerConfig) -> tuple[GroundingDinoDetector, HQSamSeg
         hq_token_only=config.hq_token_only,
         mask_threshold=config.mask_threshold,
         chunk_size=config.decoder_chunk_size,
+        multimask=config.multimask,
         device=device,
     )
-    if config.preset == "tiny-random":
-        return tiny_random_grounding_dino(**det_kwargs), tiny_random_sam_hq(**seg_kwargs)
     return (
-        GroundingDinoDetector.from_pretrained(config.detector, **det_kwargs),
-        HQSamSegmenter.from_pretrained(config.segmenter, **seg_kwargs),
+        build_detector(config.detector, preset=config.preset, **det_kwargs),
+        build_segmenter(config.segmenter, preset=config.preset, hq_weights=config.hq_weights, **seg_kwargs),
     )
 
 
@@ -94,8 +92,8 @@ class Labeler:
             boxes = det.boxes * torch.tensor([out_w / w, out_h / h, out_w / w, out_h / h])
             rles = []
             for chunk in self.segmenter.iter_masks(mask_logits, (out_h, out_w)):
-                rles += encode_masks(chunk.cpu().numpy())
-            iou = mask_logits.iou_scores.float().cpu().tolist()
+                rles += encode_masks(chunk[:, 0].cpu().numpy())
+            iou = mask_logits.iou_scores[:, 0].float().cpu().tolist()
             for k, rle in enumerate(rles):
                 results[i].append(
                     {

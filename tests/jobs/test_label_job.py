@@ -159,3 +159,38 @@ def test_cli_names_the_missing_model_and_the_fix(image_folder, tmp_path):
     assert "no-such-org/no-such-detector" in result.stderr and "--detector" in result.stderr
     assert "tiny-random" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists(), "nothing is written when the job cannot start"
+
+
+def test_hq_weights_relabel_with_the_same_boxes_and_new_masks(ray_session, image_folder, tmp_path):
+    import torch
+
+    from hqlabel.segmenters import tiny_random_sam_hq
+    from hqlabel.segmenters.hq_weights import is_hq_parameter, save_hq_weights
+
+    model = tiny_random_sam_hq().model
+    with torch.no_grad():
+        torch.manual_seed(123)
+        for name, param in model.named_parameters():
+            if is_hq_parameter(name):
+                param.normal_(0, 0.2)
+    weights = save_hq_weights(model, tmp_path / "hq.safetensors", base_model="tiny-random")
+
+    base = _spec(image_folder, tmp_path / "base")
+    tuned = base.model_copy(
+        update={
+            "out": str(tmp_path / "tuned"),
+            "labeler": base.labeler.model_copy(update={"hq_weights": str(weights)}),
+        }
+    )
+    run_label_job(base, progress=False)
+    run_label_job(tuned, progress=False)
+
+    def table(out):
+        return pq.read_table(out / "masks").sort_by([("image_id", "ascending"), ("instance_id", "ascending")])
+
+    before, after = table(tmp_path / "base"), table(tmp_path / "tuned")
+    detector_columns = ["image_id", "instance_id", "label", "score", "box"]
+    assert before.select(detector_columns).equals(after.select(detector_columns))
+    assert before["mask"].to_pylist() != after["mask"].to_pylist()
+    job = json.loads((tmp_path / "tuned" / "job.json").read_text())
+    assert job["spec"]["labeler"]["hq_weights"] == str(weights)

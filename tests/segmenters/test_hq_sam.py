@@ -96,8 +96,9 @@ def test_predict_boxes_matches_a_one_shot_model_call(
         with torch.no_grad():
             expected = segmenter.model(**inputs, multimask_output=False, hq_token_only=hq_token_only)
         assert got.original_size == (h, w)
-        assert_close_to_scale(got.logits, expected.pred_masks[0, :, 0], rel=1e-4)
-        assert_close_to_scale(got.iou_scores, expected.iou_scores[0, :, 0], rel=1e-4)
+        assert got.logits.shape == (5, 1, 64, 64) and got.iou_scores.shape == (5, 1)
+        assert_close_to_scale(got.logits, expected.pred_masks[0], rel=1e-4)
+        assert_close_to_scale(got.iou_scores, expected.iou_scores[0], rel=1e-4)
         logits[hq_token_only] = got.logits
     difference = (logits[True] - logits[False]).abs().max()
     assert difference > 0.01 * logits[False].abs().max(), "hq_token_only changed nothing"
@@ -143,8 +144,8 @@ def test_image_without_boxes_gets_no_masks_and_no_decoder_call(
         empty, full = segmenter.predict_boxes(embeddings, [torch.zeros(0, 4), random_boxes(3, 180, 90)])
     assert decoded == [3]
     assert len(empty) == 0
-    assert empty.logits.shape == (0, *full.logits.shape[1:])
-    assert empty.iou_scores.shape == (0,)
+    assert empty.logits.shape == (0, *full.logits.shape[1:]) == (0, 1, 64, 64)
+    assert empty.iou_scores.shape == (0, 1)
     assert empty.original_size == (100, 150)
     assert sum(len(chunk) for chunk in segmenter.iter_masks(empty)) == 0
 
@@ -162,6 +163,8 @@ def test_bad_arguments_are_value_errors(segmenter: HQSamSegmenter) -> None:
         segmenter.embed([])
     with pytest.raises(ValueError, match="chunk_size"):
         with_settings(segmenter, chunk_size=0)
+    with pytest.raises(ValueError, match="multimask"):
+        with_settings(segmenter, multimask="best-of-3")
 
 
 # --- ImageEmbeddings ------------------------------------------------------------------------------
@@ -210,11 +213,11 @@ def mask_logits(segmenter: HQSamSegmenter, images: list[np.ndarray]) -> MaskLogi
 
 
 def reference_masks(segmenter: HQSamSegmenter, logits: MaskLogits, size: tuple[int, int]) -> torch.Tensor:
-    """transformers' own SAM post-processing: N x H x W bool."""
+    """transformers' own SAM post-processing: N x K x H x W bool."""
     masks = segmenter.processor.image_processor.post_process_masks(
-        [logits.logits[:, None]], [size], [logits.reshaped_size], mask_threshold=0.0
+        [logits.logits], [size], [logits.reshaped_size], mask_threshold=0.0
     )
-    return masks[0][:, 0]
+    return masks[0]
 
 
 @pytest.mark.parametrize("size", [(200, 300), (37, 41)])
@@ -223,7 +226,7 @@ def test_iter_masks_chunks_cover_all_masks_in_order(
 ) -> None:
     chunks = list(segmenter.iter_masks(mask_logits, output_size=size, chunk_size=8))
     assert [len(c) for c in chunks] == [8, 8, 4]
-    assert all(c.dtype == torch.bool and c.shape[1:] == size for c in chunks)
+    assert all(c.dtype == torch.bool and c.shape[1:] == (1, *size) for c in chunks)
     masks = torch.cat(chunks)
     assert masks.any() and not masks.all()
     assert torch.equal(masks, reference_masks(segmenter, mask_logits, size))
@@ -233,8 +236,22 @@ def test_iter_masks_defaults_to_the_embedded_image_size(
     segmenter: HQSamSegmenter, mask_logits: MaskLogits
 ) -> None:
     masks = torch.cat(list(segmenter.iter_masks(mask_logits)))
-    assert masks.shape == (20, 100, 150)
+    assert masks.shape == (20, 1, 100, 150)
     assert torch.equal(masks, reference_masks(segmenter, mask_logits, (100, 150)))
+
+
+def test_iter_masks_keeps_the_three_masks_of_multimask_all(
+    segmenter: HQSamSegmenter, images: list[np.ndarray]
+) -> None:
+    seg = with_settings(segmenter, multimask="all")
+    logits = seg.predict_boxes(seg.embed(images[1:]), [random_boxes(5, 180, 90)])[0]
+    assert logits.logits.shape == (5, 3, 64, 64) and logits.iou_scores.shape == (5, 3)
+    chunks = list(seg.iter_masks(logits, output_size=(90, 45), chunk_size=2))
+    assert [c.shape for c in chunks] == [(2, 3, 90, 45), (2, 3, 90, 45), (1, 3, 90, 45)]
+    masks = torch.cat(chunks)
+    assert masks.any() and not masks.all()
+    assert not torch.equal(masks[:, 0], masks[:, 1])
+    assert torch.equal(masks, reference_masks(seg, logits, (90, 45)))
 
 
 def test_mask_threshold_is_applied(segmenter: HQSamSegmenter, mask_logits: MaskLogits) -> None:
@@ -254,6 +271,7 @@ def test_save_and_load_round_trip(
     segmenter.save_pretrained(tmp_path)
     loaded = HQSamSegmenter.from_pretrained(str(tmp_path))
     assert loaded.model is not segmenter.model
+    assert loaded.is_hq and type(loaded.model) is type(segmenter.model)
     assert loaded.pad_size == segmenter.pad_size
     boxes = [random_boxes(4, 100, 150), random_boxes(2, 180, 90)]
     before = segmenter.predict_boxes(segmenter.embed(images), boxes)
