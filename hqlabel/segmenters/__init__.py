@@ -6,6 +6,7 @@ from hqlabel.segmenters.hq_sam import (
     ImageEmbeddings,
     MaskLogits,
     Prompts,
+    tiny_random_sam,
     tiny_random_sam_hq,
 )
 
@@ -38,5 +39,6 @@ __all__ = [
     "MaskLogits",
     "Prompts",
     "build_segmenter",
+    "tiny_random_sam",
     "tiny_random_sam_hq",
 ]

@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import SamHQConfig, SamHQModel, SamHQProcessor, SamModel, SamProcessor
+from transformers import SamConfig, SamHQConfig, SamHQModel, SamHQProcessor, SamModel, SamProcessor
 from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 
 from hqlabel.platform.hub import load_pretrained
@@ -273,17 +273,23 @@ class HQSamSegmenter:
             yield x > self.mask_threshold
 
 
-def tiny_random_sam_hq(
-    seed: int = 0, *, image_size: int = 128, patch_size: int = 8, decoder_hidden: int = 16, **kwargs
+def _tiny_random(
+    hq: bool, seed: int, image_size: int, patch_size: int, decoder_hidden: int, **kwargs
 ) -> HQSamSegmenter:
-    """A tiny randomly initialised SAM-HQ of the real architecture (ViT encoder with windowed and global
-    attention, prompt encoder, HQ mask decoder). Offline and fast; its masks are meaningless.
-
-    ``image_size``/``patch_size`` set the embedding grid (``image_size // patch_size``); ``decoder_hidden``
-    the prompt/decoder width (256 in the released models). ``kwargs`` go to ``HQSamSegmenter``.
-    """
     vit_dim = 32
-    config = SamHQConfig(
+    config_cls, model_cls, processor_cls = (
+        (SamHQConfig, SamHQModel, SamHQProcessor) if hq else (SamConfig, SamModel, SamProcessor)
+    )
+    decoder = dict(
+        hidden_size=decoder_hidden,
+        mlp_dim=2 * decoder_hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        iou_head_hidden_dim=decoder_hidden,
+    )
+    if hq:
+        decoder["vit_dim"] = vit_dim
+    config = config_cls(
         vision_config=dict(
             hidden_size=vit_dim,
             num_hidden_layers=2,
@@ -301,19 +307,31 @@ def tiny_random_sam_hq(
         prompt_encoder_config=dict(
             hidden_size=decoder_hidden, image_size=image_size, patch_size=patch_size, mask_input_channels=4
         ),
-        mask_decoder_config=dict(
-            hidden_size=decoder_hidden,
-            mlp_dim=2 * decoder_hidden,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            iou_head_hidden_dim=decoder_hidden,
-            vit_dim=vit_dim,
-        ),
+        mask_decoder_config=decoder,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = SamHQModel(config)
+        model = model_cls(config)
     image_processor = SamImageProcessorPil(
         size={"longest_edge": image_size}, pad_size={"height": image_size, "width": image_size}
     )
-    return HQSamSegmenter(model, SamHQProcessor(image_processor=image_processor), **kwargs)
+    return HQSamSegmenter(model, processor_cls(image_processor=image_processor), **kwargs)
+
+
+def tiny_random_sam_hq(
+    seed: int = 0, *, image_size: int = 128, patch_size: int = 8, decoder_hidden: int = 16, **kwargs
+) -> HQSamSegmenter:
+    """A tiny randomly initialised SAM-HQ of the real architecture (ViT encoder with windowed and global
+    attention, prompt encoder, HQ mask decoder). Offline and fast; its masks are meaningless.
+
+    ``image_size``/``patch_size`` set the embedding grid (``image_size // patch_size``); ``decoder_hidden``
+    the prompt/decoder width (256 in the released models). ``kwargs`` go to ``HQSamSegmenter``.
+    """
+    return _tiny_random(True, seed, image_size, patch_size, decoder_hidden, **kwargs)
+
+
+def tiny_random_sam(
+    seed: int = 0, *, image_size: int = 128, patch_size: int = 8, decoder_hidden: int = 16, **kwargs
+) -> HQSamSegmenter:
+    """``tiny_random_sam_hq``'s plain-SAM twin (no HQ token), for SAM vs HQ-SAM comparisons and tests."""
+    return _tiny_random(False, seed, image_size, patch_size, decoder_hidden, **kwargs)

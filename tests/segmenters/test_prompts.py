@@ -10,49 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import SamConfig, SamModel, SamProcessor
-from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+from transformers import SamModel
 
-from hqlabel.segmenters.hq_sam import HQSamSegmenter, ImageEmbeddings, MaskLogits, Prompts, tiny_random_sam_hq
+from hqlabel.segmenters.hq_sam import (
+    HQSamSegmenter,
+    ImageEmbeddings,
+    MaskLogits,
+    Prompts,
+    tiny_random_sam,
+    tiny_random_sam_hq,
+)
 
 SIZE = (100, 150)  # H, W of the prompted image; the embedded batch also holds a portrait image
 LOW_RES = 64  # 4 x the 16 x 16 embedding grid of the tiny models
-
-
-def tiny_random_sam(seed: int = 0, *, image_size: int = 128, patch_size: int = 8, decoder_hidden: int = 16):
-    """Plain SAM (``transformers.SamModel``) shaped like ``tiny_random_sam_hq``."""
-    config = SamConfig(
-        vision_config=dict(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=patch_size,
-            window_size=4,
-            global_attn_indexes=[1],
-            num_pos_feats=decoder_hidden // 2,
-            output_channels=decoder_hidden,
-            mlp_dim=64,
-            initializer_range=0.02,
-        ),
-        prompt_encoder_config=dict(
-            hidden_size=decoder_hidden, image_size=image_size, patch_size=patch_size, mask_input_channels=4
-        ),
-        mask_decoder_config=dict(
-            hidden_size=decoder_hidden,
-            mlp_dim=2 * decoder_hidden,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            iou_head_hidden_dim=decoder_hidden,
-        ),
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = SamModel(config)
-    image_processor = SamImageProcessorPil(
-        size={"longest_edge": image_size}, pad_size={"height": image_size, "width": image_size}
-    )
-    return HQSamSegmenter(model, SamProcessor(image_processor=image_processor))
 
 
 @pytest.fixture(scope="module")
