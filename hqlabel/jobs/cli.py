@@ -21,9 +21,18 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
         help="label a dataset: text prompt -> detector boxes -> HQ-SAM masks -> Parquet",
         description="Detect the --classes in every image of INPUT and write one HQ-SAM mask per instance.",
     )
-    p.add_argument("input", help="a folder of images (searched recursively) or a Parquet file/folder")
-    p.add_argument("--classes", required=True, help='comma-separated class names, e.g. "person, bicycle"')
-    p.add_argument("--out", required=True, help="output folder (masks/, errors/, job.json)")
+    p.add_argument(
+        "input",
+        help="a folder of images (recursive), Parquet file/folder of shards, or COCO JSON; local or s3://",
+    )
+    p.add_argument("--classes", default="", help='comma-separated class names, e.g. "person, bicycle"')
+    p.add_argument(
+        "--prompts",
+        choices=("detector", "boxes"),
+        default="detector",
+        help="detector: boxes from --classes; boxes: the dataset's own boxes (COCO / a boxes column)",
+    )
+    p.add_argument("--out", required=True, help="output folder, local or s3:// (masks/, errors/, images/)")
     p.add_argument("--detector", default=DEFAULT_DETECTOR, help="Grounding DINO hub id or local dir")
     p.add_argument(
         "--segmenter", default=DEFAULT_SEGMENTER, help="SAM-HQ / SAM hub id, local dir or original .pth file"
@@ -52,7 +61,16 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-side", type=int, help="downscale longer images to this side first (1333)")
     p.add_argument("--id-column", default="image_id", help="Parquet input: image id column")
     p.add_argument("--image-column", default="image", help="Parquet input: encoded image bytes column")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
+    p.add_argument("--uri-column", default="uri", help="Parquet input: image reference column (s3://, paths)")
+    p.add_argument("--boxes-column", default="boxes", help="Parquet input: XYXY boxes for --prompts boxes")
+    p.add_argument("--labels-column", default="labels", help="Parquet input: class names of those boxes")
+    p.add_argument("--coco-images", help="COCO input: image folder (default: the JSON's folder)")
+    p.add_argument("--shard-size", type=int, help="folder/COCO input: images per shard (1000)")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (credentials: the AWS environment)")
+    p.add_argument("--s3-region", help="S3 region (default: AWS_REGION or us-east-1)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="start over in --out (default: resume an earlier run there)"
+    )
     p.add_argument("--address", help="Ray cluster address to join (default: start a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -66,6 +84,7 @@ def _label(args: argparse.Namespace) -> int:
 
     labeler = LabelerConfig(
         classes=args.classes,
+        prompts=args.prompts,
         detector=args.detector,
         segmenter=args.segmenter,
         preset=args.preset,
@@ -82,6 +101,7 @@ def _label(args: argparse.Namespace) -> int:
         "max_side": args.max_side,
         "num_workers": args.num_workers,
         "num_cpus": args.num_cpus,
+        "shard_size": args.shard_size,
     }
     spec = LabelJobSpec(
         input=args.input,
@@ -89,6 +109,12 @@ def _label(args: argparse.Namespace) -> int:
         labeler=labeler,
         id_column=args.id_column,
         image_column=args.image_column,
+        uri_column=args.uri_column,
+        boxes_column=args.boxes_column,
+        labels_column=args.labels_column,
+        coco_images=args.coco_images,
+        s3_endpoint=args.s3_endpoint,
+        s3_region=args.s3_region,
         batch_size=args.batch_size,
         overwrite=args.overwrite,
         ray_address=args.address,
@@ -159,6 +185,24 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_status_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "status", help="progress of a labeling job's output folder (shards, instances, errors)"
+    )
+    p.add_argument("out", help="the job's --out folder (local or s3://)")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL")
+    p.add_argument("--s3-region", help="S3 region")
+    p.set_defaults(func=_status)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from hqlabel.jobs.status import job_status
+    from hqlabel.platform.storage import StorageOptions
+
+    print(job_status(args.out, StorageOptions(args.s3_endpoint, args.s3_region)))
+    return 0
+
+
 def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo-data", help="write synthetic demo images (shapes) to try the pipeline")
     p.add_argument("out", help="folder to write the images to")
@@ -182,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_label_parser(sub)
     _add_segment_parser(sub)
+    _add_status_parser(sub)
     _add_demo_parser(sub)
     return parser
 

@@ -8,18 +8,18 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 from hqlabel import __version__
 from hqlabel.jobs.resources import ResourcePlan, plan_resources
 from hqlabel.jobs.spec import LabelJobSpec
+from hqlabel.platform import storage
 from hqlabel.platform.hub import load_pretrained
-from hqlabel.platform.readers import DatasetInput, list_input, read_row_groups
+from hqlabel.platform.readers import DatasetInput, Shard, list_input, read_parquet_shards
+from hqlabel.workers.writer import finalize_shard, read_marker, reset_shard, write_parts
 
 logger = logging.getLogger(__name__)
 
@@ -31,17 +31,20 @@ RANDOM_WEIGHTS_WARNING = (
 
 @dataclass
 class LabelSummary:
-    images: int
+    images: int  # all images of the job, including shards finished by an earlier run
     instances: int
     errors: int
     seconds: float
     out: str
+    images_this_run: int = 0
 
     def __str__(self) -> str:
-        rate = self.images / self.seconds if self.seconds > 0 else 0.0
+        rate = self.images_this_run / self.seconds if self.seconds > 0 else 0.0
+        resumed = self.images - self.images_this_run
+        earlier = f" ({resumed} from an earlier run)" if resumed else ""
         return (
-            f"labeled {self.images} images ({rate:.2f} images/s): {self.instances} instances, "
-            f"{self.errors} errors, {self.seconds:.1f} s -> {self.out}"
+            f"labeled {self.images} images{earlier}: {self.instances} instances, {self.errors} errors; "
+            f"{self.images_this_run} images in {self.seconds:.1f} s ({rate:.2f} images/s) -> {self.out}"
         )
 
 
@@ -61,24 +64,50 @@ def _versions() -> dict[str, str]:
     }
 
 
-def prepare_output(spec: LabelJobSpec) -> Path:
-    """Create the output folder; refuse to mix with an earlier run's results unless ``overwrite``."""
-    out = Path(spec.out).expanduser().resolve()
-    earlier = [out / "masks", out / "errors", out / "job.json"]
-    if any(p.exists() for p in earlier):
-        if not spec.overwrite:
+def _read_json(uri: str, spec: LabelJobSpec) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(uri, spec.storage))
+    except FileNotFoundError:
+        return None
+
+
+def _write_json(uri: str, data: dict, spec: LabelJobSpec) -> None:
+    storage.write_bytes(uri, json.dumps(data, indent=2).encode(), spec.storage)
+
+
+def prepare_output(spec: LabelJobSpec, source: DatasetInput) -> list[Shard]:
+    """Start a fresh run or resume an earlier one in ``spec.out``; returns the shards still to do.
+
+    A rerun with the same spec resumes: shards with a completion marker are kept, the others are reset and
+    redone. A different spec or input needs ``--overwrite`` (which deletes the earlier outputs).
+    """
+    out, options = spec.out, spec.storage
+    manifest = {"shards": [shard.manifest() for shard in source.shards]}
+    earlier = _read_json(storage.join(out, "job.json"), spec)
+    if earlier is not None and not spec.overwrite:
+        before = {k: earlier["spec"].get(k) for k in LabelJobSpec.OUTPUT_FIELDS}
+        now = spec.model_dump(mode="json", include=set(LabelJobSpec.OUTPUT_FIELDS))
+        changed = sorted(k for k in LabelJobSpec.OUTPUT_FIELDS if before[k] != now[k])
+        if changed:
             raise ValueError(
-                f"{out} already holds the results of an earlier run; pass --overwrite to replace them "
-                "or choose another --out"
+                f"{out} holds an earlier run with different settings ({', '.join(changed)}); pass "
+                "--overwrite to replace it, or choose another --out"
             )
-        for p in earlier:
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    for sub in ("masks", "errors"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    return out
+        if _read_json(storage.join(out, "_manifest.json"), spec) != manifest:
+            raise ValueError(
+                f"the input has changed since the earlier run in {out} (its shards differ); pass --overwrite "
+                "to start over"
+            )
+    else:
+        for name in ("masks", "errors", "images", "_tmp", "_done", "_manifest.json", "job.json"):
+            storage.delete(storage.join(out, name), options)
+        _write_json(storage.join(out, "_manifest.json"), manifest, spec)
+    pending = []
+    for shard in source.shards:
+        if read_marker(out, shard.shard_id, options) is None:
+            reset_shard(out, shard.shard_id, options)
+            pending.append(shard)
+    return pending
 
 
 def check_models(spec: LabelJobSpec) -> None:
@@ -87,26 +116,30 @@ def check_models(spec: LabelJobSpec) -> None:
         return
     from transformers import AutoConfig
 
-    load_pretrained(AutoConfig.from_pretrained, spec.labeler.detector, what="detector", option="--detector")
-    load_pretrained(
-        AutoConfig.from_pretrained, spec.labeler.segmenter, what="segmenter", option="--segmenter"
-    )
+    if spec.labeler.prompts == "detector":
+        load_pretrained(
+            AutoConfig.from_pretrained, spec.labeler.detector, what="detector", option="--detector"
+        )
+    if not storage.exists(spec.labeler.segmenter):  # an original .pth checkpoint is a file, not a config
+        load_pretrained(
+            AutoConfig.from_pretrained, spec.labeler.segmenter, what="segmenter", option="--segmenter"
+        )
 
 
-def input_dataset(source: DatasetInput, spec: LabelJobSpec):
-    """Rows with ``image_id`` plus ``path`` (folders) or ``image`` bytes (Parquet: a row group a task)."""
+def input_dataset(shards: list[Shard], source: DatasetInput, spec: LabelJobSpec):
+    """``SOURCE_SCHEMA`` rows of ``shards``: listed rows (folders, COCO), or Parquet files read in tasks."""
     import ray
 
-    ds = ray.data.from_items(source.items)
-    if source.kind == "parquet":
-        ds = ds.map_batches(
-            read_row_groups,
-            batch_format="pyarrow",
-            batch_size=1,
-            num_cpus=0.25,  # I/O bound; the distinct request also keeps it a stage of its own
-            fn_kwargs={"id_column": spec.id_column, "image_column": spec.image_column},
-        )
-    return ds
+    if source.kind != "parquet":
+        return ray.data.from_items([row for shard in shards for row in shard.rows])
+    ds = ray.data.from_items([{"shard": s.shard_id, "source": s.source} for s in shards])
+    return ds.map_batches(
+        read_parquet_shards,
+        batch_format="pyarrow",
+        batch_size=1,
+        num_cpus=0.25,  # I/O bound; the distinct request also keeps it a stage of its own
+        fn_kwargs={"root": source.root, "columns": spec.columns, "options": spec.storage},
+    )
 
 
 def init_ray(spec: LabelJobSpec) -> None:
@@ -121,21 +154,18 @@ def init_ray(spec: LabelJobSpec) -> None:
     ray.init(**kwargs)
 
 
-def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan, out: Path):
+def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan):
     """Chain the steps after ``ds`` (from ``input_dataset``); placement and resources are set here alone."""
     import ray
 
-    from hqlabel.workers import LabelWorker, decode_batch, write_results
+    from hqlabel.workers import LabelWorker, decode_batch
 
     ds = ds.map_batches(
         decode_batch,
         batch_format="pyarrow",
         batch_size=spec.batch_size,
         num_cpus=plan.task_cpus,
-        fn_kwargs={
-            "max_pixels": spec.max_pixels,
-            "max_side": spec.max_side,
-        },
+        fn_kwargs={"max_pixels": spec.max_pixels, "max_side": spec.max_side, "options": spec.storage},
     )
     ds = ds.map_batches(
         LabelWorker,
@@ -147,24 +177,35 @@ def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan, out: Path):
         fn_constructor_kwargs={"config": spec.labeler, "num_threads": max(1, int(plan.actor_cpus))},
     )
     return ds.map_batches(
-        write_results,
+        write_parts,
         batch_format="pyarrow",
         batch_size=max(spec.batch_size, 32),
         num_cpus=plan.task_cpus,
-        fn_kwargs={"out_dir": str(out)},
+        fn_kwargs={"out": spec.out, "options": spec.storage},
     )
 
 
 def run_label_job(spec: LabelJobSpec, *, progress: bool = True) -> LabelSummary:
-    """Run a labeling job to completion and return its summary (also saved in ``OUT/job.json``)."""
+    """Run (or resume) a labeling job to completion; the summary is also saved in ``OUT/job.json``.
+
+    Raises:
+        RuntimeError: some shards could not be completed (rerun the same command to resume them).
+    """
     import ray
     from tqdm import tqdm
 
     if spec.labeler.preset == "tiny-random":
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
-    source = list_input(spec.input, id_column=spec.id_column, image_column=spec.image_column)
+    source = list_input(
+        spec.input,
+        columns=spec.columns,
+        options=spec.storage,
+        shard_size=spec.shard_size,
+        coco_images=spec.coco_images,
+        need_boxes=spec.labeler.prompts == "boxes",
+    )
     check_models(spec)
-    out = prepare_output(spec)
+    pending = prepare_output(spec, source)
     init_ray(spec)
     resources = ray.cluster_resources()
     plan = plan_resources(resources.get("CPU", 0), resources.get("GPU", 0), spec.num_workers)
@@ -172,33 +213,62 @@ def run_label_job(spec: LabelJobSpec, *, progress: bool = True) -> LabelSummary:
         "job": "label",
         "spec": spec.model_dump(mode="json"),
         "models": {
-            "detector": spec.labeler.preset or spec.labeler.detector,
+            "detector": None
+            if spec.labeler.prompts == "boxes"
+            else spec.labeler.preset or spec.labeler.detector,
             "segmenter": spec.labeler.preset or spec.labeler.segmenter,
+            "hq_weights": spec.labeler.hq_weights,
             "random_weights": spec.labeler.preset == "tiny-random",
         },
         "resources": asdict(plan),
         "versions": _versions(),
         "started_at": datetime.now(timezone.utc).isoformat(),
+        "shards": {"total": len(source.shards), "resumed_done": len(source.shards) - len(pending)},
     }
-    (out / "job.json").write_text(json.dumps(record, indent=2))
+    _write_json(storage.join(spec.out, "job.json"), record, spec)
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     start = time.perf_counter()
-    ds = build_pipeline(input_dataset(source, spec), spec, plan, out)
-    total = source.num_images
-    images = instances = errors = 0
-    with tqdm(total=total, unit="img", desc="labeling", disable=not progress, file=sys.stderr) as bar:
-        for stats in ds.iter_rows():
-            images += stats["images"]
-            instances += stats["instances"]
-            errors += stats["errors"]
-            bar.update(stats["images"])
-            bar.set_postfix(instances=instances, errors=errors)
-    summary = LabelSummary(images, instances, errors, time.perf_counter() - start, str(out))
-    if images != total:
-        raise RuntimeError(
-            f"the pipeline accounted for {images} images of {total}; the outputs are incomplete"
-        )
+    expected = {shard.shard_id: shard.num_images for shard in pending}
+    arrived = dict.fromkeys(expected, 0)
+    finished: dict[str, dict] = {}
+    todo_images = sum(expected.values())
+    with tqdm(total=todo_images, unit="img", desc="labeling", disable=not progress, file=sys.stderr) as bar:
+        if pending:
+            ds = build_pipeline(input_dataset(pending, source, spec), spec, plan)
+            for stats in ds.iter_rows():
+                shard = stats["shard"]
+                arrived[shard] += stats["images"]
+                bar.update(stats["images"])
+                if shard not in finished and arrived[shard] >= expected[shard]:
+                    marker = finalize_shard(spec.out, shard, expected[shard], spec.storage)
+                    if marker is not None:
+                        finished[shard] = marker
+                        bar.set_postfix(shards=f"{len(finished)}/{len(pending)}")
+        for shard in expected:  # shards whose count was off (retried batches): try once more
+            if shard not in finished:
+                marker = finalize_shard(spec.out, shard, expected[shard], spec.storage)
+                if marker is not None:
+                    finished[shard] = marker
+    markers = [read_marker(spec.out, s.shard_id, spec.storage) for s in source.shards]
+    incomplete = [s.shard_id for s, m in zip(source.shards, markers, strict=True) if m is None]
+    done = [m for m in markers if m is not None]
+    summary = LabelSummary(
+        images=sum(m["images"] for m in done),
+        instances=sum(m["instances"] for m in done),
+        errors=sum(m["errors"] for m in done),
+        seconds=time.perf_counter() - start,
+        out=spec.out,
+        images_this_run=sum(m["images"] for m in finished.values()),
+    )
+    if not incomplete:
+        storage.delete(storage.join(spec.out, "_tmp"), spec.storage)
     record.update(summary=asdict(summary), finished_at=datetime.now(timezone.utc).isoformat())
-    (out / "job.json").write_text(json.dumps(record, indent=2))
+    record["shards"]["incomplete"] = incomplete
+    _write_json(storage.join(spec.out, "job.json"), record, spec)
+    if incomplete:
+        raise RuntimeError(
+            f"{len(incomplete)} shard(s) did not complete ({', '.join(incomplete[:10])}); rerun the same "
+            "command to resume them"
+        )
     return summary

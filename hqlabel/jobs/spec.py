@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from hqlabel.platform.config import DEFAULT_SEGMENTER, LabelerConfig
 from hqlabel.platform.images import DEFAULT_MAX_PIXELS
+from hqlabel.platform.readers import InputColumns
+from hqlabel.platform.storage import StorageOptions
 from hqlabel.workers.decode import DEFAULT_MAX_SIDE
 
 
@@ -16,11 +18,23 @@ class LabelJobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input: str = Field(description="A folder of images (recursive) or a Parquet file/folder.")
-    out: str = Field(description="Output folder: masks/, errors/ and job.json are written here.")
+    input: str = Field(
+        description="A folder of images (recursive), a Parquet file or folder of shards, or COCO JSON; "
+        "local, file:// or s3://."
+    )
+    out: str = Field(description="Output folder (local or s3://): masks/, errors/, images/, job.json.")
     labeler: LabelerConfig = Field(description="Models, class list and thresholds.")
     id_column: str = Field("image_id", description="Parquet input: column holding the image id.")
     image_column: str = Field("image", description="Parquet input: column holding the encoded image bytes.")
+    uri_column: str = Field(
+        "uri", description="Parquet input: column with image references (s3://, file://, or relative paths)."
+    )
+    boxes_column: str = Field("boxes", description="Parquet input: existing XYXY boxes for --prompts boxes.")
+    labels_column: str = Field("labels", description="Parquet input: the class names of those boxes.")
+    coco_images: str | None = Field(None, description="COCO input: the image folder (default: the JSON's).")
+    shard_size: int = Field(1000, ge=1, description="Folder / COCO input: images per shard (unit of resume).")
+    s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL (e.g. http://host:9000).")
+    s3_region: str | None = Field(None, description="S3 region (default: AWS_REGION, then us-east-1).")
     batch_size: int = Field(8, ge=1, description="Images per model call.")
     num_workers: int | None = Field(
         None, ge=1, description="Labeling actors; default one per GPU, or as many as the CPUs allow."
@@ -29,11 +43,29 @@ class LabelJobSpec(BaseModel):
     max_side: int = Field(
         DEFAULT_MAX_SIDE, ge=64, description="Images are downscaled to this longest side before the models."
     )
-    overwrite: bool = Field(False, description="Replace the outputs of an earlier run in `out`.")
+    overwrite: bool = Field(
+        False, description="Start over, deleting an earlier run's outputs in `out` (default: resume it)."
+    )
     ray_address: str | None = Field(
         None, description="Ray cluster to join ('auto', 'ray://...'); default local."
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray instance; default all.")
+
+    # Fields that change what a run writes; a rerun into the same `out` must agree on them to resume.
+    OUTPUT_FIELDS: ClassVar[tuple[str, ...]] = (
+        "input", "labeler", "id_column", "image_column", "uri_column", "boxes_column", "labels_column",
+        "coco_images", "shard_size", "max_pixels", "max_side",
+    )  # fmt: skip
+
+    @property
+    def storage(self) -> StorageOptions:
+        return StorageOptions(self.s3_endpoint, self.s3_region)
+
+    @property
+    def columns(self) -> InputColumns:
+        return InputColumns(
+            self.id_column, self.image_column, self.uri_column, self.boxes_column, self.labels_column
+        )
 
 
 class SegmentJobSpec(BaseModel):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
 DEFAULT_SEGMENTER = "syscv-community/sam-hq-vit-base"
@@ -52,7 +52,12 @@ class LabelerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     classes: list[str] = Field(
-        description="Class names to detect; the output `label` column takes these values."
+        default_factory=list,
+        description="Class names to detect; the output `label` column takes these values.",
+    )
+    prompts: Literal["detector", "boxes"] = Field(
+        "detector",
+        description="'detector': boxes from the text prompt; 'boxes': the dataset's own boxes (no detector).",
     )
     detector: str = Field(DEFAULT_DETECTOR, description="Grounding DINO hub id or local directory.")
     segmenter: str = Field(
@@ -91,4 +96,12 @@ class LabelerConfig(BaseModel):
     @field_validator("classes", mode="before")
     @classmethod
     def _clean_classes(cls, value: str | list[str]) -> list[str]:
-        return parse_classes(value)
+        return [] if value in ("", []) else parse_classes(value)
+
+    @model_validator(mode="after")
+    def _classes_for_the_detector(self) -> LabelerConfig:
+        if self.prompts == "detector" and not self.classes:
+            raise ValueError(
+                "the detector needs --classes (e.g. --classes 'cat, dog'), or use --prompts boxes"
+            )
+        return self

@@ -14,8 +14,6 @@ The masks table is the output contract of a labeling job (one row per instance):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -42,22 +40,51 @@ ERRORS_SCHEMA = pa.schema(
     ]
 )
 
-# What flows between pipeline stages: one row per image, whatever happened to it.
+# One row per image of a labeling job (OUT/images/): what happened to it.
+IMAGES_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("height", pa.int32()),  # original size; null when the image could not be read
+        pa.field("width", pa.int32()),
+        pa.field("num_instances", pa.int32(), nullable=False),
+        pa.field("error_stage", pa.string()),  # null when labeled
+    ]
+)
+
+# What flows between pipeline stages: one row per image, whatever happened to it. ``shard`` names the input
+# shard the image came from (outputs are written per shard).
+PROMPT_BOXES_TYPE = pa.list_(pa.list_(pa.float32(), 4))
+SOURCE_SCHEMA = pa.schema(
+    [
+        pa.field("shard", pa.string()),
+        pa.field("image_id", pa.string()),
+        pa.field("image", pa.binary()),  # encoded bytes, or null when ``uri`` says where they are
+        pa.field("uri", pa.string()),
+        pa.field("boxes", PROMPT_BOXES_TYPE),  # given boxes (XYXY, original pixels) for --prompts boxes
+        pa.field("labels", pa.list_(pa.string())),
+    ]
+)
 DECODED_SCHEMA = pa.schema(
     [
+        pa.field("shard", pa.string()),
         pa.field("image_id", pa.string()),
         pa.field("pixels", pa.binary()),  # H x W x 3 uint8 RGB, row-major, at the working resolution
         pa.field("height", pa.int32()),  # working resolution
         pa.field("width", pa.int32()),
         pa.field("orig_height", pa.int32()),  # original resolution, what masks and boxes refer to
         pa.field("orig_width", pa.int32()),
+        pa.field("boxes", PROMPT_BOXES_TYPE),  # given boxes, scaled to the original size like everything else
+        pa.field("labels", pa.list_(pa.string())),
         pa.field("error_stage", pa.string()),
         pa.field("error", pa.string()),
     ]
 )
 RESULT_SCHEMA = pa.schema(
     [
+        pa.field("shard", pa.string()),
         pa.field("image_id", pa.string()),
+        pa.field("height", pa.int32()),
+        pa.field("width", pa.int32()),
         pa.field("instances", pa.list_(INSTANCE_TYPE)),
         pa.field("error_stage", pa.string()),
         pa.field("error", pa.string()),
@@ -65,12 +92,12 @@ RESULT_SCHEMA = pa.schema(
 )
 
 
-def results_to_tables(results: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """Split a per-image ``RESULT_SCHEMA`` table into the masks table and the errors table.
+def results_to_tables(results: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """Split a per-image ``RESULT_SCHEMA`` table into the masks, errors and images tables.
 
     Returns:
-        ``(masks, errors)`` in ``MASKS_SCHEMA`` and ``ERRORS_SCHEMA``; an image with an error contributes
-        no masks, an image with no instances contributes to neither.
+        ``(masks, errors, images)`` in ``MASKS_SCHEMA``, ``ERRORS_SCHEMA`` and ``IMAGES_SCHEMA``; an image
+        with an error contributes no masks, and every image one row of ``images``.
     """
     results = results.cast(RESULT_SCHEMA)
     failed = pc.is_valid(results["error"])
@@ -85,12 +112,14 @@ def results_to_tables(results: pa.Table) -> tuple[pa.Table, pa.Table]:
     for field in INSTANCE_FIELDS:
         columns[field.name] = pc.struct_field(flat, field.name)
     masks = pa.Table.from_pydict(columns).cast(MASKS_SCHEMA)
-    return masks, errors
-
-
-def error_rows(image_ids: Sequence[str], stage: str, error: str) -> list[dict]:
-    """Per-image result rows that record the same failure for each of ``image_ids``."""
-    return [
-        {"image_id": image_id, "instances": None, "error_stage": stage, "error": error}
-        for image_id in image_ids
-    ]
+    counts = pc.fill_null(pc.list_value_length(results["instances"]), 0)
+    images = pa.table(
+        {
+            "image_id": results["image_id"],
+            "height": results["height"],
+            "width": results["width"],
+            "num_instances": counts,
+            "error_stage": results["error_stage"],
+        }
+    ).cast(IMAGES_SCHEMA)
+    return masks, errors, images

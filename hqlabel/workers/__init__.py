@@ -6,6 +6,6 @@ decides placement and resources), and tests call them directly.
 
 from hqlabel.workers.decode import decode_batch
 from hqlabel.workers.labeler import Labeler, LabelWorker
-from hqlabel.workers.writer import write_results
+from hqlabel.workers.writer import finalize_shard, write_parts
 
-__all__ = ["LabelWorker", "Labeler", "decode_batch", "write_results"]
+__all__ = ["LabelWorker", "Labeler", "decode_batch", "finalize_shard", "write_parts"]

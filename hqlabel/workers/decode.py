@@ -1,26 +1,24 @@
-"""CPU step: bytes (or a file path) -> upright RGB pixels at a bounded working resolution, or an error row."""
+"""CPU step: bytes (inline or fetched from a URI) -> upright RGB pixels at a bounded working resolution."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pyarrow as pa
 from PIL import Image
 
+from hqlabel.platform import storage
 from hqlabel.platform.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, resize_longest_side
 from hqlabel.platform.schema import DECODED_SCHEMA
+from hqlabel.platform.storage import StorageOptions
 
 DEFAULT_MAX_SIDE = 1333  # Grounding DINO's longest edge; SAM-HQ resizes to 1024 on top of this
 
 
-def _read(row: dict, image_column: str, path_column: str) -> bytes:
-    data = row.get(image_column)
-    if data is not None:
-        return bytes(data)
-    path = row.get(path_column)
-    if path is None:
-        raise ValueError(f"row has neither an '{image_column}' value nor a '{path_column}' value")
-    return Path(path).read_bytes()
+def _read(row: dict, options: StorageOptions) -> bytes:
+    if row.get("image") is not None:
+        return bytes(row["image"])
+    if row.get("uri") is None:
+        raise ValueError("row has neither image bytes nor a uri")
+    return storage.read_bytes(row["uri"], options)
 
 
 def decode_batch(
@@ -28,14 +26,11 @@ def decode_batch(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_side: int = DEFAULT_MAX_SIDE,
-    id_column: str = "image_id",
-    image_column: str = "image",
-    path_column: str = "path",
+    options: StorageOptions = StorageOptions(),
 ) -> pa.Table:
-    """Decode a batch of images for the labeling actors.
+    """Decode a batch of ``SOURCE_SCHEMA`` rows for the labeling actors.
 
     Args:
-        batch: rows with ``id_column`` and either ``image_column`` (encoded bytes) or ``path_column``.
         max_pixels: images with more pixels are rejected (decompression bombs).
         max_side: images whose longest side is larger are downscaled to it (masks still come out at the
             original resolution).
@@ -49,12 +44,17 @@ def decode_batch(
     rows = []
     for row in batch.to_pylist():
         out = dict.fromkeys(DECODED_SCHEMA.names)
-        out["image_id"] = "" if row.get(id_column) is None else str(row[id_column])
+        out.update(
+            shard=row["shard"],
+            image_id="" if row.get("image_id") is None else str(row["image_id"]),
+            boxes=row.get("boxes"),
+            labels=row.get("labels"),
+        )
         stage = "read"
         try:
             if not out["image_id"]:
-                raise ValueError(f"row has no '{id_column}' value")
-            data = _read(row, image_column, path_column)
+                raise ValueError("row has no image id")
+            data = _read(row, options)
             stage = "decode"
             image = decode_image(data, max_pixels=max_pixels)
             work = resize_longest_side(image, max_side)

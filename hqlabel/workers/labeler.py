@@ -28,8 +28,9 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def build_models(config: LabelerConfig) -> tuple[GroundingDinoDetector, HQSamSegmenter]:
-    """The detector and segmenter that ``config`` names (``preset`` overrides the model ids)."""
+def build_models(config: LabelerConfig) -> tuple[GroundingDinoDetector | None, HQSamSegmenter]:
+    """The detector and segmenter that ``config`` names (``preset`` overrides the model ids); no detector
+    when the prompts are given boxes."""
     device = resolve_device(config.device)
     det_kwargs = dict(
         box_threshold=config.box_threshold,
@@ -46,15 +47,18 @@ def build_models(config: LabelerConfig) -> tuple[GroundingDinoDetector, HQSamSeg
         device=device,
     )
     return (
-        build_detector(config.detector, preset=config.preset, **det_kwargs),
+        None
+        if config.prompts == "boxes"
+        else build_detector(config.detector, preset=config.preset, **det_kwargs),
         build_segmenter(config.segmenter, preset=config.preset, hq_weights=config.hq_weights, **seg_kwargs),
     )
 
 
 class Labeler:
-    """Labels images: detect ``classes``, then one HQ-SAM mask per box (one encoder pass per image)."""
+    """Labels images: detect ``classes`` (or take given boxes), then one HQ-SAM mask per box, with one
+    encoder pass per image."""
 
-    def __init__(self, detector: Detector, segmenter: HQSamSegmenter, classes: list[str]) -> None:
+    def __init__(self, detector: Detector | None, segmenter: HQSamSegmenter, classes: list[str]) -> None:
         self.detector = detector
         self.segmenter = segmenter
         self.classes = list(classes)
@@ -64,8 +68,19 @@ class Labeler:
         detector, segmenter = build_models(config)
         return cls(detector, segmenter, config.classes)
 
+    def _detect(self, images: list[np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        if self.detector is None:
+            raise RuntimeError("this Labeler has no detector (prompts='boxes'); pass the boxes to label()")
+        return [
+            (d.boxes, d.scores, [self.classes[int(k)] for k in d.labels])
+            for d in self.detector.detect(images, self.classes)
+        ]
+
     def label(
-        self, images: list[np.ndarray], output_sizes: list[tuple[int, int]] | None = None
+        self,
+        images: list[np.ndarray],
+        output_sizes: list[tuple[int, int]] | None = None,
+        boxes: list[tuple[list, list[str]]] | None = None,
     ) -> list[list[dict]]:
         """Label a batch of images.
 
@@ -73,34 +88,49 @@ class Labeler:
             images: H x W x 3 uint8 RGB (working resolution).
             output_sizes: per image, the (H, W) that boxes and masks are reported in (the original
                 resolution when ``images`` are downscaled copies); defaults to each image's own size.
+            boxes: per image, given prompts ``(N x 4 XYXY boxes in output-size pixels, N labels)``: the
+                detector is skipped and each box gets score 1.0.
 
         Returns:
-            Per image, its instances as dicts with the fields of ``INSTANCE_TYPE`` (``instance_id`` 0..n-1
+            Per image, its instances as dicts with the fields of ``INSTANCE_TYPE`` (``instance_id`` 0..n-1,
             by decreasing detector score; ``mask`` COCO RLE at the output size).
         """
         output_sizes = output_sizes or [image.shape[:2] for image in images]
-        detections = self.detector.detect(images, self.classes)
-        todo = [i for i, d in enumerate(detections) if len(d)]
+        scales = [
+            torch.tensor([out_w / w, out_h / h] * 2)
+            for (h, w), (out_h, out_w) in zip((im.shape[:2] for im in images), output_sizes, strict=True)
+        ]
+        if boxes is None:
+            prompts = self._detect(images)
+        else:
+            prompts = [
+                (
+                    torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) / scale,
+                    torch.ones(len(b)),
+                    list(names),
+                )
+                for (b, names), scale in zip(boxes, scales, strict=True)
+            ]
+        todo = [i for i, (b, _, _) in enumerate(prompts) if len(b)]
         results: list[list[dict]] = [[] for _ in images]
         if not todo:
             return results
         embeddings = self.segmenter.embed([images[i] for i in todo])
-        logits = self.segmenter.predict_boxes(embeddings, [detections[i].boxes for i in todo])
+        logits = self.segmenter.predict_boxes(embeddings, [prompts[i][0] for i in todo])
         for i, mask_logits in zip(todo, logits, strict=True):
-            det = detections[i]
-            (h, w), (out_h, out_w) = images[i].shape[:2], output_sizes[i]
-            boxes = det.boxes * torch.tensor([out_w / w, out_h / h, out_w / w, out_h / h])
+            work_boxes, scores, names = prompts[i]
+            out_boxes = work_boxes * scales[i]
             rles = []
-            for chunk in self.segmenter.iter_masks(mask_logits, (out_h, out_w)):
+            for chunk in self.segmenter.iter_masks(mask_logits, output_sizes[i]):
                 rles += encode_masks(chunk[:, 0].cpu().numpy())
             iou = mask_logits.iou_scores[:, 0].float().cpu().tolist()
             for k, rle in enumerate(rles):
                 results[i].append(
                     {
                         "instance_id": k,
-                        "label": self.classes[int(det.labels[k])],
-                        "score": float(det.scores[k]),
-                        "box": [float(v) for v in boxes[k]],
+                        "label": names[k],
+                        "score": float(scores[k]),
+                        "box": [float(v) for v in out_boxes[k]],
                         "mask": rle,
                         "area": mask_area(rle),
                         "pred_iou": iou[k],
@@ -120,32 +150,47 @@ class LabelWorker:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.labeler = Labeler.from_config(config)
+        self.given_boxes = config.prompts == "boxes"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         out = [
             {
+                "shard": r["shard"],
                 "image_id": r["image_id"],
+                "height": r["orig_height"],
+                "width": r["orig_width"],
                 "instances": None,
                 "error_stage": r["error_stage"],
                 "error": r["error"],
             }
             for r in rows
         ]
-        todo = [i for i, r in enumerate(rows) if r["error"] is None]
+        if self.given_boxes:
+            for r, o in zip(rows, out, strict=True):
+                if r["error"] is None and r["boxes"] is None:
+                    o.update(error_stage="read", error="ValueError: no boxes for --prompts boxes")
+        todo = [i for i, o in enumerate(out) if o["error"] is None]
         images = [
             np.frombuffer(rows[i]["pixels"], np.uint8).reshape(rows[i]["height"], rows[i]["width"], 3)
             for i in todo
         ]
         sizes = [(rows[i]["orig_height"], rows[i]["orig_width"]) for i in todo]
+        given = None
+        if self.given_boxes:  # boxes from the dataset; unlabeled ones are called "object"
+            given = [
+                (rows[i]["boxes"], rows[i]["labels"] or ["object"] * len(rows[i]["boxes"])) for i in todo
+            ]
         try:
-            labeled = self.labeler.label(images, sizes)
+            labeled = self.labeler.label(images, sizes, given)
         except Exception:  # isolate the image at fault; each failure is recorded as an error row below
             logger.warning("labeling a batch of %d images failed; retrying them one by one", len(todo))
             labeled = []
             for k, i in enumerate(todo):
                 try:
-                    labeled += self.labeler.label([images[k]], [sizes[k]])
+                    labeled += self.labeler.label(
+                        [images[k]], [sizes[k]], None if given is None else [given[k]]
+                    )
                 except Exception as e:
                     logger.warning("labeling %s failed: %s", rows[i]["image_id"], e)
                     out[i].update(error_stage="label", error=f"{type(e).__name__}: {e}")

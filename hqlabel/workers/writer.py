@@ -1,41 +1,124 @@
-"""Write step: per-image results -> ``masks/`` and ``errors/`` Parquet parts, and counts for progress."""
+"""Writing a job's results, one output shard per input shard, atomically, with a completion marker.
+
+While a shard is in flight its batches land under ``OUT/_tmp/shard-ID/{masks,errors,images}/part-HASH``
+(names derived from the batch's image ids, so a retried batch overwrites itself). When every image of the
+shard has arrived, ``finalize_shard`` merges the parts, drops any row seen twice, writes
+``OUT/{masks,errors,images}/part-ID.parquet`` (each atomically) and then the marker ``OUT/_done/ID.json``.
+Readers of ``OUT/masks`` see only finished shards (names starting with ``_`` are skipped); a rerun skips
+shards that have a marker and redoes the rest from scratch.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import os
-from pathlib import Path
+import json
+from collections import Counter
+from datetime import datetime, timezone
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 
-from hqlabel.platform.schema import results_to_tables
+from hqlabel.platform import storage
+from hqlabel.platform.schema import ERRORS_SCHEMA, IMAGES_SCHEMA, MASKS_SCHEMA, results_to_tables
+from hqlabel.platform.storage import StorageOptions
 
-STATS_SCHEMA = pa.schema([("images", pa.int64()), ("instances", pa.int64()), ("errors", pa.int64())])
-
-
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")  # readers skip dot-files, so a crash leaves no partial part
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+STATS_SCHEMA = pa.schema([("shard", pa.string()), ("images", pa.int64())])
+TABLES = {"masks": MASKS_SCHEMA, "errors": ERRORS_SCHEMA, "images": IMAGES_SCHEMA}
 
 
-def write_results(batch: pa.Table, *, out_dir: str) -> pa.Table:
-    """Write one batch of ``RESULT_SCHEMA`` rows.
+def tmp_dir(out: str, shard: str) -> str:
+    return storage.join(out, "_tmp", f"shard-{shard}")
 
-    File names derive from the batch's image ids, so a retried batch overwrites its own files instead of
-    adding duplicates. Files are written under a temporary name and renamed into place.
+
+def marker_uri(out: str, shard: str) -> str:
+    return storage.join(out, "_done", f"{shard}.json")
+
+
+def write_parts(batch: pa.Table, *, out: str, options: StorageOptions = StorageOptions()) -> pa.Table:
+    """Ray Data UDF: write one batch of ``RESULT_SCHEMA`` rows into their shards' temporary folders.
 
     Returns:
-        One ``STATS_SCHEMA`` row: images, instances and errors in this batch.
+        ``STATS_SCHEMA`` rows: images written per shard.
     """
-    masks, errors = results_to_tables(batch)
-    digest = hashlib.sha1("\n".join(batch["image_id"].to_pylist()).encode()).hexdigest()[:20]
-    root = Path(out_dir)
-    _write_atomic(masks, root / "masks" / f"part-{digest}.parquet")
-    _write_atomic(errors, root / "errors" / f"part-{digest}.parquet")
-    return pa.table(
-        {"images": [batch.num_rows], "instances": [masks.num_rows], "errors": [errors.num_rows]},
-        schema=STATS_SCHEMA,
-    )
+    stats = []
+    for shard in pc.unique(batch["shard"]).to_pylist():
+        rows = batch.filter(pc.equal(batch["shard"], shard))
+        digest = hashlib.sha1("\n".join(rows["image_id"].to_pylist()).encode()).hexdigest()[:20]
+        for name, table in zip(TABLES, results_to_tables(rows), strict=True):
+            storage.write_parquet(
+                table, storage.join(tmp_dir(out, shard), name, f"part-{digest}.parquet"), options
+            )
+        stats.append({"shard": shard, "images": rows.num_rows})
+    return pa.Table.from_pylist(stats, schema=STATS_SCHEMA)
+
+
+def _unique_rows(table: pa.Table, keys: list[str]) -> pa.Table:
+    """First occurrence of each key, sorted by the keys (parts of a retried batch may repeat rows)."""
+    if table.num_rows == 0:
+        return table
+    joined = table[keys[0]].to_numpy(zero_copy_only=False).astype(str)
+    for key in keys[1:]:
+        joined = np.char.add(
+            np.char.add(joined, "\x00"), table[key].to_numpy(zero_copy_only=False).astype(str)
+        )
+    _, first = np.unique(joined, return_index=True)
+    return table.take(pa.array(np.sort(first))).sort_by([(k, "ascending") for k in keys])
+
+
+def finalize_shard(
+    out: str, shard: str, expected_images: int, options: StorageOptions = StorageOptions()
+) -> dict | None:
+    """Merge a shard's parts into its output files and write its marker, if all its images have arrived.
+
+    Returns:
+        The marker's content (counts), or None while images are still missing.
+    """
+    tmp = tmp_dir(out, shard)
+    if not storage.exists(storage.join(tmp, "images"), options):
+        return None
+    images = _unique_rows(storage.read_parquet(storage.join(tmp, "images"), options), ["image_id"])
+    if images.num_rows < expected_images:
+        return None
+    if images.num_rows > expected_images:
+        raise RuntimeError(
+            f"shard {shard} has {images.num_rows} distinct images, more than the {expected_images} it was "
+            "listed with; the input changed during the job. Rerun with --overwrite"
+        )
+    tables = {
+        "masks": _unique_rows(
+            storage.read_parquet(storage.join(tmp, "masks"), options), ["image_id", "instance_id"]
+        ),
+        "errors": _unique_rows(storage.read_parquet(storage.join(tmp, "errors"), options), ["image_id"]),
+        "images": images,
+    }
+    for name, table in tables.items():
+        storage.write_parquet(
+            table.cast(TABLES[name]), storage.join(out, name, f"part-{shard}.parquet"), options
+        )
+    marker = {
+        "shard": shard,
+        "images": images.num_rows,
+        "instances": tables["masks"].num_rows,
+        "errors": tables["errors"].num_rows,
+        "errors_by_stage": dict(Counter(tables["errors"]["stage"].to_pylist())),
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+    }
+    storage.write_bytes(marker_uri(out, shard), json.dumps(marker, indent=2).encode(), options)
+    storage.delete(tmp, options)
+    return marker
+
+
+def read_marker(out: str, shard: str, options: StorageOptions = StorageOptions()) -> dict | None:
+    """A finished shard's marker, or None."""
+    try:
+        return json.loads(storage.read_bytes(marker_uri(out, shard), options))
+    except FileNotFoundError:
+        return None
+
+
+def reset_shard(out: str, shard: str, options: StorageOptions = StorageOptions()) -> None:
+    """Forget an unfinished shard's partial work (its temporary parts and any output file without marker)."""
+    storage.delete(tmp_dir(out, shard), options)
+    for name in TABLES:
+        storage.delete(storage.join(out, name, f"part-{shard}.parquet"), options)

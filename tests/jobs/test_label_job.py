@@ -50,6 +50,8 @@ def test_folder_job_writes_the_contract(ray_session, image_folder, tmp_path):
 
     masks = pq.read_table(out / "masks")
     errors = pq.read_table(out / "errors")
+    images = pq.read_table(out / "images")
+    assert sorted(images["image_id"].to_pylist()) == sorted([*good, "sub/broken.jpg"])
     assert masks.schema.remove_metadata() == MASKS_SCHEMA
     assert errors.schema.remove_metadata() == ERRORS_SCHEMA
     assert errors.select(["image_id", "stage"]).to_pylist() == [
@@ -106,14 +108,21 @@ def test_parquet_input_with_wrong_columns_is_rejected(ray_session, tmp_path):
         run_label_job(_spec(path, tmp_path / "out"), progress=False)
 
 
-def test_rerun_into_the_same_out_needs_overwrite(ray_session, image_folder, tmp_path):
+def test_rerun_resumes_and_other_settings_need_overwrite(ray_session, image_folder, tmp_path):
     out = tmp_path / "out"
-    first = run_label_job(_spec(image_folder, out), progress=False)
+    first = run_label_job(_spec(image_folder, out, shard_size=2), progress=False)
+    masks_before = pq.read_table(out / "masks")
+    again = run_label_job(_spec(image_folder, out, shard_size=2), progress=False)
+    assert again.images_this_run == 0 and again.instances == first.instances  # every shard was done
+    assert pq.read_table(out / "masks").equals(masks_before)
+
+    other = _spec(image_folder, out, shard_size=2)
+    other = other.model_copy(update={"labeler": other.labeler.model_copy(update={"box_threshold": 0.9})})
     with pytest.raises(ValueError, match="--overwrite"):
-        run_label_job(_spec(image_folder, out), progress=False)
-    second = run_label_job(_spec(image_folder, out, overwrite=True), progress=False)
-    assert second.instances == first.instances
-    assert pq.read_table(out / "masks").num_rows == first.instances
+        run_label_job(other, progress=False)
+    replaced = run_label_job(other.model_copy(update={"overwrite": True}), progress=False)
+    assert replaced.images_this_run == first.images
+    assert pq.read_table(out / "masks").num_rows == replaced.instances
 
 
 def test_cli_label_runs_and_summarises(ray_session, image_folder, tmp_path, capsys):

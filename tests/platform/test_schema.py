@@ -2,7 +2,13 @@ import pyarrow as pa
 import pytest
 
 from hqlabel.platform.config import LabelerConfig, parse_classes
-from hqlabel.platform.schema import ERRORS_SCHEMA, MASKS_SCHEMA, RESULT_SCHEMA, results_to_tables
+from hqlabel.platform.schema import (
+    ERRORS_SCHEMA,
+    IMAGES_SCHEMA,
+    MASKS_SCHEMA,
+    RESULT_SCHEMA,
+    results_to_tables,
+)
 
 
 def _instance(k: int, label: str) -> dict:
@@ -25,6 +31,8 @@ def test_results_split_into_masks_and_errors():
                 "instances": [_instance(0, "cat"), _instance(1, "dog")],
                 "error_stage": None,
                 "error": None,
+                "height": 4,
+                "width": 5,
             },
             {"image_id": "b", "instances": None, "error_stage": "decode", "error": "truncated"},
             {"image_id": "c", "instances": [], "error_stage": None, "error": None},
@@ -32,7 +40,7 @@ def test_results_split_into_masks_and_errors():
         ],
         schema=RESULT_SCHEMA,
     )
-    masks, errors = results_to_tables(results)
+    masks, errors, images = results_to_tables(results)
     assert masks.schema == MASKS_SCHEMA
     assert errors.schema == ERRORS_SCHEMA
     assert masks["image_id"].to_pylist() == ["a", "a", "d"]
@@ -41,11 +49,16 @@ def test_results_split_into_masks_and_errors():
     assert masks["area"].to_pylist() == [7, 8, 7]
     assert masks["mask"][0].as_py() == {"size": [4, 5], "counts": b"abc"}
     assert errors.to_pylist() == [{"image_id": "b", "stage": "decode", "error": "truncated"}]
+    assert images.schema == IMAGES_SCHEMA
+    assert images["image_id"].to_pylist() == ["a", "b", "c", "d"]
+    assert images["num_instances"].to_pylist() == [2, 0, 0, 1]
+    assert images["error_stage"].to_pylist() == [None, "decode", None, None]
+    assert images["height"].to_pylist()[0] == 4
 
 
 def test_empty_results_give_empty_tables():
-    masks, errors = results_to_tables(RESULT_SCHEMA.empty_table())
-    assert masks.num_rows == 0 and errors.num_rows == 0
+    masks, errors, images = results_to_tables(RESULT_SCHEMA.empty_table())
+    assert masks.num_rows == 0 and errors.num_rows == 0 and images.num_rows == 0
     assert masks.schema == MASKS_SCHEMA
 
 
@@ -66,5 +79,8 @@ def test_parse_classes_rejects_bad_input(bad):
 
 def test_labeler_config_validates_classes_and_thresholds():
     assert LabelerConfig(classes="a, b").classes == ["a", "b"]
+    assert LabelerConfig(prompts="boxes").classes == []
+    with pytest.raises(ValueError, match="--classes"):
+        LabelerConfig(classes="")
     with pytest.raises(ValueError):
         LabelerConfig(classes="a", box_threshold=1.5)

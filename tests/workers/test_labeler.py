@@ -6,8 +6,8 @@ from conftest import encode, random_image
 
 from hqlabel.platform.config import LabelerConfig
 from hqlabel.platform.rle import decode_mask
-from hqlabel.platform.schema import DECODED_SCHEMA, RESULT_SCHEMA
-from hqlabel.workers import Labeler, LabelWorker, decode_batch, write_results
+from hqlabel.platform.schema import DECODED_SCHEMA, RESULT_SCHEMA, SOURCE_SCHEMA
+from hqlabel.workers import Labeler, LabelWorker, decode_batch, finalize_shard, write_parts
 
 CLASSES = ["cat", "traffic light"]
 
@@ -69,8 +69,14 @@ def test_images_without_boxes_skip_the_segmenter(config):
     assert calls == []
 
 
-def _decoded(rows: list[tuple[str, bytes | None, str | None]]) -> pa.Table:
-    batch = pa.Table.from_pylist([{"image_id": i, "image": b, "path": p} for i, b, p in rows])
+def _decoded(rows: list[tuple[str | None, bytes | None, str | None]], shard: str = "00000") -> pa.Table:
+    batch = pa.Table.from_pylist(
+        [
+            {"shard": shard, "image_id": i, "image": b, "uri": u, "boxes": None, "labels": None}
+            for i, b, u in rows
+        ],
+        schema=SOURCE_SCHEMA,
+    )
     return decode_batch(batch, max_side=64)
 
 
@@ -89,7 +95,7 @@ def test_decode_batch_keeps_every_row_and_records_failures(tmp_path):
     assert rows[0]["error"] is None
     assert rows[1]["error_stage"] == "decode"
     assert rows[2]["error_stage"] == "read" and "nope.png" in rows[2]["error"]
-    assert rows[3]["error_stage"] == "read" and "image_id" in rows[3]["error"]
+    assert rows[3]["error_stage"] == "read" and "image id" in rows[3]["error"]
 
 
 def test_label_worker_is_a_plain_callable(config):
@@ -122,16 +128,50 @@ def test_label_worker_isolates_an_image_that_fails_in_the_models(config, monkeyp
     assert rows[0]["instances"] and rows[2]["instances"]
 
 
-def test_write_results_is_idempotent_per_batch(config, tmp_path):
+def test_written_parts_merge_into_one_shard_file_once(config, tmp_path):
     import pyarrow.parquet as pq
 
+    out = str(tmp_path)
     worker = LabelWorker(config)
-    results = worker(_decoded([("a", encode(random_image(7)), None), ("b", b"junk", None)]))
-    for _ in range(2):  # a retried batch rewrites the same files
-        stats = write_results(results, out_dir=str(tmp_path)).to_pylist()
+    first = worker(_decoded([("a", encode(random_image(7)), None), ("b", b"junk", None)]))
+    second = worker(_decoded([("c", encode(random_image(8)), None)]))
+    stats = write_parts(first, out=out).to_pylist()
+    assert stats == [{"shard": "00000", "images": 2}]
+    assert finalize_shard(out, "00000", expected_images=3) is None  # "c" has not arrived yet
+    write_parts(first, out=out)  # a retried batch rewrites its own part
+    write_parts(second, out=out)
+    marker = finalize_shard(out, "00000", expected_images=3)
+
     masks = pq.read_table(tmp_path / "masks")
+    images = pq.read_table(tmp_path / "images")
     errors = pq.read_table(tmp_path / "errors")
-    assert stats == [{"images": 2, "instances": masks.num_rows, "errors": 1}]
-    assert set(masks["image_id"].to_pylist()) == {"a"}
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["part-00000.parquet"]
+    assert images["image_id"].to_pylist() == ["a", "b", "c"]
     assert errors["image_id"].to_pylist() == ["b"]
-    assert torch.tensor(masks["instance_id"].to_pylist()).tolist() == list(range(masks.num_rows))
+    pairs = list(zip(masks["image_id"].to_pylist(), masks["instance_id"].to_pylist(), strict=True))
+    assert len(pairs) == len(set(pairs)) and {i for i, _ in pairs} == {"a", "c"}
+    assert marker["images"] == 3 and marker["instances"] == masks.num_rows and marker["errors"] == 1
+    assert marker["errors_by_stage"] == {"decode": 1}
+    assert not (tmp_path / "_tmp" / "shard-00000").exists()
+    assert torch.tensor(masks["instance_id"].to_pylist()).min() == 0
+
+
+def test_given_boxes_skip_the_detector(config):
+    boxes_config = config.model_copy(update={"prompts": "boxes", "classes": []})
+    worker = LabelWorker(boxes_config)
+    assert worker.labeler.detector is None
+    batch = pa.Table.from_pylist(
+        [
+            {"shard": "0", "image_id": "a", "image": encode(random_image(1, (80, 100))), "uri": None,
+             "boxes": [[10, 10, 50, 40], [0, 0, 100, 80]], "labels": ["cat", "dog"]},
+            {"shard": "0", "image_id": "b", "image": encode(random_image(2)), "uri": None,
+             "boxes": None, "labels": None},
+        ],
+        schema=SOURCE_SCHEMA,
+    )  # fmt: skip
+    rows = worker(decode_batch(batch, max_side=64)).to_pylist()
+    instances = rows[0]["instances"]
+    assert [i["label"] for i in instances] == ["cat", "dog"] and [i["score"] for i in instances] == [1.0, 1.0]
+    assert [round(v, 3) for v in instances[0]["box"]] == [10, 10, 50, 40]  # back in original pixels
+    assert decode_mask(instances[1]["mask"]).shape == (80, 100)
+    assert rows[1]["error_stage"] == "read" and "no boxes" in rows[1]["error"]

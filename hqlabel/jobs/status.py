@@ -1,0 +1,63 @@
+"""``hqlabel status OUT``: how far a labeling job has got, from its manifest and completion markers."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+from hqlabel.platform import storage
+from hqlabel.platform.storage import StorageOptions
+from hqlabel.workers.writer import read_marker
+
+
+@dataclass
+class JobStatus:
+    out: str
+    shards_total: int
+    shards_done: int
+    images_total: int
+    images_done: int
+    instances: int
+    errors_by_stage: dict[str, int] = field(default_factory=dict)
+    pending: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        errors = ", ".join(f"{stage} {n}" for stage, n in sorted(self.errors_by_stage.items())) or "none"
+        lines = [
+            f"{self.out}",
+            f"  shards:    {self.shards_done}/{self.shards_total} done, {len(self.pending)} pending",
+            f"  images:    {self.images_done}/{self.images_total} labeled",
+            f"  instances: {self.instances}",
+            f"  errors:    {sum(self.errors_by_stage.values())} ({errors})",
+        ]
+        if self.pending:
+            shown = ", ".join(self.pending[:10]) + (" ..." if len(self.pending) > 10 else "")
+            lines.append(f"  pending:   {shown} (rerun the same `hqlabel label` command to resume)")
+        return "\n".join(lines)
+
+
+def job_status(out: str, options: StorageOptions = StorageOptions()) -> JobStatus:
+    """Count finished and pending shards, instances and errors by stage of the job in ``out``.
+
+    Raises:
+        FileNotFoundError: ``out`` holds no labeling job.
+    """
+    try:
+        manifest = json.loads(storage.read_bytes(storage.join(out, "_manifest.json"), options))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{out} holds no labeling job (no _manifest.json); pass a label --out") from e
+    status = JobStatus(out, len(manifest["shards"]), 0, 0, 0, 0)
+    errors: Counter[str] = Counter()
+    for shard in manifest["shards"]:
+        status.images_total += shard["num_images"]
+        marker = read_marker(out, shard["id"], options)
+        if marker is None:
+            status.pending.append(shard["id"])
+            continue
+        status.shards_done += 1
+        status.images_done += marker["images"]
+        status.instances += marker["instances"]
+        errors.update(marker["errors_by_stage"])
+    status.errors_by_stage = dict(errors)
+    return status

@@ -1,0 +1,194 @@
+"""One way to reach files, local or on S3: URIs in, ``pyarrow.fs`` underneath.
+
+A location is a local path, a ``file://`` URI or an ``s3://bucket/key`` URI. S3 credentials come from the
+standard AWS chain (environment, ``~/.aws`` profile, instance metadata) and are never printed or written;
+``StorageOptions`` carries only the endpoint (S3-compatible stores, a local test server) and the region.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+RETRIES = 4  # attempts for a transient S3 failure (pyarrow's AWS client retries inside each attempt too)
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How to reach S3.
+
+    Attributes:
+        s3_endpoint: endpoint URL of an S3-compatible store, e.g. ``http://127.0.0.1:9000``; None for AWS.
+        s3_region: region; defaults to ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, then ``us-east-1``.
+    """
+
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+@functools.lru_cache(maxsize=8)
+def _s3(options: StorageOptions) -> pafs.S3FileSystem:
+    region = options.s3_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    kwargs: dict = {
+        "region": region or "us-east-1",
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5),
+    }
+    if options.s3_endpoint:
+        scheme, sep, host = options.s3_endpoint.partition("://")
+        if not sep:
+            raise ValueError(f"--s3-endpoint {options.s3_endpoint!r} needs a scheme, e.g. http://host:port")
+        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str, options: StorageOptions = StorageOptions()) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path within it)`` for a local path, ``file://`` or ``s3://`` URI."""
+    if is_s3(uri):
+        path = uri[len("s3://") :].strip("/")
+        if not path:
+            raise ValueError(f"{uri!r} names no bucket; use s3://bucket/prefix")
+        return _s3(options), path
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or URI with ``/``."""
+    out = base.rstrip("/") if base != "/" else base
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def _transient(error: OSError) -> bool:
+    return not isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError))
+
+
+def with_retries(fn, what: str, retries: int = RETRIES):
+    """Call ``fn()``; retry transient ``OSError``s (not missing files) with exponential backoff."""
+    for attempt in range(retries):
+        try:
+            return fn()
+        except OSError as e:
+            if not _transient(e) or attempt == retries - 1:
+                raise
+            delay = 0.25 * 2**attempt
+            logger.warning("%s failed (%s); retrying in %.2f s", what, e, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def read_bytes(uri: str, options: StorageOptions = StorageOptions()) -> bytes:
+    """The whole object / file at ``uri``.
+
+    Raises:
+        FileNotFoundError: it does not exist.
+    """
+    fs, path = resolve(uri, options)
+
+    def read() -> bytes:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{uri} does not exist")
+        if info.type != pafs.FileType.File:
+            raise IsADirectoryError(f"{uri} is not a file")
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    return with_retries(read, f"reading {uri}")
+
+
+def write_bytes(uri: str, data: bytes, options: StorageOptions = StorageOptions()) -> None:
+    """Write ``data`` to ``uri`` atomically: readers see the old object or the whole new one, never a part.
+
+    Local files go to a temporary name in the same folder and are renamed; an S3 PUT is atomic by itself.
+    """
+    fs, path = resolve(uri, options)
+    parent = path.rsplit("/", 1)[0]
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(parent, recursive=True)
+        tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex[:8]}.tmp"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+
+    def put() -> None:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+    with_retries(put, f"writing {uri}")
+
+
+def write_parquet(table: pa.Table, uri: str, options: StorageOptions = StorageOptions()) -> None:
+    """Write ``table`` as one Parquet file at ``uri``, atomically (see ``write_bytes``)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    write_bytes(uri, buf.getvalue(), options)
+
+
+def read_parquet(uri: str, options: StorageOptions = StorageOptions(), columns=None) -> pa.Table:
+    """One Parquet file, or all ``*.parquet`` under a folder (sorted; hidden and ``_`` names skipped)."""
+    fs, path = resolve(uri, options)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri} does not exist")
+    files = [uri] if info.type == pafs.FileType.File else list_files(uri, (".parquet",), options)
+    tables = [pq.read_table(resolve(f, options)[1], filesystem=fs, columns=columns) for f in files]
+    if not tables:
+        raise FileNotFoundError(f"no Parquet files under {uri}")
+    return pa.concat_tables(tables)
+
+
+def exists(uri: str, options: StorageOptions = StorageOptions()) -> bool:
+    fs, path = resolve(uri, options)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str, options: StorageOptions = StorageOptions()) -> bool:
+    fs, path = resolve(uri, options)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def list_files(uri: str, suffixes: tuple[str, ...], options: StorageOptions = StorageOptions()) -> list[str]:
+    """Files under ``uri`` (recursive) whose lower-cased name ends in one of ``suffixes``, as URIs sorted by
+    path; names (and folders) starting with ``.`` or ``_`` are skipped."""
+    fs, path = resolve(uri, options)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    prefix = "s3://" if is_s3(uri) else ""
+    found = []
+    for info in infos:
+        if info.type != pafs.FileType.File or not info.path.lower().endswith(suffixes):
+            continue
+        relative = info.path[len(path) :].strip("/")
+        if any(part.startswith((".", "_")) for part in relative.split("/")):
+            continue
+        found.append(prefix + info.path)
+    return sorted(found)
+
+
+def delete(uri: str, options: StorageOptions = StorageOptions()) -> None:
+    """Remove a file or a whole folder if it exists."""
+    fs, path = resolve(uri, options)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
