@@ -1,9 +1,12 @@
-"""Shared fixtures: one Ray instance per test session (2 CPUs, like the CI machine), tiny generated images."""
+"""Shared fixtures: one Ray instance per test session (2 CPUs, like the CI machine), tiny generated images, a
+local S3 server (moto) for the storage and job tests."""
 
 from __future__ import annotations
 
 import io
+import logging
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,16 @@ from PIL import Image
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+# Dummy credentials for the local S3 server. Set at import, before the session's Ray starts: Ray workers
+# inherit the environment of `ray.init`, and reach S3 through the same AWS credential chain as production.
+for _key, _value in {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",  # never wait for an instance-metadata lookup
+}.items():
+    os.environ.setdefault(_key, _value)
+
 
 @pytest.fixture(scope="session")
 def ray_session():
@@ -21,6 +34,36 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """Endpoint URL (``http://127.0.0.1:PORT``) of a moto S3 server on loopback, for the whole session.
+
+    Tests reach it through production code (``StorageOptions(s3_endpoint=...)``); boto3 only sets up buckets.
+    """
+    server_module = pytest.importorskip("moto.server", reason="S3 tests need moto[server] (the dev extra)")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3_endpoint):
+    """A boto3 S3 client of the test server (test setup and inspection only)."""
+    boto3 = pytest.importorskip("boto3")
+    return boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+
+
+@pytest.fixture
+def s3_bucket(s3_client) -> str:
+    """A fresh, empty bucket of its own for each test."""
+    name = f"hqlabel-{uuid.uuid4().hex[:16]}"
+    s3_client.create_bucket(Bucket=name)
+    return name
 
 
 def random_image(seed: int, size: tuple[int, int] = (48, 64)) -> np.ndarray:

@@ -138,7 +138,12 @@ class GroundingDinoDetector:
         if not images:
             return []
         prompt, positive = self._prompt(classes)
-        inputs = self.processor(images=images, text=[prompt] * len(images), return_tensors="pt")
+        inputs = self.processor(
+            images=images,
+            text=[prompt] * len(images),
+            return_tensors="pt",
+            input_data_format="channels_last",  # else a 1- or 3-pixel-high image reads as channels-first
+        )
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         outputs = self.model(**inputs)
         probs = outputs.logits.float().sigmoid()  # B x Q x T

@@ -231,6 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: Exception) -> str:
+    """A user error as one line: pydantic's validation errors become "field: problem; ..."."""
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):
+        return "; ".join(
+            (".".join(str(part) for part in err["loc"]) + ": " if err["loc"] else "")
+            + err["msg"].removeprefix("Value error, ")
+            for err in error.errors()
+        )
+    return str(error)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -244,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as e:
         if args.verbose:
             raise
-        print(f"hqlabel: error: {e}", file=sys.stderr)
+        print(f"hqlabel: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hqlabel: interrupted", file=sys.stderr)

@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 from hqlabel import __version__
 from hqlabel.jobs.resources import ResourcePlan, plan_resources
@@ -120,7 +121,7 @@ def check_models(spec: LabelJobSpec) -> None:
         load_pretrained(
             AutoConfig.from_pretrained, spec.labeler.detector, what="detector", option="--detector"
         )
-    if not storage.exists(spec.labeler.segmenter):  # an original .pth checkpoint is a file, not a config
+    if not Path(spec.labeler.segmenter).expanduser().is_file():  # an original .pth checkpoint has no config
         load_pretrained(
             AutoConfig.from_pretrained, spec.labeler.segmenter, what="segmenter", option="--segmenter"
         )
@@ -196,6 +197,8 @@ def run_label_job(spec: LabelJobSpec, *, progress: bool = True) -> LabelSummary:
 
     if spec.labeler.preset == "tiny-random":
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
+    if not storage.is_s3(spec.out):  # workers on other machines or folders must write to the same place
+        spec = spec.model_copy(update={"out": storage.resolve(spec.out)[1]})
     source = list_input(
         spec.input,
         columns=spec.columns,

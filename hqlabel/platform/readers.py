@@ -87,6 +87,11 @@ def list_input(
         raise FileNotFoundError(
             f"input {uri!r} does not exist; pass a folder of images, Parquet or COCO JSON"
         )
+    # Local paths become absolute: a bare file name has a folder, and relative image references resolve the
+    # same in every worker, whatever its working directory.
+    uri = uri if storage.is_s3(uri) else storage.resolve(uri, options)[1]
+    if coco_images is not None and not storage.is_s3(coco_images):
+        coco_images = storage.resolve(coco_images, options)[1]
     if uri.lower().endswith(".json"):
         return _list_coco(uri, coco_images, shard_size, options)
     if not storage.is_dir(uri, options):
@@ -136,7 +141,7 @@ def _list_parquet(
     for index, file in enumerate(files):
         fs, path = storage.resolve(file, options)
         meta = storage.with_retries(lambda fs=fs, path=path: pq.read_metadata(path, filesystem=fs), file)
-        names = meta.schema.names
+        names = meta.schema.to_arrow_schema().names  # top-level columns (not nested leaves)
         problems = []
         if columns.id not in names:
             problems.append(f"no image id column '{columns.id}' (--id-column)")

@@ -71,10 +71,10 @@ def resolve(uri: str, options: StorageOptions = StorageOptions()) -> tuple[pafs.
 
 def join(base: str, *parts: str) -> str:
     """Join path parts onto a local path or URI with ``/``."""
-    out = base.rstrip("/") if base != "/" else base
+    out = base.rstrip("/")
     for part in parts:
         out = f"{out}/{part.strip('/')}"
-    return out
+    return out or base  # base "/" with no parts
 
 
 def _transient(error: OSError) -> bool:

@@ -122,7 +122,8 @@ class HQSamSegmenter:
         """Run the image encoder once over a batch of H x W x 3 uint8 RGB images (sizes may differ)."""
         if not images:
             raise ValueError("embed() needs at least one image")
-        inputs = self.processor(images=images, return_tensors="pt")
+        # channels_last: else a 1- or 3-pixel-high image reads as channels-first (and is transposed or fails)
+        inputs = self.processor(images=images, return_tensors="pt", input_data_format="channels_last")
         pixel_values = inputs["pixel_values"].to(self.device, self.model.dtype)
         if self.is_hq:
             image_embeddings, intermediate = self.model.get_image_embeddings(pixel_values)
