@@ -203,6 +203,45 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a labeling job's output folder as COCO JSON, YOLO-seg polygons or mask PNGs",
+        description="Convert the labels folder LABELS (a label --out) into a training format, streaming.",
+    )
+    p.add_argument("labels", help="the labeling job's --out folder (local or s3://)")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=("coco", "yolo-seg", "masks-png"),
+        help="coco: one instances JSON (RLE masks); yolo-seg: labels/*.txt polygons + data.yaml; "
+        "masks-png: one 0/255 PNG per instance",
+    )
+    p.add_argument("--out", required=True, help="coco: the JSON file; otherwise a folder (local or s3://)")
+    p.add_argument(
+        "--min-part-area",
+        type=float,
+        default=4.0,
+        help="yolo-seg: drop mask parts with a smaller polygon area in pixels (default 4)",
+    )
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL")
+    p.add_argument("--s3-region", help="S3 region")
+    p.set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from hqlabel.jobs.export import run_export
+
+    try:
+        print(run_export(args))
+    except ImportError as e:  # a missing optional extra (OpenCV for yolo-seg): its install hint, one line
+        if args.verbose:
+            raise
+        print(f"hqlabel: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo-data", help="write synthetic demo images (shapes) to try the pipeline")
     p.add_argument("out", help="folder to write the images to")
@@ -227,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_label_parser(sub)
     _add_segment_parser(sub)
     _add_status_parser(sub)
+    _add_export_parser(sub)
     _add_demo_parser(sub)
     return parser
 

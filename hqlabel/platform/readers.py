@@ -129,7 +129,7 @@ def _chunk(rows: list[dict], shard_size: int) -> list[Shard]:
     shards = []
     for index, start in enumerate(range(0, len(rows), shard_size)):
         shard_id = _shard_id(index)
-        part = [dict(row, shard=shard_id) for row in rows[start : start + shard_size]]
+        part = [dict(row, shard=shard_id, row=k) for k, row in enumerate(rows[start : start + shard_size])]
         shards.append(Shard(shard_id, len(part), rows=part))
     return shards
 
@@ -189,6 +189,7 @@ def read_parquet_shards(
             lambda fs=fs, path=path: pq.ParquetFile(fs.open_input_file(path)), path
         )
         names = parquet.schema_arrow.names
+        offset = 0
         wanted = [
             c for c in (columns.id, columns.image, columns.uri, columns.boxes, columns.labels) if c in names
         ]
@@ -210,6 +211,7 @@ def read_parquet_shards(
             yield pa.table(
                 {
                     "shard": pa.array([item["shard"]] * n, pa.string()),
+                    "row": pa.array(range(offset, offset + n), pa.int64()),
                     "image_id": column(columns.id, pa.string()),
                     "image": column(columns.image, pa.binary()),
                     "uri": pa.array(
@@ -220,3 +222,4 @@ def read_parquet_shards(
                 },
                 schema=SOURCE_SCHEMA,
             )
+            offset += n

@@ -57,6 +57,9 @@ PROMPT_BOXES_TYPE = pa.list_(pa.list_(pa.float32(), 4))
 SOURCE_SCHEMA = pa.schema(
     [
         pa.field("shard", pa.string()),
+        pa.field(
+            "row", pa.int64()
+        ),  # position in the shard: tells apart rows whose ids are missing or repeat
         pa.field("image_id", pa.string()),
         pa.field("image", pa.binary()),  # encoded bytes, or null when ``uri`` says where they are
         pa.field("uri", pa.string()),
@@ -67,6 +70,9 @@ SOURCE_SCHEMA = pa.schema(
 DECODED_SCHEMA = pa.schema(
     [
         pa.field("shard", pa.string()),
+        pa.field(
+            "row", pa.int64()
+        ),  # position in the shard: tells apart rows whose ids are missing or repeat
         pa.field("image_id", pa.string()),
         pa.field("pixels", pa.binary()),  # H x W x 3 uint8 RGB, row-major, at the working resolution
         pa.field("height", pa.int32()),  # working resolution
@@ -82,6 +88,9 @@ DECODED_SCHEMA = pa.schema(
 RESULT_SCHEMA = pa.schema(
     [
         pa.field("shard", pa.string()),
+        pa.field(
+            "row", pa.int64()
+        ),  # position in the shard: tells apart rows whose ids are missing or repeat
         pa.field("image_id", pa.string()),
         pa.field("height", pa.int32()),
         pa.field("width", pa.int32()),
@@ -92,8 +101,12 @@ RESULT_SCHEMA = pa.schema(
 )
 
 
-def results_to_tables(results: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
+def results_to_tables(results: pa.Table, *, with_row: bool = False) -> tuple[pa.Table, pa.Table, pa.Table]:
     """Split a per-image ``RESULT_SCHEMA`` table into the masks, errors and images tables.
+
+    Args:
+        with_row: add a ``_row`` column (the image's position in its shard) to each table, for the writer's
+            bookkeeping of partial outputs.
 
     Returns:
         ``(masks, errors, images)`` in ``MASKS_SCHEMA``, ``ERRORS_SCHEMA`` and ``IMAGES_SCHEMA``; an image
@@ -103,6 +116,8 @@ def results_to_tables(results: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
     failed = pc.is_valid(results["error"])
     errors = results.filter(failed).select(["image_id", "error_stage", "error"])
     errors = errors.rename_columns(["image_id", "stage", "error"]).cast(ERRORS_SCHEMA)
+    if with_row:
+        errors = errors.append_column("_row", results.filter(failed)["row"])
 
     ok = results.filter(pc.invert(failed))
     instances = ok["instances"].combine_chunks()
@@ -112,6 +127,8 @@ def results_to_tables(results: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
     for field in INSTANCE_FIELDS:
         columns[field.name] = pc.struct_field(flat, field.name)
     masks = pa.Table.from_pydict(columns).cast(MASKS_SCHEMA)
+    if with_row:
+        masks = masks.append_column("_row", pc.take(ok["row"], parents))
     counts = pc.fill_null(pc.list_value_length(results["instances"]), 0)
     images = pa.table(
         {
@@ -122,4 +139,6 @@ def results_to_tables(results: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
             "error_stage": results["error_stage"],
         }
     ).cast(IMAGES_SCHEMA)
+    if with_row:
+        images = images.append_column("_row", results["row"])
     return masks, errors, images

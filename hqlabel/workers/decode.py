@@ -46,6 +46,7 @@ def decode_batch(
         out = dict.fromkeys(DECODED_SCHEMA.names)
         out.update(
             shard=row["shard"],
+            row=row.get("row"),
             image_id="" if row.get("image_id") is None else str(row["image_id"]),
             boxes=row.get("boxes"),
             labels=row.get("labels"),

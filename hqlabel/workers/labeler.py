@@ -157,6 +157,7 @@ class LabelWorker:
         out = [
             {
                 "shard": r["shard"],
+                "row": r["row"],
                 "image_id": r["image_id"],
                 "height": r["orig_height"],
                 "width": r["orig_width"],

@@ -45,7 +45,7 @@ def write_parts(batch: pa.Table, *, out: str, options: StorageOptions = StorageO
     for shard in pc.unique(batch["shard"]).to_pylist():
         rows = batch.filter(pc.equal(batch["shard"], shard))
         digest = hashlib.sha1("\n".join(rows["image_id"].to_pylist()).encode()).hexdigest()[:20]
-        for name, table in zip(TABLES, results_to_tables(rows), strict=True):
+        for name, table in zip(TABLES, results_to_tables(rows, with_row=True), strict=True):
             storage.write_parquet(
                 table, storage.join(tmp_dir(out, shard), name, f"part-{digest}.parquet"), options
             )
@@ -54,16 +54,27 @@ def write_parts(batch: pa.Table, *, out: str, options: StorageOptions = StorageO
 
 
 def _unique_rows(table: pa.Table, keys: list[str]) -> pa.Table:
-    """First occurrence of each key, sorted by the keys (parts of a retried batch may repeat rows)."""
-    if table.num_rows == 0:
-        return table
-    joined = table[keys[0]].to_numpy(zero_copy_only=False).astype(str)
-    for key in keys[1:]:
+    """First occurrence of each image (and ``keys`` within it), sorted by image id then ``keys``; parts of a
+    retried batch may repeat rows. The bookkeeping column ``_row`` is dropped.
+
+    Images are told apart by ``_row`` (their position in the shard) where known, else by image id, so two
+    input rows with the same or a missing id stay two rows.
+    """
+    image_key = table["image_id"].to_numpy(zero_copy_only=False).astype(str)
+    if "_row" in table.column_names:
+        rows = table["_row"].to_pylist()
+        image_key = np.array(
+            [f"id:{i}" if r is None else f"row:{r}" for i, r in zip(image_key, rows, strict=True)], dtype=str
+        )
+        table = table.drop_columns(["_row"])
+    joined = image_key
+    for key in keys:
         joined = np.char.add(
             np.char.add(joined, "\x00"), table[key].to_numpy(zero_copy_only=False).astype(str)
         )
-    _, first = np.unique(joined, return_index=True)
-    return table.take(pa.array(np.sort(first))).sort_by([(k, "ascending") for k in keys])
+    first = np.unique(joined, return_index=True)[1] if table.num_rows else np.zeros(0, np.int64)
+    order = [("image_id", "ascending")] + [(k, "ascending") for k in keys]
+    return table.take(pa.array(np.sort(first), pa.int64())).sort_by(order)
 
 
 def finalize_shard(
@@ -77,19 +88,17 @@ def finalize_shard(
     tmp = tmp_dir(out, shard)
     if not storage.exists(storage.join(tmp, "images"), options):
         return None
-    images = _unique_rows(storage.read_parquet(storage.join(tmp, "images"), options), ["image_id"])
+    images = _unique_rows(storage.read_parquet(storage.join(tmp, "images"), options), [])
     if images.num_rows < expected_images:
         return None
     if images.num_rows > expected_images:
         raise RuntimeError(
-            f"shard {shard} has {images.num_rows} distinct images, more than the {expected_images} it was "
+            f"shard {shard} has {images.num_rows} images, more than the {expected_images} it was "
             "listed with; the input changed during the job. Rerun with --overwrite"
         )
     tables = {
-        "masks": _unique_rows(
-            storage.read_parquet(storage.join(tmp, "masks"), options), ["image_id", "instance_id"]
-        ),
-        "errors": _unique_rows(storage.read_parquet(storage.join(tmp, "errors"), options), ["image_id"]),
+        "masks": _unique_rows(storage.read_parquet(storage.join(tmp, "masks"), options), ["instance_id"]),
+        "errors": _unique_rows(storage.read_parquet(storage.join(tmp, "errors"), options), []),
         "images": images,
     }
     for name, table in tables.items():

@@ -196,3 +196,25 @@ def test_thin_images_reach_the_models_upright(labeler, size):
     image = np.random.default_rng(0).integers(0, 256, (*size, 3), np.uint8)
     embedded, detected = labeler.segmenter.embed([image]), labeler.detector.detect([image], ["cat"])
     assert (embedded.original_sizes, len(detected)) == ([size], 1)
+
+
+def test_missing_and_repeated_ids_keep_every_row(ray_session, tmp_path):
+    """Rows are accounted by position, not id: a shard with missing or repeated ids still completes."""
+    ids = [None, "dup.png", None, "dup.png", "ok.png"]
+    images = [encode(random_image(20 + k, (30, 40))) for k in range(len(ids))]
+    pq.write_table(
+        pa.table({"image_id": pa.array(ids, pa.string()), "image": images}), tmp_path / "ids.parquet"
+    )
+    out = tmp_path / "labels"
+    spec = LabelJobSpec(
+        input=str(tmp_path / "ids.parquet"),
+        out=str(out),
+        labeler=LabelerConfig(classes=["cat"], preset="tiny-random", box_threshold=0.3),
+        batch_size=2,
+    )
+    summary = run_label_job(spec, progress=False)
+    table = pq.read_table(out / "images")
+    errors = pq.read_table(out / "errors").to_pylist()
+    assert (summary.images, table.num_rows) == (5, 5)
+    assert sorted(table["image_id"].to_pylist()) == ["", "", "dup.png", "dup.png", "ok.png"]
+    assert [(e["stage"], "image id" in e["error"]) for e in errors] == [("read", True), ("read", True)]
