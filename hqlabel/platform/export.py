@@ -8,7 +8,8 @@ Format decisions:
 
 * Images whose processing failed (``error_stage`` set; listed in ``errors/``) are left out of every export:
   as unannotated images they would read as "no objects here". Labeled images with no instances are kept
-  (COCO image entry, empty YOLO label file).
+  (COCO image entry, empty YOLO label file). An ``image_id`` that occurs more than once (the input repeated
+  it) is left out with a warning: masks name their image by id only, so its instances cannot be assigned.
 * Categories are the job's class list (``job.json`` ``spec.labeler.classes``) in its order; labels found in
   the masks but not in that list (``--prompts boxes`` jobs, whose class list is empty) follow, sorted.
 * COCO: image ids 1..N in sorted ``image_id`` order, ``file_name`` = ``image_id``; category ids 1..C;
@@ -23,6 +24,7 @@ Format decisions:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -30,11 +32,11 @@ import os
 import re
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from types import ModuleType
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -58,7 +60,6 @@ __all__ = [
     "export_yolo_seg",
 ]
 
-ExportFormat = Literal["coco", "yolo-seg", "masks-png"]
 FORMATS: tuple[str, ...] = ("coco", "yolo-seg", "masks-png")
 MASK_COLUMNS = ["image_id", "instance_id", "label", "score", "box", "mask", "area", "pred_iou"]
 COCO_BATCH_ROWS = 1024  # annotations per record batch (RLE bytes only, nothing decoded)
@@ -147,9 +148,12 @@ class LabelsFolder:
         if incomplete or "summary" not in self.job:
             logger.warning("the labeling job in %s has not finished; exporting the shards done so far", uri)
 
-    def _parquet(self, uri: str) -> pq.ParquetFile:
+    @contextlib.contextmanager
+    def _parquet(self, uri: str) -> Iterator[pq.ParquetFile]:
+        """One Parquet file, open for reading (metadata only until columns are read); closed on exit."""
         fs, path = storage.resolve(uri, self.options)
-        return pq.ParquetFile(fs.open_input_file(path))
+        with fs.open_input_file(path) as f:
+            yield pq.ParquetFile(f)
 
     def images(self) -> tuple[pa.Table, int, int]:
         """The exportable images and what was left out, as ``(table, failed, repeated)``.
@@ -159,10 +163,10 @@ class LabelsFolder:
         whose ``image_id`` occurs more than once in the job (the input repeated it): their masks cannot be
         told apart by id, so all rows with that id are left out, with a warning.
         """
-        tables = [
-            self._parquet(uri).read(columns=["image_id", "height", "width", "error_stage"])
-            for uri in self.image_files
-        ]
+        tables = []
+        for uri in self.image_files:
+            with self._parquet(uri) as parquet:
+                tables.append(parquet.read(columns=["image_id", "height", "width", "error_stage"]))
         images = pa.concat_tables(tables)
         ok = pc.and_(
             pc.and_(pc.is_null(images["error_stage"]), pc.is_valid(images["height"])),
@@ -196,11 +200,13 @@ class LabelsFolder:
     ) -> Iterator[pa.RecordBatch]:
         """Record batches of the masks table, one shard file at a time (never the whole table)."""
         for uri in self.mask_files:
-            yield from self._parquet(uri).iter_batches(batch_size=batch_rows, columns=columns)
+            with self._parquet(uri) as parquet:
+                yield from parquet.iter_batches(batch_size=batch_rows, columns=columns)
 
 
-def _open_output(uri: str, options: StorageOptions):
-    """A binary file to stream ``uri``'s content into, and the function that publishes it when done.
+def _open_output(uri: str, options: StorageOptions) -> tuple[str, Callable[[], None]]:
+    """``(tmp, publish)``: a local file path to stream ``uri``'s content into, and the function that puts it
+    at ``uri`` when it is complete (the caller removes ``tmp`` if anything fails).
 
     Local: a temporary file next to ``uri``, renamed over it. S3: a local temporary file, copied up at the end
     (an S3 object appears whole or not at all).
