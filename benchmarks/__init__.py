@@ -1,0 +1,1 @@
+"""HQLabel benchmarks: ``python -m benchmarks.run`` (see ``benchmarks/RESULTS.md``)."""
