@@ -54,13 +54,14 @@ IMAGES_SCHEMA = pa.schema(
 # What flows between pipeline stages: one row per image, whatever happened to it. ``shard`` names the input
 # shard the image came from (outputs are written per shard).
 PROMPT_BOXES_TYPE = pa.list_(pa.list_(pa.float32(), 4))
+_IMAGE_KEY_FIELDS = [
+    pa.field("shard", pa.string()),
+    pa.field("row", pa.int64()),  # position in the shard: tells apart rows whose ids are missing or repeat
+    pa.field("image_id", pa.string()),
+]
 SOURCE_SCHEMA = pa.schema(
     [
-        pa.field("shard", pa.string()),
-        pa.field(
-            "row", pa.int64()
-        ),  # position in the shard: tells apart rows whose ids are missing or repeat
-        pa.field("image_id", pa.string()),
+        *_IMAGE_KEY_FIELDS,
         pa.field("image", pa.binary()),  # encoded bytes, or null when ``uri`` says where they are
         pa.field("uri", pa.string()),
         pa.field("boxes", PROMPT_BOXES_TYPE),  # given boxes (XYXY, original pixels) for --prompts boxes
@@ -69,11 +70,7 @@ SOURCE_SCHEMA = pa.schema(
 )
 DECODED_SCHEMA = pa.schema(
     [
-        pa.field("shard", pa.string()),
-        pa.field(
-            "row", pa.int64()
-        ),  # position in the shard: tells apart rows whose ids are missing or repeat
-        pa.field("image_id", pa.string()),
+        *_IMAGE_KEY_FIELDS,
         pa.field("pixels", pa.binary()),  # H x W x 3 uint8 RGB, row-major, at the working resolution
         pa.field("height", pa.int32()),  # working resolution
         pa.field("width", pa.int32()),
@@ -87,11 +84,7 @@ DECODED_SCHEMA = pa.schema(
 )
 RESULT_SCHEMA = pa.schema(
     [
-        pa.field("shard", pa.string()),
-        pa.field(
-            "row", pa.int64()
-        ),  # position in the shard: tells apart rows whose ids are missing or repeat
-        pa.field("image_id", pa.string()),
+        *_IMAGE_KEY_FIELDS,
         pa.field("height", pa.int32()),
         pa.field("width", pa.int32()),
         pa.field("instances", pa.list_(INSTANCE_TYPE)),
