@@ -242,6 +242,28 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_show_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "show",
+        help="look at a labeling job's output: overlay PNGs, contact sheets and a static HTML gallery",
+        description="Draw the masks of LABELS (a label --out) on their images and write DIR/index.html.",
+    )
+    p.add_argument("labels", help="the labeling job's --out folder (local or s3://)")
+    p.add_argument("--out", required=True, help="local folder for overlays/, sheets/ and index.html")
+    p.add_argument("--images", help="the job's input, if it has moved (default: job.json's spec.input)")
+    p.add_argument("--limit", type=int, default=200, help="at most this many images (default 200)")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL")
+    p.add_argument("--s3-region", help="S3 region")
+    p.set_defaults(func=_show)
+
+
+def _show(args: argparse.Namespace) -> int:
+    from hqlabel.jobs.show import run_show
+
+    print(run_show(args))
+    return 0
+
+
 def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo-data", help="write synthetic demo images (shapes) to try the pipeline")
     p.add_argument("out", help="folder to write the images to")
@@ -267,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segment_parser(sub)
     _add_status_parser(sub)
     _add_export_parser(sub)
+    _add_show_parser(sub)
     _add_demo_parser(sub)
     return parser
 
