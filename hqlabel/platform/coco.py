@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
+
+from hqlabel.platform import storage
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ def _parse_image(entry: Any, index: int, images_root: str) -> CocoImage:
             raise ValueError(f"COCO image {file_name!r} has {key} {value!r}; expected an integer or nothing")
     return CocoImage(
         image_id=file_name,
-        uri=_join(images_root, file_name),
+        uri=storage.join(images_root, file_name),  # a leading '/' in the name stays under the root
         width=width,
         height=height,
         boxes=[],
@@ -197,14 +198,6 @@ def _parse_bbox(bbox: Any, ann_id: Any) -> tuple[float, float, float, float]:
         )
     x, y, w, h = (float(v) for v in bbox)
     return x, y, w, h
-
-
-def _join(root: str, file_name: str) -> str:
-    """``root`` + ``file_name``: "/" for URIs (``s3://``, ``file://``, ...), ``os.path`` for local paths."""
-    name = file_name.lstrip("/")
-    if "://" in root:
-        return root + name if root.endswith("/") else f"{root}/{name}"
-    return os.path.join(root, name)
 
 
 def _is_int(value: Any) -> bool:

@@ -70,11 +70,13 @@ def resolve(uri: str, options: StorageOptions = StorageOptions()) -> tuple[pafs.
 
 
 def join(base: str, *parts: str) -> str:
-    """Join path parts onto a local path or URI with ``/``."""
-    out = base.rstrip("/")
+    """Join path parts onto a local path or URI with ``/`` (a root such as ``/`` or ``file:///`` keeps its
+    slashes)."""
+    out = base
     for part in parts:
-        out = f"{out}/{part.strip('/')}"
-    return out or base  # base "/" with no parts
+        part = part.strip("/")
+        out = f"{out}{part}" if out.endswith("/") else f"{out}/{part}"
+    return out
 
 
 def _transient(error: OSError) -> bool:

@@ -104,6 +104,7 @@ def test_join():
     assert storage.join("/", "tmp", "x") == "/tmp/x"
     assert storage.join("/") == "/"
     assert storage.join("relative/dir", "x") == "relative/dir/x"
+    assert storage.join("file:///", "x", "y.png") == "file:///x/y.png"
 
 
 def test_resolve_local_file_uri_and_s3(tmp_path, monkeypatch):
