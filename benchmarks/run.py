@@ -3,6 +3,7 @@ writes JSON. Random-weight models: only the timings mean anything, never the box
 
     python -m benchmarks.run [--images 200] [--preset tiny-random|real-size] [--device cpu|cuda]
         [--out benchmarks/results/NAME.json] [--only e2e baseline stages per_box scaling] [--quick]
+        [--repeats 3]
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import importlib
 import json
 import os
 import platform
+import statistics
 import tempfile
 import threading
 import time
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.models import PRESETS, build_models, save_models
-from benchmarks.stages import CLASSES, baseline_loop, cost_per_box, measure_stages, metric
+from benchmarks.stages import CLASSES, baseline_loop, cost_per_box, mask_parity, measure_stages, metric
 
 SECTIONS = ("stages", "per_box", "baseline", "e2e", "scaling")
 
@@ -139,13 +141,31 @@ def start_ray(num_cpus: int) -> float:
     return time.perf_counter() - start
 
 
-def run_e2e(root: Path, args, models) -> dict:
-    """The real pipeline on a local Ray (2 CPUs): Ray start, then the same job cold and warm."""
-    images = demo_images(root, args.images)[0].parent
-    out: dict = {"ray_init_s": metric(start_ray(2), "s")}
-    out["cold"] = timed_job(label_spec(images, root / "out-cold", args, models))
-    out["warm"] = timed_job(label_spec(images, root / "out-warm", args, models))
+def median_of(runs: list[dict]) -> dict:
+    """The median of each metric over repeated runs, plus every run's seconds."""
+    out = {
+        key: metric(statistics.median(run[key]["value"] for run in runs), runs[0][key]["unit"])
+        for key in runs[0]
+    }
+    out["runs_seconds"] = [run["seconds"]["value"] for run in runs]
+    out["repeats"] = metric(len(runs), "runs (median)")
     return out
+
+
+def run_e2e(root: Path, args, models) -> dict:
+    """The real pipeline on a local Ray (2 CPUs), ``args.repeats`` times: a fresh Ray session, then the same
+    job cold (first of the session) and warm (second); medians over the repeats."""
+    images = demo_images(root, args.images)[0].parent
+    inits, cold, warm = [], [], []
+    for k in range(args.repeats):
+        inits.append(start_ray(2))
+        cold.append(timed_job(label_spec(images, root / f"out-cold-{k}", args, models)))
+        warm.append(timed_job(label_spec(images, root / f"out-warm-{k}", args, models)))
+    return {
+        "ray_init_s": metric(statistics.median(inits), "s (median)"),
+        "cold": median_of(cold),
+        "warm": median_of(warm),
+    }
 
 
 def run_scaling(root: Path, args, models) -> dict:
@@ -172,8 +192,10 @@ def run_scaling(root: Path, args, models) -> dict:
     plan2 = plan_resources(2, 0, num_workers=2)
     out["plan_2_cpus_2_workers"] = {
         "num_actors": metric(plan2.num_actors, "actors"),
+        "actor_threads": metric(plan2.actor_threads, "torch threads"),
         "note": (
-            "the resource plan keeps one CPU for I/O, so 2 CPUs give 1 actor whatever --num-workers asks"
+            "the resource plan keeps one CPU for I/O tasks, so 2 CPUs give 1 actor whatever --num-workers "
+            "asks; that actor runs 2 torch threads (it also uses the I/O CPU)"
         ),
     }
     images = demo_images(root, args.images)[0].parent
@@ -184,6 +206,17 @@ def run_scaling(root: Path, args, models) -> dict:
         job["num_actors"] = metric(plan.num_actors, "actors")
         out[f"ray_3_cpus_actors_{workers}"] = job
     ray.shutdown()
+    return out
+
+
+def median_stages(paths, detector, segmenter, threads: int, repeats: int) -> dict:
+    """``measure_stages`` ``repeats`` times; the run with the median total (its stages add up)."""
+    runs = sorted(
+        (measure_stages(paths, detector, segmenter, threads=threads) for _ in range(repeats)),
+        key=lambda run: run["total"]["value"],
+    )
+    out = runs[len(runs) // 2]
+    out["runs_total_s"] = [run["total"]["value"] for run in runs]
     return out
 
 
@@ -216,9 +249,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--quick", action="store_true", help="40 images, no 2,000-image scaling run")
     parser.add_argument("--vit-b", action="store_true", help="also time a real ViT-B encoder per box (slow)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs of the stages, baseline and e2e jobs (medians reported)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.images = min(args.images, 40)
+        args.repeats = 1
     args.baseline_images = args.baseline_images or args.images
     args.scaling_images = [args.images] if args.quick else [args.images, 10 * args.images]
     return args
@@ -239,8 +276,14 @@ def main(argv: list[str] | None = None) -> dict:
         detector, segmenter = build_models(args.preset, args.device)
         paths = demo_images(root, args.images)
         if "stages" in args.only:
+            from hqlabel.jobs.resources import plan_resources
+
+            threads = plan_resources(2, 0).actor_threads  # the model actor's threads in the e2e runs
             measure_stages(paths[:8], detector, segmenter)  # warm-up
-            results["stages"] = measure_stages(paths, detector, segmenter)
+            results["stages"] = median_stages(paths, detector, segmenter, threads, args.repeats)
+            if threads != 1:
+                results["stages_1_thread"] = median_stages(paths, detector, segmenter, 1, args.repeats)
+            results["mask_parity"] = mask_parity(paths, detector, segmenter)
         if "per_box" in args.only:
             from PIL import Image
 
@@ -257,8 +300,13 @@ def main(argv: list[str] | None = None) -> dict:
                 vit_b = segmenter if args.preset == "real-size" else real_size_sam_hq(args.device)
                 results["per_box"]["vit_b"] = cost_per_box(image, vit_b, repeats=2)
         if "baseline" in args.only:
-            results["baseline"] = baseline_loop(
-                paths[: args.baseline_images], detector, segmenter, root / "baseline.parquet"
+            results["baseline"] = median_of(
+                [
+                    baseline_loop(
+                        paths[: args.baseline_images], detector, segmenter, root / "baseline.parquet"
+                    )
+                    for _ in range(args.repeats)
+                ]
             )
         models = None if args.preset == "tiny-random" else save_models(args.preset, root / "models")
         if "e2e" in args.only:
@@ -268,6 +316,11 @@ def main(argv: list[str] | None = None) -> dict:
                 results["e2e"]["warm"]["images_per_s"]["value"]
                 / results["baseline"]["images_per_s"]["value"],
                 "ratio (warm pipeline / baseline loop, images/s)",
+            )
+            results["pipeline_cold_over_baseline"] = metric(
+                results["e2e"]["cold"]["images_per_s"]["value"]
+                / results["baseline"]["images_per_s"]["value"],
+                "ratio (cold pipeline / baseline loop, images/s)",
             )
         if "scaling" in args.only:
             results["scaling"] = run_scaling(root, args, models)

@@ -86,10 +86,11 @@ def measure_stages(paths: list[Path], detector, segmenter, *, batch_size: int = 
                 logits = segmenter.predict_boxes(embeddings, [d.boxes for d in detections])
             for row, image, dets, mask_logits in zip(decoded, images, detections, logits, strict=True):
                 num_boxes += len(dets.boxes)
-                with timer("upsample_rle"):
+                with timer("upsample_rle"):  # as in Labeler.label: masks, RLE and areas
                     rles = []
                     for chunk in segmenter.iter_masks(mask_logits, image.shape[:2]):
                         rles += encode_masks(chunk[:, 0].cpu().numpy())
+                    areas = [mask_area(rle) for rle in rles]
                 iou = mask_logits.iou_scores[:, 0].float().cpu().tolist()
                 out = dict.fromkeys(RESULT_SCHEMA.names)
                 out.update({k: row[k] for k in ("shard", "row", "image_id") if k in row})
@@ -101,7 +102,7 @@ def measure_stages(paths: list[Path], detector, segmenter, *, batch_size: int = 
                         "score": float(dets.scores[k]),
                         "box": [float(v) for v in dets.boxes[k]],
                         "mask": rle,
-                        "area": mask_area(rle),
+                        "area": areas[k],
                         "pred_iou": iou[k],
                     }
                     for k, rle in enumerate(rles)
@@ -133,6 +134,42 @@ def measure_stages(paths: list[Path], detector, segmenter, *, batch_size: int = 
     rle_write = timer.seconds["upsample_rle"] + timer.seconds["write"]
     out["rle_plus_write_fraction"] = metric(rle_write / total, "fraction of total")
     return out
+
+
+def mask_parity(paths: list[Path], detector, segmenter, *, batch_size: int = 8) -> dict:
+    """``iter_masks`` against transformers' own SAM post-processing (``post_process_masks``: bilinear to the
+    padded size, crop, bilinear to the output size, threshold) on the benchmark images' boxes: mean and
+    minimum mask IoU, and the fraction of pixels that differ."""
+    from PIL import Image
+
+    post_process = segmenter.processor.image_processor.post_process_masks
+    ious, differing, pixels = [], 0, 0
+    for start in range(0, len(paths), batch_size):
+        images = [np.asarray(Image.open(p).convert("RGB")) for p in paths[start : start + batch_size]]
+        detections = detector.detect(images, CLASSES)
+        logits = segmenter.predict_boxes(segmenter.embed(images), [d.boxes for d in detections])
+        for image, mask_logits in zip(images, logits, strict=True):
+            if not len(mask_logits):
+                continue
+            size = image.shape[:2]
+            new = torch.cat(list(segmenter.iter_masks(mask_logits, size)))[:, 0].flatten(1)
+            ref = post_process(
+                [mask_logits.logits],
+                [size],
+                [mask_logits.reshaped_size],
+                mask_threshold=segmenter.mask_threshold,
+            )[0][:, 0].flatten(1)
+            union = (new | ref).sum(1)
+            iou = torch.where(union > 0, (new & ref).sum(1) / union.clamp(min=1), 1.0)
+            ious += iou.tolist()
+            differing += int((new ^ ref).sum())
+            pixels += new.numel()
+    return {
+        "masks": metric(len(ious), "masks"),
+        "mean_iou": metric(float(np.mean(ious)), "IoU (iter_masks vs transformers post_process_masks)"),
+        "min_iou": metric(float(np.min(ious)), "IoU"),
+        "differing_pixels": metric(differing / max(pixels, 1), "fraction of mask pixels"),
+    }
 
 
 def baseline_loop(paths: list[Path], detector, segmenter, out_file: Path) -> dict:

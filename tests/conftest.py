@@ -15,6 +15,9 @@ from PIL import Image
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray Train gives its worker group 60 s to start (import torch + transformers in each worker); a busy 2-core
+# machine can need more. Set before the session's Ray starts: the Train controller inherits it.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
 # Dummy credentials for the local S3 server. Set at import, before the session's Ray starts: Ray workers
 # inherit the environment of `ray.init`, and reach S3 through the same AWS credential chain as production.

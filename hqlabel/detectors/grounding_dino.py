@@ -7,6 +7,7 @@ map back to the class list, never to token fragments.
 
 from __future__ import annotations
 
+import contextlib
 import string
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from transformers.models.grounding_dino.image_processing_pil_grounding_dino impo
 )
 
 from hqlabel.detectors.base import Detections, batched_nms
+from hqlabel.platform.config import Precision, resolve_precision
 from hqlabel.platform.hub import load_pretrained
 
 
@@ -65,7 +67,12 @@ def token_class_map(
 
 
 class GroundingDinoDetector:
-    """Grounding DINO with class-aware NMS; ``detect`` takes a batch of images and a class list."""
+    """Grounding DINO with class-aware NMS; ``detect`` takes a batch of images and a class list.
+
+    ``precision`` ("fp32", "bf16", "fp16" on GPUs, or "auto": bf16 on a CUDA device that supports it, else
+    fp32) runs the model under ``torch.autocast``; weights stay float32, and scores and boxes are float32
+    before thresholding and NMS whatever the precision.
+    """
 
     def __init__(
         self,
@@ -77,8 +84,11 @@ class GroundingDinoDetector:
         nms_threshold: float = 0.5,
         max_detections: int = 100,
         device: str | torch.device = "cpu",
+        precision: Precision = "fp32",
     ) -> None:
         self.device = torch.device(device)
+        self.precision = precision
+        self.autocast_dtype = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
         self.processor = processor
         self.box_threshold = box_threshold
@@ -145,7 +155,13 @@ class GroundingDinoDetector:
             input_data_format="channels_last",  # else a 1- or 3-pixel-high image reads as channels-first
         )
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        outputs = self.model(**inputs)
+        autocast = (
+            contextlib.nullcontext()
+            if self.autocast_dtype is None
+            else torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        )
+        with autocast:
+            outputs = self.model(**inputs)
         probs = outputs.logits.float().sigmoid()  # B x Q x T
         positive = positive.to(self.device)
         # B x Q x C: best token score per class; a class whose tokens all stay under text_threshold drops out.

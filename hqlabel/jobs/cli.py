@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from hqlabel import __version__
-from hqlabel.platform.config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, PRESETS
+from hqlabel.platform.config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, PRECISIONS, PRESETS
 
 # Errors that come from the user's input or environment: shown as one line, without a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError)
@@ -57,6 +57,18 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="images per model call (default 8)")
     p.add_argument("--num-workers", type=int, help="labeling actors (default: one per GPU, or by CPUs)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="autocast dtype of the models: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, "
+        "fp16 (GPU only); weights stay fp32 (default auto)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the segmenter's image encoder (GPU-oriented; the first batches compile)",
+    )
     p.add_argument("--max-pixels", type=int, help="images with more pixels become error rows (100M)")
     p.add_argument("--max-side", type=int, help="downscale longer images to this side first (1333)")
     p.add_argument("--id-column", default="image_id", help="Parquet input: image id column")
@@ -95,6 +107,8 @@ def _label(args: argparse.Namespace) -> int:
         multimask=args.multimask,
         hq_weights=args.hq_weights,
         device=args.device,
+        precision=args.precision,
+        compile=args.compile,
     )
     optional = {
         "max_pixels": args.max_pixels,
@@ -344,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_parser(sub)
     _add_submit_parser(sub)
     _add_jobs_parser(sub)
+    from hqlabel.jobs import curate, evaluate, import_gt, synthetic, train
+
+    curate.add_parser(sub)
+    import_gt.add_parser(sub)
+    synthetic.add_synthetic_parser(sub)
+    train.add_parser(sub)
+    evaluate.add_parser(sub)
     return parser
 
 

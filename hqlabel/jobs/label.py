@@ -18,6 +18,7 @@ from hqlabel import __version__
 from hqlabel.jobs.resources import ResourcePlan, plan_resources
 from hqlabel.jobs.spec import LabelJobSpec
 from hqlabel.platform import storage
+from hqlabel.platform.config import LabelerConfig
 from hqlabel.platform.hub import load_pretrained
 from hqlabel.platform.readers import DatasetInput, Shard, list_input, read_parquet_shards
 from hqlabel.workers.writer import finalize_shard, read_marker, reset_shard, write_parts
@@ -76,6 +77,15 @@ def _write_json(uri: str, data: dict, spec: LabelJobSpec) -> None:
     storage.write_bytes(uri, json.dumps(data, indent=2).encode(), spec.storage)
 
 
+def _labeler_defaults() -> dict:
+    """``LabelerConfig``'s defaults, as JSON values: what a ``job.json`` of an older version implies."""
+    return {
+        name: field.get_default(call_default_factory=True)
+        for name, field in LabelerConfig.model_fields.items()
+        if not field.is_required()
+    }
+
+
 def prepare_output(spec: LabelJobSpec, source: DatasetInput) -> list[Shard]:
     """Start a fresh run or resume an earlier one in ``spec.out``; returns the shards still to do.
 
@@ -87,6 +97,8 @@ def prepare_output(spec: LabelJobSpec, source: DatasetInput) -> list[Shard]:
     earlier = _read_json(storage.join(out, "job.json"), spec)
     if earlier is not None and not spec.overwrite:
         before = {k: earlier["spec"].get(k) for k in LabelJobSpec.OUTPUT_FIELDS}
+        if isinstance(before["labeler"], dict):  # fields added since (at their defaults) are no change
+            before["labeler"] = {**_labeler_defaults(), **before["labeler"]}
         now = spec.model_dump(mode="json", include=set(LabelJobSpec.OUTPUT_FIELDS))
         changed = sorted(k for k in LabelJobSpec.OUTPUT_FIELDS if before[k] != now[k])
         if changed:
@@ -175,7 +187,7 @@ def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan):
         compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
         num_cpus=plan.actor_cpus,
         num_gpus=plan.actor_gpus,
-        fn_constructor_kwargs={"config": spec.labeler, "num_threads": max(1, int(plan.actor_cpus))},
+        fn_constructor_kwargs={"config": spec.labeler, "num_threads": plan.actor_threads},
     )
     return ds.map_batches(
         write_parts,

@@ -11,23 +11,29 @@ class ResourcePlan:
 
     Attributes:
         num_actors: labeling actors (each holds a detector and a segmenter).
-        actor_cpus: CPUs reserved per actor (its torch thread count on CPU).
+        actor_cpus: CPUs Ray reserves per actor (logical; its torch threads are ``actor_threads``).
         actor_gpus: GPUs per actor (1 on GPU clusters, 0 otherwise).
         task_cpus: CPUs per read/decode/write task.
+        actor_threads: torch intra-op threads per actor. ``actor_cpus`` is what Ray reserves; on a small CPU
+            machine (one actor, one CPU kept for I/O) the actor also uses that kept CPU for torch, because
+            decode and write are light next to the models and the OS interleaves them (measured on 2 cores:
+            benchmarks/RESULTS.md, 2026-11-26). Elsewhere it equals ``actor_cpus``.
     """
 
     num_actors: int
     actor_cpus: float
     actor_gpus: float
     task_cpus: float
+    actor_threads: int = 1
 
 
 def plan_resources(cpus: float, gpus: float, num_workers: int | None = None) -> ResourcePlan:
     """Size the pipeline for a cluster with ``cpus`` CPUs and ``gpus`` GPUs.
 
     With GPUs: one actor per GPU (or ``num_workers``, at most one per GPU), one CPU each. Without: actors
-    share the CPUs, but at least one CPU always stays free for the read, decode and write tasks; otherwise
-    the actors starve them and a small machine hangs.
+    share the CPUs, but at least one CPU always stays free (in Ray's bookkeeping) for the read, decode and
+    write tasks; otherwise the actors starve them and a small machine hangs. On a small CPU machine the one
+    actor still runs a torch thread on that CPU (see ``ResourcePlan.actor_threads``).
 
     Raises:
         ValueError: fewer than 2 CPUs, or more GPU workers asked for than GPUs exist.
@@ -45,7 +51,7 @@ def plan_resources(cpus: float, gpus: float, num_workers: int | None = None) -> 
             )
         actors = num_workers or whole_gpus
         spare = cpus - actors
-        return ResourcePlan(actors, 1.0 if spare >= 1 else 0.5, 1.0, 1.0 if spare >= 1 else 0.5)
+        return ResourcePlan(actors, 1.0 if spare >= 1 else 0.5, 1.0, 1.0 if spare >= 1 else 0.5, 1)
     reserve = max(1.0, cpus // 4)  # for read/decode/write tasks
     budget = cpus - reserve
     actors = max(1, min(num_workers or 1, int(budget)))
@@ -53,6 +59,12 @@ def plan_resources(cpus: float, gpus: float, num_workers: int | None = None) -> 
         # Few fat actors: one per 4 CPUs keeps torch's intra-op threads busy without oversubscribing.
         actors = max(1, int(budget // 4))
     actor_cpus = max(1.0, float(int(budget // actors)))
+    threads = int(actor_cpus)
+    if actors == 1 and reserve == 1:
+        # Small machine (2-7 CPUs): the one actor's torch threads also use the CPU kept for I/O. Ray's
+        # reservation is logical, and decode/write are light next to the models, so that core would idle
+        # between tasks. Larger machines keep their I/O CPUs to themselves (several tasks run there at once).
+        threads += 1
     # Tasks ask for half a CPU: two decode/write tasks share the spare core, and the differing request keeps
     # Ray Data from fusing decoding into the model actors (decode overlaps model work instead).
-    return ResourcePlan(actors, actor_cpus, 0.0, 0.5)
+    return ResourcePlan(actors, actor_cpus, 0.0, 0.5, threads)

@@ -6,13 +6,50 @@ and the resolved value is saved next to every output (``job.json``).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
 DEFAULT_SEGMENTER = "syscv-community/sam-hq-vit-base"
 PRESETS = ("tiny-random",)
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device``; ``None`` means plain float32 (no autocast).
+
+    ``"auto"`` is bfloat16 on a CUDA device that supports it (compute capability 8.0+: A100, H100, L4, ...),
+    else float32. Weights stay float32 whatever the precision; only the forward passes run under
+    ``torch.autocast``.
+
+    Raises:
+        ValueError: an unknown precision, float16 on the CPU (CPU autocast supports bfloat16 only), or
+            bfloat16 on a CUDA device without it.
+    """
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    device = torch.device(device)
+    cuda_bf16 = (
+        device.type == "cuda"
+        and torch.cuda.is_available()
+        and torch.cuda.is_bf16_supported(including_emulation=False)
+    )
+    if precision == "fp32" or (precision == "auto" and not cuda_bf16):
+        return None
+    if precision == "fp16":
+        if device.type == "cpu":
+            raise ValueError("precision 'fp16' is not supported on the CPU; use --precision bf16 or fp32")
+        return torch.float16
+    if device.type == "cuda" and not cuda_bf16:
+        raise ValueError(f"{device} does not support bfloat16; use --precision fp16 or fp32")
+    return torch.bfloat16
 
 
 def parse_classes(text: str | list[str]) -> list[str]:
@@ -92,6 +129,17 @@ class LabelerConfig(BaseModel):
         16, ge=1, description="Prompts per mask-decoder call (~60 MB each at ViT-B decoder size, float32)."
     )
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.")
+    precision: Precision = Field(
+        "auto",
+        description="Autocast dtype of the detector and segmenter forward passes (weights stay float32): "
+        "'auto' = bf16 on CUDA devices that support it (compute capability 8.0+), else fp32; 'bf16' (CPU or "
+        "GPU); 'fp16' (GPU only); 'fp32' (no autocast). Outputs are float32 either way.",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the segmenter's image encoder (GPU-oriented: the first batch of each new "
+        "shape compiles, seconds to minutes; needs a C++ compiler on the CPU).",
+    )
 
     @field_validator("classes", mode="before")
     @classmethod

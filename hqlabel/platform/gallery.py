@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,9 +34,10 @@ from PIL import Image, ImageDraw
 from hqlabel.platform import storage
 from hqlabel.platform.export import LabelsFolder
 from hqlabel.platform.images import DEFAULT_MAX_PIXELS, decode_image
-from hqlabel.platform.readers import DatasetInput, InputColumns, list_input, read_parquet_shards
+from hqlabel.platform.readers import InputColumns
 from hqlabel.platform.render import overlay_masks
 from hqlabel.platform.rle import decode_mask
+from hqlabel.platform.sources import ImageSource, files_by_shard, list_job_source
 from hqlabel.platform.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["GallerySummary", "write_gallery"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._\-+=@,]+")
-_PART = re.compile(r"part-(.+)\.parquet$")
 SHEET_COLUMNS = 8
 
 
@@ -85,93 +84,6 @@ def safe_name(image_id: str, taken: set[str]) -> str:
         name, k = f"{base}-{k}", k + 1
     taken.add(name)
     return name
-
-
-def _shard_id(uri: str) -> str | None:
-    match = _PART.search(uri.rsplit("/", 1)[-1])
-    return match.group(1) if match else None
-
-
-def _by_shard(files: list[str]) -> dict[str, str]:
-    return {shard: uri for uri in files if (shard := _shard_id(uri)) is not None}
-
-
-def _list_source(spec: dict[str, Any], images: str | None, options: StorageOptions) -> DatasetInput:
-    """The job's input, re-listed with the job's columns and options (``images`` replaces ``spec.input``)."""
-    uri = images or spec.get("input")
-    if not uri:
-        raise ValueError("job.json names no input (spec.input); pass the images with --images")
-    columns = InputColumns(
-        id=spec.get("id_column", "image_id"),
-        image=spec.get("image_column", "image"),
-        uri=spec.get("uri_column", "uri"),
-        boxes=spec.get("boxes_column", "boxes"),
-        labels=spec.get("labels_column", "labels"),
-    )
-    try:
-        return list_input(
-            uri,
-            columns=columns,
-            options=options,
-            shard_size=spec.get("shard_size", 1000),
-            coco_images=spec.get("coco_images"),
-        )
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e} (the labeling job's input); pass the images with --images") from e
-
-
-class _ImageSource:
-    """Encoded image bytes by ``image_id``, shard by shard."""
-
-    def __init__(self, source: DatasetInput, options: StorageOptions, columns: InputColumns):
-        self.source, self.options, self.columns = source, options, columns
-        self.uris: dict[str, str] = {}
-        if source.kind != "parquet":  # rows listed up front: every image's uri, whatever its shard now
-            for shard in source.shards:
-                for row in shard.rows:
-                    self.uris.setdefault(row["image_id"], row["uri"])
-        self.parquet = {shard.shard_id: shard.source for shard in source.shards}
-
-    def read(self, shard: str, wanted: set[str]) -> Iterator[tuple[str, bytes | None, str]]:
-        """``(image_id, bytes or None, problem)`` for each id of ``wanted`` (once each)."""
-        if self.source.kind != "parquet":
-            for image_id in sorted(wanted):
-                uri = self.uris.get(image_id)
-                if uri is None:
-                    yield image_id, None, "not found in the job's input any more"
-                    continue
-                yield image_id, *self._bytes(uri)
-            return
-        left = set(wanted)
-        if shard in self.parquet:
-            batch = pa.table({"shard": [shard], "source": [self.parquet[shard]]})
-            tables = read_parquet_shards(
-                batch, root=self.source.root, columns=self.columns, options=self.options
-            )
-            for table in tables:
-                keep = table.filter(
-                    pc.is_in(table["image_id"], value_set=pa.array(sorted(left), pa.string()))
-                )
-                for row in keep.select(["image_id", "image", "uri"]).to_pylist():
-                    if row["image_id"] not in left:
-                        continue
-                    left.discard(row["image_id"])
-                    if row["image"] is not None:
-                        yield row["image_id"], row["image"], ""
-                    elif row["uri"] is not None:
-                        yield row["image_id"], *self._bytes(row["uri"])
-                    else:
-                        yield row["image_id"], None, "the input row has neither image bytes nor a uri"
-                if not left:
-                    return
-        for image_id in sorted(left):
-            yield image_id, None, f"not found in the input's shard {shard}"
-
-    def _bytes(self, uri: str) -> tuple[bytes | None, str]:
-        try:
-            return storage.read_bytes(uri, self.options), ""
-        except OSError as e:
-            return None, f"cannot read {uri}: {e}"
 
 
 def _overlay(image: np.ndarray, instances: list[dict], max_side: int) -> Image.Image:
@@ -240,21 +152,22 @@ def write_gallery(
     folder = LabelsFolder(labels, options)
     job = folder.job
     spec = job.get("spec", {})
-    source = _list_source(spec, images, options)
+    source = list_job_source(spec, images, options)
     columns = InputColumns(
         id=spec.get("id_column", "image_id"),
         image=spec.get("image_column", "image"),
         uri=spec.get("uri_column", "uri"),
     )
-    reader = _ImageSource(source, options, columns)
+    reader = ImageSource(source, options, columns)
     max_pixels = spec.get("max_pixels", DEFAULT_MAX_PIXELS)
-    mask_files = _by_shard(folder.mask_files)
-    error_files = _by_shard(storage.list_files(storage.join(folder.uri, "errors"), (".parquet",), options))
+    mask_files = files_by_shard(folder.mask_files)
+    error_uris = storage.list_files(storage.join(folder.uri, "errors"), (".parquet",), options)
+    error_files = files_by_shard(error_uris)
     summary = GallerySummary(out=out, index=os.path.join(out, "index.html"))
     shown: list[tuple[str, list[_Shown]]] = []
     errors: list[dict] = []
     taken: set[str] = set()
-    for shard, images_uri in sorted(_by_shard(folder.image_files).items()):
+    for shard, images_uri in sorted(files_by_shard(folder.image_files).items()):
         if summary.overlays >= limit:
             break
         table = storage.read_parquet(images_uri, options, columns=["image_id", "error_stage"])

@@ -48,8 +48,13 @@ def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
         )
     if masks.shape[0] == 0:
         return []
-    # pycocotools wants H x W x N uint8 in Fortran order with values exactly 0/1.
-    fortran = np.asfortranarray((masks != 0).transpose(1, 2, 0), dtype=np.uint8)
+    # pycocotools wants H x W x N uint8 in Fortran order with values exactly 0/1. Bool masks are 0/1 bytes:
+    # when they are laid out column-major already (``HQSamSegmenter.iter_masks`` yields them so), view them.
+    stacked = masks.transpose(1, 2, 0) if masks.dtype == np.bool_ else (masks != 0).transpose(1, 2, 0)
+    if stacked.flags.f_contiguous:
+        fortran = stacked.view(np.uint8)
+    else:
+        fortran = np.asfortranarray(stacked, dtype=np.uint8)
     encoded = _mask_utils().encode(fortran)
     height, width = int(masks.shape[1]), int(masks.shape[2])
     return [{"size": [height, width], "counts": bytes(rle["counts"])} for rle in encoded]

@@ -21,6 +21,7 @@ from hqlabel import __version__
 logger = logging.getLogger(__name__)
 
 FORMAT = "hqlabel-hq-weights/1"
+HQ_WEIGHTS_FILE = "hq_weights.safetensors"  # its name inside a training run's checkpoint and best/ folders
 # The HQ-SAM modules inside transformers' SamHQMaskDecoder: the HQ token, its 3-layer MLP, the ViT-feature
 # compression, the image-embedding encoder and the mask-feature convs. Everything else is SAM, frozen.
 HQ_MODULE_PREFIXES: tuple[str, ...] = tuple(
@@ -77,6 +78,27 @@ def save_hq_weights(
     return path
 
 
+def resolve_hq_weights(path: str | Path) -> Path:
+    """The weights file ``path`` names: the file itself, a folder holding ``hq_weights.safetensors``
+    (``RUN/best``, a checkpoint folder), or a training run folder (its ``best/``).
+
+    Raises:
+        FileNotFoundError: none of those exist.
+    """
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    for candidate in (path / HQ_WEIGHTS_FILE, path / "best" / HQ_WEIGHTS_FILE):
+        if candidate.is_file():
+            return candidate
+    if path.is_dir():
+        raise FileNotFoundError(
+            f"{path} holds no {HQ_WEIGHTS_FILE} (nor best/{HQ_WEIGHTS_FILE}); pass a weights file, a run's "
+            "best/ folder or the run folder of `hqlabel train`"
+        )
+    raise FileNotFoundError(f"HQ weights file {path} does not exist")
+
+
 def read_hq_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of an HQ-weights file, validated.
 
@@ -84,9 +106,7 @@ def read_hq_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         FileNotFoundError: no such file.
         ValueError: not a safetensors file, not HQ weights, or holding non-HQ tensors.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"HQ weights file {path} does not exist")
+    path = resolve_hq_weights(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

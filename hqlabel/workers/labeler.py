@@ -38,6 +38,7 @@ def build_models(config: LabelerConfig) -> tuple[GroundingDinoDetector | None, H
         nms_threshold=config.nms_threshold,
         max_detections=config.max_detections,
         device=device,
+        precision=config.precision,
     )
     seg_kwargs = dict(
         hq_token_only=config.hq_token_only,
@@ -45,6 +46,8 @@ def build_models(config: LabelerConfig) -> tuple[GroundingDinoDetector | None, H
         chunk_size=config.decoder_chunk_size,
         multimask=config.multimask,
         device=device,
+        precision=config.precision,
+        compile=config.compile,
     )
     return (
         None

@@ -11,6 +11,7 @@ shards that have a marker and redoes the rest from scratch.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections import Counter
 from datetime import datetime, timezone
@@ -18,6 +19,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from hqlabel.platform import storage
 from hqlabel.platform.schema import ERRORS_SCHEMA, IMAGES_SCHEMA, MASKS_SCHEMA, results_to_tables
@@ -35,6 +37,14 @@ def marker_uri(out: str, shard: str) -> str:
     return storage.join(out, "_done", f"{shard}.json")
 
 
+def _write_part(table: pa.Table, uri: str, options: StorageOptions) -> None:
+    """A temporary part, atomically and uncompressed: it is read back once by ``finalize_shard`` and deleted,
+    so compressing it (and decompressing it there) would be wasted CPU; the final files are compressed."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="none")
+    storage.write_bytes(uri, buf.getvalue(), options)
+
+
 def write_parts(batch: pa.Table, *, out: str, options: StorageOptions = StorageOptions()) -> pa.Table:
     """Ray Data UDF: write one batch of ``RESULT_SCHEMA`` rows into their shards' temporary folders.
 
@@ -46,9 +56,7 @@ def write_parts(batch: pa.Table, *, out: str, options: StorageOptions = StorageO
         rows = batch.filter(pc.equal(batch["shard"], shard))
         digest = hashlib.sha1("\n".join(rows["image_id"].to_pylist()).encode()).hexdigest()[:20]
         for name, table in zip(TABLES, results_to_tables(rows, with_row=True), strict=True):
-            storage.write_parquet(
-                table, storage.join(tmp_dir(out, shard), name, f"part-{digest}.parquet"), options
-            )
+            _write_part(table, storage.join(tmp_dir(out, shard), name, f"part-{digest}.parquet"), options)
         stats.append({"shard": shard, "images": rows.num_rows})
     return pa.Table.from_pylist(stats, schema=STATS_SCHEMA)
 

@@ -116,6 +116,12 @@ def test_rerun_resumes_and_other_settings_need_overwrite(ray_session, image_fold
     assert again.images_this_run == 0 and again.instances == first.instances  # every shard was done
     assert pq.read_table(out / "masks").equals(masks_before)
 
+    # A job.json from an older HQLabel, without labeler fields added since (at their defaults), resumes too.
+    job = json.loads((out / "job.json").read_text())
+    del job["spec"]["labeler"]["precision"], job["spec"]["labeler"]["compile"]
+    (out / "job.json").write_text(json.dumps(job))
+    assert run_label_job(_spec(image_folder, out, shard_size=2), progress=False).images_this_run == 0
+
     other = _spec(image_folder, out, shard_size=2)
     other = other.model_copy(update={"labeler": other.labeler.model_copy(update={"box_threshold": 0.9})})
     with pytest.raises(ValueError, match="--overwrite"):

@@ -11,9 +11,20 @@ def test_cpu_plans_leave_room_for_io_tasks(cpus):
     assert plan.task_cpus != plan.actor_cpus  # keeps decoding out of the model actors
 
 
-def test_two_cpus_give_one_single_threaded_actor():
+def test_two_cpus_give_one_actor_that_also_uses_the_io_cpu_for_torch():
     plan = plan_resources(2, 0)
-    assert (plan.num_actors, plan.actor_cpus) == (1, 1.0)
+    assert (plan.num_actors, plan.actor_cpus, plan.actor_threads) == (1, 1.0, 2)
+
+
+@pytest.mark.parametrize("cpus", [8, 16, 64])
+def test_larger_machines_keep_their_io_cpus(cpus):
+    plan = plan_resources(cpus, 0)
+    assert plan.actor_threads == int(plan.actor_cpus)
+    assert plan_resources(4, 0, num_workers=3).actor_threads == 1  # several actors: no oversubscription
+
+
+def test_gpu_actors_use_one_thread():
+    assert plan_resources(16, 4).actor_threads == 1
 
 
 def test_requested_workers_are_capped_by_cpus():

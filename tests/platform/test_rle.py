@@ -85,3 +85,11 @@ def test_float_masks_raise() -> None:
 def test_malformed_rle_raises() -> None:
     with pytest.raises(ValueError, match="size"):
         decode_mask({"counts": b"0"})
+
+
+def test_column_major_bool_masks_encode_like_row_major_ones():
+    """``iter_masks`` yields column-major masks, which ``encode_masks`` reads without copying."""
+    masks = np.random.default_rng(1).random((3, 37, 53)) > 0.6
+    column_major = np.asfortranarray(masks.transpose(1, 2, 0)).transpose(2, 0, 1)
+    assert column_major.transpose(1, 2, 0).flags.f_contiguous
+    assert encode_masks(column_major) == encode_masks(masks) == encode_masks(masks.astype(np.uint8) * 255)

@@ -1,0 +1,364 @@
+"""``hqlabel curate LABELS --out CURATED``: keep the good masks of a labeling job as an instance dataset.
+
+Reads a labels folder (the ``--out`` of ``hqlabel label``) one shard at a time: its
+``masks/part-SHARD.parquet`` and ``images/part-SHARD.parquet``, never the whole folder. A mask is kept when
+it passes every filter given (a filter left at None does not filter):
+
+* ``labels``: its class is one of these;
+* ``min_score``: detector score >= this (e.g. 0.4);
+* ``min_pred_iou``: HQ-SAM predicted IoU >= this (e.g. 0.9);
+* ``min_area``: mask pixels >= this.
+
+A decisions file (a reviewer's verdicts) goes over the filters: ``reject`` always drops the mask, ``accept``
+keeps it whatever score, predicted IoU or area say (it is still restricted to ``labels``, which defines the
+dataset's classes). Accepted masks that a threshold would have dropped are counted as ``overridden``.
+
+A dropped mask is counted under the first reason that applies, in this order: ``rejected``, ``label``,
+``score``, ``pred_iou``, ``area``. The curated images are fetched again from the job's input (``job.json``
+``spec.input``, or ``images`` when it moved); an image that is gone or changed size is dropped with its masks
+(``image_unavailable`` / ``image_changed``) and a warning. Images with no kept mask are not written. Kept
+masks keep their ``instance_id``, ``score`` and ``pred_iou``; ``origin`` is ``labels:<LABELS>``.
+
+``dataset.json`` ``provenance`` records the labels folder, the job's labeler config and models (with
+``random_weights``), the filters, the decisions (file, accepted / rejected / overridden / unknown) and the
+counts kept and dropped per reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow.compute as pc
+
+from hqlabel.platform import storage
+from hqlabel.platform.export import LabelsFolder
+from hqlabel.platform.groundtruth import image_size
+from hqlabel.platform.instances import ImageInstances, Instance, write_instances
+from hqlabel.platform.sources import ImageSource, files_by_shard, job_columns, list_job_source
+from hqlabel.platform.storage import StorageOptions
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DECISIONS", "add_parser", "read_decisions", "run_curate"]
+
+DECISIONS = ("accept", "reject")
+DROP_REASONS = ("rejected", "label", "score", "pred_iou", "area", "image_unavailable", "image_changed")
+_MASK_COLUMNS = ["image_id", "instance_id", "label", "score", "box", "mask", "area", "pred_iou"]
+
+
+def _decision_entry(
+    item: Any, where: str
+) -> tuple[tuple[str, int], str]:  # ((image_id, instance_id), decision)
+    if not isinstance(item, dict):
+        raise ValueError(f"{where}: expected an object with image_id, instance_id, decision; got {item!r}")
+    missing = [k for k in ("image_id", "instance_id", "decision") if item.get(k) in (None, "")]
+    if missing:
+        raise ValueError(
+            f"{where}: missing {', '.join(missing)} (each entry needs image_id, instance_id, decision)"
+        )
+    decision = str(item["decision"]).strip().lower()
+    if decision not in DECISIONS:
+        raise ValueError(f"{where}: decision {item['decision']!r} is not one of {', '.join(DECISIONS)}")
+    try:
+        instance_id = int(str(item["instance_id"]).strip())
+    except ValueError as e:
+        raise ValueError(f"{where}: instance_id {item['instance_id']!r} is not an integer") from e
+    return (str(item["image_id"]), instance_id), decision
+
+
+def read_decisions(uri: str, options: StorageOptions = StorageOptions()) -> dict[tuple[str, int], str]:
+    """A reviewer's decisions: ``{(image_id, instance_id): "accept" | "reject"}``.
+
+    The file (local or ``s3://``) is a CSV with the header ``image_id,instance_id,decision``, JSON lines
+    (one object per line) or a JSON list of such objects; the form is detected from the content.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not one of those forms, a missing field, a decision other than accept / reject, a
+            non-integer instance_id, or two different decisions for one mask (the line / entry is named).
+    """
+    text = storage.read_bytes(uri, options).decode("utf-8-sig")
+    stripped = text.lstrip()
+    entries: list[tuple[str, Any]] = []
+    if stripped.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"decisions file {uri} is not valid JSON ({e})") from e
+        entries = [(f"{uri} entry {k}", item) for k, item in enumerate(items)]
+    elif stripped.startswith("{"):
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    entries.append((f"{uri} line {number}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{uri} line {number} is not a JSON object ({e})") from e
+    else:
+        reader = csv.DictReader(io.StringIO(text))
+        header = [h.strip() for h in reader.fieldnames or []]
+        if not {"image_id", "instance_id", "decision"} <= set(header):
+            raise ValueError(
+                f"decisions file {uri}: expected a CSV header image_id,instance_id,decision (or JSON lines / "
+                f"a JSON list of such objects), got {header}"
+            )
+        reader.fieldnames = header
+        entries = [(f"{uri} line {reader.line_num}", dict(row)) for row in reader]
+    decisions: dict[tuple[str, int], str] = {}
+    for where, item in entries:
+        key, decision = _decision_entry(item, where)
+        if decisions.get(key, decision) != decision:
+            raise ValueError(
+                f"{where}: image {key[0]!r} instance {key[1]} is both accepted and rejected; keep one"
+            )
+        decisions[key] = decision
+    return decisions
+
+
+def _drop_reason(
+    row: dict[str, Any],
+    labels: set[str] | None,
+    min_score: float | None,
+    min_pred_iou: float | None,
+    min_area: int | None,
+) -> str | None:
+    """The first threshold ``row`` (a masks row) fails, or None."""
+    if labels is not None and row["label"] not in labels:
+        return "label"
+    if min_score is not None and row["score"] < min_score:
+        return "score"
+    if min_pred_iou is not None and row["pred_iou"] < min_pred_iou:
+        return "pred_iou"
+    if min_area is not None and row["area"] < min_area:
+        return "area"
+    return None
+
+
+def run_curate(
+    labels: str,
+    out: str,
+    *,
+    min_pred_iou: float | None = None,
+    min_score: float | None = None,
+    classes: list[str] | None = None,
+    min_area: int | None = None,
+    decisions: str | None = None,
+    images: str | None = None,
+    options: StorageOptions = StorageOptions(),
+) -> dict[str, Any]:
+    """Write the masks of the labels folder ``labels`` that pass the filters as an instance dataset at ``out``
+    (kind ``"curated"``; see the module docstring for the rules).
+
+    Args:
+        labels: a labeling job's ``--out`` folder (local or ``s3://``).
+        out: the instance dataset folder to write (local or ``s3://``).
+        min_pred_iou / min_score / min_area: thresholds (inclusive); None = no filter.
+        classes: keep only these classes; None = all.
+        decisions: a decisions file (see ``read_decisions``).
+        images: the job's input, when it moved since labeling (default: ``job.json`` ``spec.input``).
+
+    Returns:
+        The ``dataset.json`` document (its ``provenance`` holds the counts).
+
+    Raises:
+        FileNotFoundError: ``labels`` is not a labels folder, or its input / the decisions file is gone.
+        ValueError: a labels folder without masks, a bad threshold or decisions file, an existing ``out``.
+    """
+    for name, value in (("--min-pred-iou", min_pred_iou), ("--min-score", min_score)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
+    if min_area is not None and min_area < 0:
+        raise ValueError(f"--min-area must be >= 0, got {min_area}")
+    if classes is not None and not classes:
+        raise ValueError("--labels names no class; give a comma-separated list such as cat,dog")
+    folder = LabelsFolder(labels, options)
+    mask_files = files_by_shard(folder.mask_files)
+    if not mask_files:
+        raise ValueError(
+            f"{labels} has no masks (masks/part-*.parquet): expected the --out folder of a finished "
+            "`hqlabel label` run with at least one instance"
+        )
+    verdicts = read_decisions(decisions, options) if decisions else {}
+    spec = folder.job.get("spec", {})
+    models = folder.job.get("models", {})
+    if models.get("random_weights"):
+        logger.warning(
+            "%s was labeled with random weights (preset tiny-random): its masks are meaningless", labels
+        )
+    source = list_job_source(spec, images, options)
+    reader = ImageSource(source, options, job_columns(spec))
+
+    kept: Counter[str] = Counter()
+    dropped: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})
+    decided = {"accepted": 0, "rejected": 0, "overridden": 0, "unknown": 0}
+    images_count = {"labeled": 0, "written": 0, "without_kept_masks": 0, "repeated_id": 0}
+    provenance: dict[str, Any] = {
+        "labels": folder.uri,
+        "labeler": spec.get("labeler", {}),
+        "models": models,
+        "random_weights": bool(models.get("random_weights", False)),
+        "job_input": images or spec.get("input"),
+        "filters": {
+            "min_pred_iou": min_pred_iou,
+            "min_score": min_score,
+            "labels": classes,
+            "min_area": min_area,
+        },
+        "decisions": {"file": decisions, **decided},
+        "counts": {"kept": 0, "dropped": dropped, "kept_by_label": kept, "images": images_count},
+    }
+    wanted_labels = set(classes) if classes is not None else None
+    origin = f"labels:{folder.uri}"
+    seen_pairs: set[tuple[str, int]] = set()
+
+    def curated() -> Iterator[ImageInstances]:
+        written: set[str] = set()
+        image_files = files_by_shard(folder.image_files)
+        for shard in sorted(image_files):
+            table = storage.read_parquet(image_files[shard], options, columns=["image_id", "height", "width"])
+            table = table.filter(pc.is_valid(table["height"]))
+            ids = table["image_id"].to_pylist()
+            counts = Counter(ids)
+            sizes = {r["image_id"]: (r["height"], r["width"]) for r in table.to_pylist()}
+            images_count["labeled"] += len(counts)
+            if shard not in mask_files:
+                images_count["without_kept_masks"] += len(counts)
+                continue
+            by_image: dict[str, list[Instance]] = {}
+            masks = storage.read_parquet(mask_files[shard], options, columns=_MASK_COLUMNS)
+            for row in masks.sort_by([("image_id", "ascending"), ("instance_id", "ascending")]).to_pylist():
+                key = (row["image_id"], int(row["instance_id"]))
+                seen_pairs.add(key)
+                verdict = verdicts.get(key)
+                reason = _drop_reason(row, wanted_labels, min_score, min_pred_iou, min_area)
+                if verdict == "reject":
+                    decided["rejected"] += 1
+                    dropped["rejected"] += 1
+                    continue
+                if verdict == "accept":
+                    decided["accepted"] += 1
+                    if reason not in (None, "label"):
+                        decided["overridden"] += 1
+                        reason = None
+                if reason is not None:
+                    dropped[reason] += 1
+                    continue
+                by_image.setdefault(row["image_id"], []).append(
+                    Instance(
+                        int(row["instance_id"]),
+                        row["label"],
+                        row["mask"],
+                        tuple(row["box"]),
+                        int(row["area"]),
+                        row["score"],
+                        row["pred_iou"],
+                        origin,
+                    )
+                )
+            repeated = {i for i in by_image if counts[i] > 1 or i in written}
+            if repeated:  # masks name their image by id only: a repeated id's masks cannot be assigned
+                logger.warning(
+                    "shard %s: left out %d image(s) whose image_id occurs more than once",
+                    shard,
+                    len(repeated),
+                )
+                images_count["repeated_id"] += len(repeated)
+            wanted = {i for i in by_image if i not in repeated}
+            images_count["without_kept_masks"] += len(counts) - len(wanted) - len(repeated)
+            for image_id, data, problem in reader.read(shard, wanted):
+                instances = by_image[image_id]
+                if data is None:
+                    logger.warning("image %r: %s; left out", image_id, problem)
+                    dropped["image_unavailable"] += len(instances)
+                    continue
+                try:
+                    size = image_size(data, f"image {image_id!r}")
+                except ValueError as e:
+                    logger.warning("%s; left out", e)
+                    dropped["image_unavailable"] += len(instances)
+                    continue
+                if size != sizes.get(image_id, size):
+                    logger.warning(
+                        "image %r is %s now, %s when labeled; left out", image_id, size, sizes[image_id]
+                    )
+                    dropped["image_changed"] += len(instances)
+                    continue
+                written.add(image_id)
+                images_count["written"] += 1
+                provenance["counts"]["kept"] += len(instances)
+                kept.update(i.label for i in instances)
+                height, width = size
+                yield ImageInstances(image_id, data, height, width, instances)
+        unknown = len(verdicts.keys() - seen_pairs)
+        decided["unknown"] = unknown
+        if unknown:
+            logger.warning(
+                "%d decision(s) name masks (image_id, instance_id) that are not in %s; ignored",
+                unknown,
+                labels,
+            )
+        provenance["decisions"].update(decided)
+        provenance["counts"]["dropped"] = dict(dropped)
+        provenance["counts"]["kept_by_label"] = dict(sorted(kept.items()))
+
+    return write_instances(
+        curated(), out, kind="curated", source=folder.uri, provenance=provenance, options=options
+    )
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``curate`` subcommand."""
+    p = sub.add_parser(
+        "curate",
+        help="keep the good masks of a labeling job as an instance dataset (for hqlabel train / eval)",
+        description="Filter the masks of LABELS (a label --out) by predicted IoU, score, class and area, "
+        "apply a reviewer's accept/reject decisions, and write the kept masks with their images to CURATED. "
+        "Every filter is off unless given.",
+    )
+    p.add_argument("labels", help="the labeling job's --out folder (local or s3://)")
+    p.add_argument("--out", required=True, help="the instance dataset folder to write (local or s3://)")
+    p.add_argument(
+        "--min-pred-iou", type=float, help="keep masks with HQ-SAM predicted IoU >= this (e.g. 0.9)"
+    )
+    p.add_argument("--min-score", type=float, help="keep masks with detector score >= this (e.g. 0.4)")
+    p.add_argument("--labels", dest="classes", help="comma-separated classes to keep (default: all)")
+    p.add_argument("--min-area", type=int, help="keep masks with at least this many pixels")
+    p.add_argument(
+        "--decisions",
+        help="CSV image_id,instance_id,decision (or JSON lines / a JSON list): accept overrides the "
+        "thresholds, reject always drops",
+    )
+    p.add_argument("--images", help="the job's input, if it has moved (default: job.json's spec.input)")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL")
+    p.add_argument("--s3-region", help="S3 region")
+    p.set_defaults(func=_curate)
+
+
+def _curate(args: argparse.Namespace) -> int:
+    classes = None
+    if args.classes is not None:
+        classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    manifest = run_curate(
+        args.labels,
+        args.out,
+        min_pred_iou=args.min_pred_iou,
+        min_score=args.min_score,
+        classes=classes,
+        min_area=args.min_area,
+        decisions=args.decisions,
+        images=args.images,
+        options=StorageOptions(args.s3_endpoint, args.s3_region),
+    )
+    counts = manifest["provenance"]["counts"]
+    dropped = ", ".join(f"{k} {v}" for k, v in counts["dropped"].items() if v) or "none"
+    print(
+        f"curated {manifest['num_instances']} masks on {manifest['num_images']} images to {args.out} "
+        f"(dropped: {dropped})"
+    )
+    return 0

@@ -1,0 +1,238 @@
+"""``hqlabel train``: retrain the HQ token on curated or ground-truth masks, as a Ray Train job.
+
+Same command on a laptop (local Ray, CPU workers over gloo) and on a GPU cluster (one worker per GPU,
+NCCL); checkpoints go to ``--out``, local or s3://.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hqlabel.platform import storage
+from hqlabel.platform.config import DEFAULT_SEGMENTER, PRESETS
+from hqlabel.training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Ray Train's placement: ``workers`` processes, each with ``cpus`` CPUs and ``gpus`` GPUs."""
+
+    workers: int
+    cpus: float
+    gpus: float
+
+
+def plan_training(cpus: float, gpus: float, workers: int | None, gpus_per_worker: float | None) -> TrainPlan:
+    """Size the training job for a cluster with ``cpus`` CPUs and ``gpus`` GPUs.
+
+    Default: one worker per GPU with one GPU each; without GPUs one worker; CPUs split evenly between the
+    workers (at least one each; Ray Train's controller takes none).
+
+    Raises:
+        ValueError: more workers or GPUs asked for than the cluster has.
+    """
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if gpus >= 1 else 0.0
+    if workers is None:
+        workers = max(1, int(gpus // gpus_per_worker)) if gpus_per_worker > 0 else 1
+    if gpus_per_worker > 0 and workers * gpus_per_worker > gpus:
+        raise ValueError(
+            f"{workers} worker(s) x {gpus_per_worker:g} GPU(s) need {workers * gpus_per_worker:g} GPUs, the "
+            f"cluster has {gpus:g}; lower --workers or --gpus-per-worker (0 trains on CPU)"
+        )
+    if workers > cpus:
+        raise ValueError(
+            f"{workers} training workers need a CPU each, the cluster has {cpus:g}; lower --workers"
+        )
+    return TrainPlan(workers, max(1.0, float(int(cpus // workers))), float(gpus_per_worker))
+
+
+def check_inputs(config: TrainConfig) -> None:
+    """Fail in the driver, in one line, before Ray Train starts: unreadable data, a base that cannot load."""
+    from hqlabel.platform.hub import load_pretrained
+    from hqlabel.platform.instances import open_instances
+
+    for what, uri in (("--data", config.data), ("--val-data", config.val_data)):
+        if uri is None:
+            continue
+        images = open_instances(uri, config.storage, images_root=config.images_root)
+        if next(images, None) is None:
+            raise ValueError(f"{what} {uri} holds no images with masks")
+    if config.preset is None and not Path(config.base).is_file():  # an original .pth has no config
+        from transformers import AutoConfig
+
+        load_pretrained(AutoConfig.from_pretrained, config.base, what="segmenter", option="--base")
+
+
+def run_train_job(
+    config: TrainConfig,
+    *,
+    workers: int | None = None,
+    gpus_per_worker: float | None = None,
+    resume: bool = False,
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+) -> dict[str, Any]:
+    """Run the training with Ray Train's ``TorchTrainer``; returns ``{"history", "best", "out"}``."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from hqlabel.training.checkpoint import latest_epoch
+    from hqlabel.training.recipe import train_worker
+
+    config = config.with_absolute_paths()
+    options = config.storage
+    check_inputs(config)
+    has_run = latest_epoch(config.out, options) is not None
+    if resume and not has_run:
+        raise FileNotFoundError(f"--resume: {config.out} has no checkpoint to resume; drop --resume")
+    if not resume and has_run:
+        raise ValueError(f"{config.out} already holds a training run; pass --resume, or choose a new --out")
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"address": ray_address, "logging_level": logging.WARNING}
+        if ray_address is None:
+            # The dashboard (with ray[default]) serves the state API that Ray Train's clean-up watcher polls;
+            # without it that watcher logs a warning every few seconds.
+            kwargs.update(num_cpus=num_cpus)
+        ray.init(**kwargs)
+    resources = ray.cluster_resources()
+    plan = plan_training(resources.get("CPU", 0), resources.get("GPU", 0), workers, gpus_per_worker)
+    per_worker = {"CPU": plan.cpus} | ({"GPU": plan.gpus} if plan.gpus else {})
+    # Ray Train's own run folder (logs, no checkpoints: HQLabel writes those to --out itself).
+    ray_storage = None if storage.is_s3(config.out) else os.path.abspath(storage.join(config.out, "ray"))
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"train": config.model_dump(), "resume": resume},
+        scaling_config=ScalingConfig(
+            num_workers=plan.workers, use_gpu=plan.gpus > 0, resources_per_worker=per_worker
+        ),
+        run_config=RunConfig(name=f"hqlabel-train-{uuid.uuid4().hex[:8]}", storage_path=ray_storage),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # re-raised: a worker's input error becomes the CLI's one line
+        cause = _worker_input_error(e)
+        if cause is None:
+            raise
+        raise cause from e
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    history = json.loads(storage.read_bytes(storage.join(config.out, "metrics.json"), options))
+    best = json.loads(storage.read_bytes(storage.join(config.out, "best", "metrics.json"), options))
+    return {"history": history, "best": best, "out": config.out, "workers": plan.workers}
+
+
+def _worker_input_error(error: Exception) -> Exception | None:
+    """The first worker's ValueError / OSError inside Ray Train's ``WorkerGroupError``, re-created in its
+    own type (so the CLI shows it in one line), or None for any other failure."""
+    for failure in getattr(error, "worker_failures", {}).values():
+        cause = getattr(failure, "cause", failure)  # a RayTaskError wraps the worker's exception
+        if isinstance(cause, (ValueError, OSError)):
+            try:
+                return type(cause)(str(cause))
+            except TypeError:
+                return ValueError(str(cause))
+    return None
+
+
+def _range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH (e.g. 0.1,2.0), got {text!r}") from e
+    return low, high
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="retrain the HQ token on curated or ground-truth masks (Ray Train)",
+        description="Train HQ-SAM's HQ modules (SAM frozen) on --data; checkpoints, metrics, best/ in --out.",
+    )
+    p.add_argument(
+        "--data", required=True, help="instance dataset (curate/import-gt), COCO JSON or mask folder"
+    )
+    p.add_argument("--out", required=True, help="run folder, local or s3://")
+    p.add_argument("--val-data", help="validation masks (default: hold out --val-fraction of --data)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of --data (0.1)")
+    p.add_argument("--images", help="COCO input: image folder (default: the JSON's folder)")
+    p.add_argument("--base", default=DEFAULT_SEGMENTER, help="frozen SAM-HQ: hub id, local dir or .pth")
+    p.add_argument("--preset", choices=PRESETS, help="tiny random SAM-HQ base (offline smoke runs)")
+    p.add_argument("--init-weights", help="HQ weights to start from (default: the base model's)")
+    p.add_argument("--epochs", type=int, default=12, help="epochs (12)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (1e-3)")
+    p.add_argument("--lr-drop-epoch", type=int, default=10, help="lr x 0.1 after this epoch (10)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per step per worker (4)")
+    p.add_argument("--max-instances", type=int, default=8, help="objects per image per step (8)")
+    p.add_argument("--jitter", type=_range, default=(0.1, 2.0), help="large-scale jitter range (0.1,2.0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    p.add_argument("--workers", type=int, help="Ray Train workers (default: one per GPU, else 1)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 1 with GPUs, else 0)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL")
+    p.add_argument("--s3-region", help="S3 region")
+    p.add_argument("--address", help="Ray cluster address to join (default: start a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    config = TrainConfig(
+        data=args.data,
+        out=args.out,
+        val_data=args.val_data,
+        val_fraction=args.val_fraction,
+        images_root=args.images,
+        base=args.base,
+        preset=args.preset,
+        init_weights=args.init_weights,
+        epochs=args.epochs,
+        lr=args.lr,
+        lr_drop_epoch=args.lr_drop_epoch,
+        batch_size=args.batch_size,
+        max_instances=args.max_instances,
+        jitter=args.jitter,
+        seed=args.seed,
+        s3_endpoint=args.s3_endpoint,
+        s3_region=args.s3_region,
+    )
+    if args.preset:
+        print(
+            f"hqlabel: warning: --preset {args.preset} trains a randomly initialised model; "
+            "its numbers mean nothing"
+        )
+    summary = run_train_job(
+        config,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        resume=args.resume,
+        ray_address=args.address,
+        num_cpus=args.num_cpus,
+    )
+    first, best = summary["history"][0], summary["best"]
+    print(
+        f"trained {len(summary['history']) - 1} epoch(s) on {summary['workers']} worker(s) "
+        f"-> {summary['out']}\n"
+        f"validation mIoU / mBIoU: untrained {_pct(first.get('val_miou'))} / {_pct(first.get('val_mbiou'))}, "
+        + (
+            f"best (epoch {best['epoch']}) {_pct(best.get('val_miou'))} / {_pct(best.get('val_mbiou'))}\n"
+            if best["epoch"]
+            else "no epoch beat the untrained HQ token: best/ holds the base's HQ weights\n"
+        )
+        + f"relabel with: hqlabel label ... --hq-weights {storage.join(summary['out'], 'best')}"
+    )
+    return 0
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None or value != value else f"{100 * value:.2f}"

@@ -1,0 +1,121 @@
+"""Training checkpoints on local disk or S3: everything ``--resume`` needs to continue exactly.
+
+    RUN/config.json                             the resolved TrainConfig
+    RUN/checkpoints/epoch-0003/hq_weights.safetensors   HQ modules only (``save_hq_weights`` format)
+    RUN/checkpoints/epoch-0003/trainer.pt       optimizer + lr scheduler state
+    RUN/checkpoints/epoch-0003/state.json       epoch, metrics history, best so far, config
+    RUN/checkpoints/latest.json                 {"epoch": 3, "path": ...}, written after the epoch folder
+    RUN/best/hq_weights.safetensors             the best validation mBIoU so far (``--hq-weights RUN/best``)
+    RUN/best/metrics.json
+    RUN/metrics.json                            per-epoch history
+
+Randomness is reseeded from (seed, epoch, rank) at every epoch start, so resuming from the end of epoch k
+reproduces the uninterrupted run; no RNG state needs saving.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import SamHQModel
+
+from hqlabel.platform import storage
+from hqlabel.platform.storage import StorageOptions
+from hqlabel.segmenters.hq_weights import HQ_WEIGHTS_FILE, load_hq_weights, save_hq_weights
+
+
+@dataclass
+class TrainerState:
+    """Where a run stands after ``epoch`` (0-based) finished."""
+
+    epoch: int
+    history: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+
+
+def epoch_dir(out: str, epoch: int) -> str:
+    return storage.join(out, "checkpoints", f"epoch-{epoch:04d}")
+
+
+def _write_json(uri: str, doc: Any, options: StorageOptions) -> None:
+    storage.write_bytes(uri, json.dumps(doc, indent=2, default=str).encode(), options)
+
+
+def _write_weights(model: SamHQModel, uri: str, base: str, extra: dict, options: StorageOptions) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_hq_weights(model, Path(tmp) / HQ_WEIGHTS_FILE, base_model=base, extra=extra)
+        storage.write_bytes(uri, path.read_bytes(), options)
+
+
+def save_checkpoint(
+    out: str,
+    epoch: int,
+    model: SamHQModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    history: list[dict[str, Any]],
+    best: dict[str, Any] | None,
+    config: dict[str, Any],
+    base: str,
+    options: StorageOptions = StorageOptions(),
+) -> str:
+    """Write the checkpoint of a finished ``epoch``, then point ``latest.json`` at it. Returns its folder."""
+    folder = epoch_dir(out, epoch)
+    _write_weights(model, storage.join(folder, HQ_WEIGHTS_FILE), base, {"epoch": epoch}, options)
+    buffer = io.BytesIO()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buffer)
+    storage.write_bytes(storage.join(folder, "trainer.pt"), buffer.getvalue(), options)
+    state = {"epoch": epoch, "history": history, "best": best, "config": config}
+    _write_json(storage.join(folder, "state.json"), state, options)
+    _write_json(storage.join(out, "checkpoints", "latest.json"), {"epoch": epoch, "path": folder}, options)
+    _write_json(storage.join(out, "metrics.json"), history, options)
+    return folder
+
+
+def save_best(
+    out: str, model: SamHQModel, metrics: dict[str, Any], *, base: str, options: StorageOptions
+) -> str:
+    """Write ``RUN/best/`` (weights + metrics). Returns the weights' URI."""
+    uri = storage.join(out, "best", HQ_WEIGHTS_FILE)
+    _write_weights(model, uri, base, {"metrics": metrics}, options)
+    _write_json(storage.join(out, "best", "metrics.json"), metrics, options)
+    return uri
+
+
+def latest_epoch(out: str, options: StorageOptions = StorageOptions()) -> int | None:
+    """The last finished epoch of the run at ``out``, or None when it has no checkpoint."""
+    uri = storage.join(out, "checkpoints", "latest.json")
+    if not storage.exists(uri, options):
+        return None
+    return int(json.loads(storage.read_bytes(uri, options))["epoch"])
+
+
+def load_checkpoint(
+    out: str, model: SamHQModel, options: StorageOptions = StorageOptions()
+) -> tuple[TrainerState, dict[str, Any]]:
+    """Load the latest checkpoint's HQ weights into ``model``; return the trainer state and saved config."""
+    epoch = latest_epoch(out, options)
+    if epoch is None:
+        raise FileNotFoundError(f"{out} has no checkpoint (checkpoints/latest.json); drop --resume to start")
+    folder = epoch_dir(out, epoch)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / HQ_WEIGHTS_FILE
+        local.write_bytes(storage.read_bytes(storage.join(folder, HQ_WEIGHTS_FILE), options))
+        load_hq_weights(model, local)
+    trainer = torch.load(
+        io.BytesIO(storage.read_bytes(storage.join(folder, "trainer.pt"), options)), weights_only=True
+    )
+    state = json.loads(storage.read_bytes(storage.join(folder, "state.json"), options))
+    return (
+        TrainerState(epoch, state["history"], state["best"], trainer["optimizer"], trainer["scheduler"]),
+        state["config"],
+    )
