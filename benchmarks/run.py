@@ -169,15 +169,16 @@ def run_e2e(root: Path, args, models) -> dict:
 
 
 def run_scaling(root: Path, args, models) -> dict:
-    """Peak RSS (driver + Ray) for two dataset sizes; throughput with 1 vs 2 labeling actors."""
+    """Peak RSS (driver + Ray) for two dataset sizes, each in a fresh Ray session; throughput with 1 vs 2
+    labeling actors."""
     import ray
 
     from hqlabel.jobs.resources import plan_resources
 
     out: dict = {}
-    start_ray(2)
     for n in args.scaling_images:
         images = demo_images(root, n)[0].parent
+        start_ray(2)  # each size from a fresh session: no workers left over from the other job
         with RssSampler() as sampler:
             idle = sampler.sample()
             job = timed_job(label_spec(images, root / f"out-scale-{n}", args, models))
@@ -186,8 +187,14 @@ def run_scaling(root: Path, args, models) -> dict:
         out[f"images_{n}"] = job
     sizes = [f"images_{n}" for n in args.scaling_images]
     if len(sizes) == 2:
+        small, large = (out[size] for size in sizes)
         out["peak_rss_ratio"] = metric(
-            out[sizes[1]]["peak_rss"]["value"] / out[sizes[0]]["peak_rss"]["value"], "ratio (large / small)"
+            large["peak_rss"]["value"] / small["peak_rss"]["value"], "ratio (large / small)"
+        )
+        out["job_growth_ratio"] = metric(
+            (large["peak_rss"]["value"] - large["idle_rss"]["value"])
+            / (small["peak_rss"]["value"] - small["idle_rss"]["value"]),
+            "ratio of peak - idle (large / small)",
         )
     plan2 = plan_resources(2, 0, num_workers=2)
     out["plan_2_cpus_2_workers"] = {
