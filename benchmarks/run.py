@@ -30,8 +30,13 @@ SECTIONS = ("stages", "per_box", "baseline", "e2e", "scaling")
 
 
 class RssSampler:
-    """Peak summed RSS (bytes) of this process and all its descendants (Ray's raylet and workers of a local
-    session), sampled every ``interval`` seconds in a background thread."""
+    """Peak summed RSS and PSS (bytes) of this process and all its descendants (Ray's raylet and workers of a
+    local session), sampled every ``interval`` seconds in a background thread.
+
+    RSS counts a shared page once per process that maps it (Ray's object store is shared memory, mapped by
+    every worker that touches a block), so summed RSS overstates what a session uses; PSS (Linux) splits
+    each shared page between the processes that map it, so the sum counts it once.
+    """
 
     def __init__(self, interval: float = 0.2) -> None:
         importlib.import_module("ray")  # puts Ray's bundled psutil on the path
@@ -40,20 +45,28 @@ class RssSampler:
         self.process = psutil.Process()
         self.interval = interval
         self.peak = 0
+        self.peak_pss = 0
         self._stop = threading.Event()
 
     def sample(self) -> int:
+        return self.sample_both()[0]
+
+    def sample_both(self) -> tuple[int, int]:
+        """(summed RSS, summed PSS); PSS is 0 where the OS does not report it."""
         import psutil
 
-        total = 0
+        rss = pss = 0
         for proc in [self.process, *self.process.children(recursive=True)]:
             with contextlib.suppress(psutil.Error):  # a worker that exited between listing and reading
-                total += proc.memory_info().rss
-        return total
+                info = proc.memory_full_info()
+                rss += info.rss
+                pss += getattr(info, "pss", 0)
+        return rss, pss
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.sample())
+            rss, pss = self.sample_both()
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> RssSampler:
@@ -180,10 +193,12 @@ def run_scaling(root: Path, args, models) -> dict:
         images = demo_images(root, n)[0].parent
         start_ray(2)  # each size from a fresh session: no workers left over from the other job
         with RssSampler() as sampler:
-            idle = sampler.sample()
+            idle, idle_pss = sampler.sample_both()
             job = timed_job(label_spec(images, root / f"out-scale-{n}", args, models))
         job["idle_rss"] = metric(idle / 2**20, "MiB (before the job)")
         job["peak_rss"] = metric(sampler.peak / 2**20, "MiB (driver + Ray processes)")
+        job["idle_pss"] = metric(idle_pss / 2**20, "MiB (before the job)")
+        job["peak_pss"] = metric(sampler.peak_pss / 2**20, "MiB (driver + Ray processes, PSS)")
         out[f"images_{n}"] = job
     sizes = [f"images_{n}" for n in args.scaling_images]
     if len(sizes) == 2:
@@ -191,6 +206,10 @@ def run_scaling(root: Path, args, models) -> dict:
         out["peak_rss_ratio"] = metric(
             large["peak_rss"]["value"] / small["peak_rss"]["value"], "ratio (large / small)"
         )
+        if small["peak_pss"]["value"] > 0:
+            out["peak_pss_ratio"] = metric(
+                large["peak_pss"]["value"] / small["peak_pss"]["value"], "ratio (large / small)"
+            )
         out["job_growth_ratio"] = metric(
             (large["peak_rss"]["value"] - large["idle_rss"]["value"])
             / (small["peak_rss"]["value"] - small["idle_rss"]["value"]),
