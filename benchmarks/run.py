@@ -48,9 +48,6 @@ class RssSampler:
         self.peak_pss = 0
         self._stop = threading.Event()
 
-    def sample(self) -> int:
-        return self.sample_both()[0]
-
     def sample_both(self) -> tuple[int, int]:
         """(summed RSS, summed PSS); PSS is 0 where the OS does not report it."""
         import psutil

@@ -7,7 +7,6 @@ map back to the class list, never to token fragments.
 
 from __future__ import annotations
 
-import contextlib
 import string
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from transformers.models.grounding_dino.image_processing_pil_grounding_dino impo
 )
 
 from hqlabel.detectors.base import Detections, batched_nms
-from hqlabel.platform.config import Precision, resolve_precision
+from hqlabel.platform.config import Precision, autocast, resolve_precision
 from hqlabel.platform.hub import load_pretrained
 
 
@@ -155,12 +154,7 @@ class GroundingDinoDetector:
             input_data_format="channels_last",  # else a 1- or 3-pixel-high image reads as channels-first
         )
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        autocast = (
-            contextlib.nullcontext()
-            if self.autocast_dtype is None
-            else torch.autocast(self.device.type, dtype=self.autocast_dtype)
-        )
-        with autocast:
+        with autocast(self.device, self.autocast_dtype):
             outputs = self.model(**inputs)
         probs = outputs.logits.float().sigmoid()  # B x Q x T
         positive = positive.to(self.device)

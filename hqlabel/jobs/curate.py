@@ -249,18 +249,7 @@ def run_curate(
                 if reason is not None:
                     dropped[reason] += 1
                     continue
-                by_image.setdefault(row["image_id"], []).append(
-                    Instance(
-                        int(row["instance_id"]),
-                        row["label"],
-                        row["mask"],
-                        tuple(row["box"]),
-                        int(row["area"]),
-                        row["score"],
-                        row["pred_iou"],
-                        origin,
-                    )
-                )
+                by_image.setdefault(row["image_id"], []).append(Instance.from_row(row, origin=origin))
             repeated = {i for i in by_image if counts[i] > 1 or i in written}
             if repeated:  # masks name their image by id only: a repeated id's masks cannot be assigned
                 logger.warning(

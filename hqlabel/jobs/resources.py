@@ -1,4 +1,5 @@
-"""How many labeling actors, and with what resources: decided in one place from what the cluster has."""
+"""How many labeling actors and training workers, with what resources: decided in one place from what the
+cluster has."""
 
 from __future__ import annotations
 
@@ -68,3 +69,37 @@ def plan_resources(cpus: float, gpus: float, num_workers: int | None = None) -> 
     # Tasks ask for half a CPU: two decode/write tasks share the spare core, and the differing request keeps
     # Ray Data from fusing decoding into the model actors (decode overlaps model work instead).
     return ResourcePlan(actors, actor_cpus, 0.0, 0.5, threads)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Ray Train's placement: ``workers`` processes, each with ``cpus`` CPUs and ``gpus`` GPUs."""
+
+    workers: int
+    cpus: float
+    gpus: float
+
+
+def plan_training(cpus: float, gpus: float, workers: int | None, gpus_per_worker: float | None) -> TrainPlan:
+    """Size the training job for a cluster with ``cpus`` CPUs and ``gpus`` GPUs.
+
+    Default: one worker per GPU with one GPU each; without GPUs one worker; CPUs split evenly between the
+    workers (at least one each; Ray Train's controller takes none).
+
+    Raises:
+        ValueError: more workers or GPUs asked for than the cluster has.
+    """
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if gpus >= 1 else 0.0
+    if workers is None:
+        workers = max(1, int(gpus // gpus_per_worker)) if gpus_per_worker > 0 else 1
+    if gpus_per_worker > 0 and workers * gpus_per_worker > gpus:
+        raise ValueError(
+            f"{workers} worker(s) x {gpus_per_worker:g} GPU(s) need {workers * gpus_per_worker:g} GPUs, the "
+            f"cluster has {gpus:g}; lower --workers or --gpus-per-worker (0 trains on CPU)"
+        )
+    if workers > cpus:
+        raise ValueError(
+            f"{workers} training workers need a CPU each, the cluster has {cpus:g}; lower --workers"
+        )
+    return TrainPlan(workers, max(1.0, float(int(cpus // workers))), float(gpus_per_worker))

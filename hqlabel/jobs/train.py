@@ -11,49 +11,15 @@ import json
 import logging
 import os
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hqlabel.jobs.resources import plan_training
 from hqlabel.platform import storage
 from hqlabel.platform.config import DEFAULT_SEGMENTER, PRESETS
 from hqlabel.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainPlan:
-    """Ray Train's placement: ``workers`` processes, each with ``cpus`` CPUs and ``gpus`` GPUs."""
-
-    workers: int
-    cpus: float
-    gpus: float
-
-
-def plan_training(cpus: float, gpus: float, workers: int | None, gpus_per_worker: float | None) -> TrainPlan:
-    """Size the training job for a cluster with ``cpus`` CPUs and ``gpus`` GPUs.
-
-    Default: one worker per GPU with one GPU each; without GPUs one worker; CPUs split evenly between the
-    workers (at least one each; Ray Train's controller takes none).
-
-    Raises:
-        ValueError: more workers or GPUs asked for than the cluster has.
-    """
-    if gpus_per_worker is None:
-        gpus_per_worker = 1.0 if gpus >= 1 else 0.0
-    if workers is None:
-        workers = max(1, int(gpus // gpus_per_worker)) if gpus_per_worker > 0 else 1
-    if gpus_per_worker > 0 and workers * gpus_per_worker > gpus:
-        raise ValueError(
-            f"{workers} worker(s) x {gpus_per_worker:g} GPU(s) need {workers * gpus_per_worker:g} GPUs, the "
-            f"cluster has {gpus:g}; lower --workers or --gpus-per-worker (0 trains on CPU)"
-        )
-    if workers > cpus:
-        raise ValueError(
-            f"{workers} training workers need a CPU each, the cluster has {cpus:g}; lower --workers"
-        )
-    return TrainPlan(workers, max(1.0, float(int(cpus // workers))), float(gpus_per_worker))
 
 
 def check_inputs(config: TrainConfig) -> None:
@@ -87,17 +53,13 @@ def run_train_job(
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from hqlabel.training.checkpoint import latest_epoch
+    from hqlabel.training.checkpoint import check_run_folder
     from hqlabel.training.recipe import train_worker
 
     config = config.with_absolute_paths()
     options = config.storage
     check_inputs(config)
-    has_run = latest_epoch(config.out, options) is not None
-    if resume and not has_run:
-        raise FileNotFoundError(f"--resume: {config.out} has no checkpoint to resume; drop --resume")
-    if not resume and has_run:
-        raise ValueError(f"{config.out} already holds a training run; pass --resume, or choose a new --out")
+    check_run_folder(config.out, resume=resume, options=options)
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"address": ray_address, "logging_level": logging.WARNING}
         if ray_address is None:
@@ -187,6 +149,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from hqlabel.training.evaluate import format_percent
+
     config = TrainConfig(
         data=args.data,
         out=args.out,
@@ -220,19 +184,19 @@ def _train(args: argparse.Namespace) -> int:
         num_cpus=args.num_cpus,
     )
     first, best = summary["history"][0], summary["best"]
+
+    def scores(record: dict) -> str:
+        return f"{format_percent(record.get('val_miou'))} / {format_percent(record.get('val_mbiou'))}"
+
     print(
         f"trained {len(summary['history']) - 1} epoch(s) on {summary['workers']} worker(s) "
         f"-> {summary['out']}\n"
-        f"validation mIoU / mBIoU: untrained {_pct(first.get('val_miou'))} / {_pct(first.get('val_mbiou'))}, "
+        f"validation mIoU / mBIoU: untrained {scores(first)}, "
         + (
-            f"best (epoch {best['epoch']}) {_pct(best.get('val_miou'))} / {_pct(best.get('val_mbiou'))}\n"
+            f"best (epoch {best['epoch']}) {scores(best)}\n"
             if best["epoch"]
             else "no epoch beat the untrained HQ token: best/ holds the base's HQ weights\n"
         )
         + f"relabel with: hqlabel label ... --hq-weights {storage.join(summary['out'], 'best')}"
     )
     return 0
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None or value != value else f"{100 * value:.2f}"

@@ -6,6 +6,7 @@ and the resolved value is saved next to every output (``job.json``).
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -50,6 +51,15 @@ def resolve_precision(precision: str, device: str | torch.device) -> torch.dtype
     if device.type == "cuda" and not cuda_bf16:
         raise ValueError(f"{device} does not support bfloat16; use --precision fp16 or fp32")
     return torch.bfloat16
+
+
+def autocast(device: str | torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
+    """``torch.autocast`` on ``device`` with ``dtype`` (``resolve_precision``'s); a no-op context for None."""
+    import torch
+
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def parse_classes(text: str | list[str]) -> list[str]:

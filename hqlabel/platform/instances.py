@@ -86,6 +86,21 @@ class Instance:
         if self.area is None:
             self.area = mask_area(self.mask)
 
+    @classmethod
+    def from_row(cls, row: dict[str, Any], *, origin: str | None = None) -> Instance:
+        """From a row with the instance fields (an ``instances`` entry, or a labels folder's masks row);
+        ``origin`` overrides the row's (a masks row has none)."""
+        return cls(
+            int(row["instance_id"]),
+            row["label"],
+            row["mask"],
+            tuple(row["box"]),
+            int(row["area"]),
+            row["score"],
+            row["pred_iou"],
+            origin or row.get("origin") or "gt",
+        )
+
 
 @dataclass
 class ImageInstances:
@@ -140,19 +155,7 @@ class ImageInstances:
             row["image"],
             int(row["height"]),
             int(row["width"]),
-            [
-                Instance(
-                    int(i["instance_id"]),
-                    i["label"],
-                    i["mask"],
-                    tuple(i["box"]),
-                    int(i["area"]),
-                    i["score"],
-                    i["pred_iou"],
-                    i["origin"] or "gt",
-                )
-                for i in row["instances"]
-            ],
+            [Instance.from_row(i) for i in row["instances"]],
         )
 
 

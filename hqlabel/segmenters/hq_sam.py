@@ -25,7 +25,7 @@ import torch
 from transformers import SamConfig, SamHQConfig, SamHQModel, SamHQProcessor, SamModel, SamProcessor
 from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 
-from hqlabel.platform.config import Precision, resolve_precision
+from hqlabel.platform.config import Precision, autocast, resolve_precision
 from hqlabel.platform.hub import load_pretrained
 from hqlabel.segmenters.structures import ImageEmbeddings, MaskLogits, Prompts
 from hqlabel.segmenters.transformers_fixes import fix_sam_hq_mask_decoder
@@ -100,9 +100,7 @@ class HQSamSegmenter:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """``torch.autocast`` at this segmenter's precision (a no-op context at fp32)."""
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return autocast(self.device, self.autocast_dtype)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, hq_weights: str | None = None, **kwargs) -> HQSamSegmenter:

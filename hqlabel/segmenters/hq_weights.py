@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 from transformers import SamHQModel
 
 from hqlabel import __version__
@@ -54,6 +54,12 @@ def hq_state_dict(model: SamHQModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if is_hq_parameter(k)}
 
 
+def hq_weights_bytes(model: SamHQModel, *, base_model: str, extra: dict | None = None) -> bytes:
+    """The HQ modules of ``model`` as a safetensors file's bytes (what ``save_hq_weights`` writes), for
+    storage that is not a local path (a training run's checkpoints on S3)."""
+    return save(hq_state_dict(model), metadata=_metadata(model, base_model, extra))
+
+
 def save_hq_weights(
     model: SamHQModel, path: str | Path, *, base_model: str, extra: dict | None = None
 ) -> Path:
@@ -65,6 +71,11 @@ def save_hq_weights(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(hq_state_dict(model), str(path), metadata=_metadata(model, base_model, extra))
+    return path
+
+
+def _metadata(model: SamHQModel, base_model: str, extra: dict | None) -> dict[str, str]:
     metadata = {
         "format": FORMAT,
         "base_model": base_model,
@@ -74,8 +85,7 @@ def save_hq_weights(
     }
     if extra:
         metadata["extra"] = json.dumps(extra)
-    save_file(hq_state_dict(model), str(path), metadata=metadata)
-    return path
+    return metadata
 
 
 def resolve_hq_weights(path: str | Path) -> Path:

@@ -27,7 +27,7 @@ from transformers import SamHQModel
 
 from hqlabel.platform import storage
 from hqlabel.platform.storage import StorageOptions
-from hqlabel.segmenters.hq_weights import HQ_WEIGHTS_FILE, load_hq_weights, save_hq_weights
+from hqlabel.segmenters.hq_weights import HQ_WEIGHTS_FILE, hq_weights_bytes, load_hq_weights
 
 
 @dataclass
@@ -50,9 +50,7 @@ def _write_json(uri: str, doc: Any, options: StorageOptions) -> None:
 
 
 def _write_weights(model: SamHQModel, uri: str, base: str, extra: dict, options: StorageOptions) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = save_hq_weights(model, Path(tmp) / HQ_WEIGHTS_FILE, base_model=base, extra=extra)
-        storage.write_bytes(uri, path.read_bytes(), options)
+    storage.write_bytes(uri, hq_weights_bytes(model, base_model=base, extra=extra), options)
 
 
 def save_checkpoint(
@@ -97,6 +95,22 @@ def latest_epoch(out: str, options: StorageOptions = StorageOptions()) -> int | 
     if not storage.exists(uri, options):
         return None
     return int(json.loads(storage.read_bytes(uri, options))["epoch"])
+
+
+def check_run_folder(out: str, *, resume: bool, options: StorageOptions = StorageOptions()) -> None:
+    """Refuse to start over a run that has checkpoints, or to resume one that has none.
+
+    Raises:
+        FileNotFoundError: ``resume`` but ``out`` has no checkpoint.
+        ValueError: not ``resume`` but ``out`` already holds a run.
+    """
+    has_run = latest_epoch(out, options) is not None
+    if resume and not has_run:
+        raise FileNotFoundError(
+            f"--resume: {out} has no checkpoint (checkpoints/latest.json) to resume; drop --resume to start"
+        )
+    if not resume and has_run:
+        raise ValueError(f"{out} already holds a training run; pass --resume, or choose a new --out")
 
 
 def load_checkpoint(

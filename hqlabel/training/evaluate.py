@@ -76,11 +76,11 @@ def metrics_table(rows: list[tuple[str, dict]]) -> str:
     """A Markdown table of ``(model name, MaskMetrics.summary())`` rows."""
     lines = ["| model | mIoU | mBIoU | instances |", "|---|---:|---:|---:|"]
     for name, summary in rows:
-        lines.append(
-            f"| {name} | {_percent(summary['miou'])} | {_percent(summary['mbiou'])} | {summary['count']} |"
-        )
+        miou, mbiou = format_percent(summary["miou"]), format_percent(summary["mbiou"])
+        lines.append(f"| {name} | {miou} | {mbiou} | {summary['count']} |")
     return "\n".join(lines) + "\n"
 
 
-def _percent(value: float) -> str:
+def format_percent(value: float | None) -> str:
+    """A metric in [0, 1] as a percentage with 2 decimals; "n/a" for a missing or NaN one (no instances)."""
     return "n/a" if value is None or np.isnan(value) else f"{100 * value:.2f}"

@@ -38,8 +38,8 @@ def normalize(segmenter: HQSamSegmenter, images: np.ndarray) -> torch.Tensor:
     """B x S x S x 3 uint8 images, already at the encoder's square input size with their content at the
     top-left (``augment.large_scale_jitter`` / ``resize_longest``), -> B x 3 x S x S normalised pixels.
 
-    Padding pixels (exact zeros in all channels outside ``valid``) are not distinguished here: SAM pads the
-    normalised image with zeros, so callers pass ``valid`` sizes to ``zero_padding``.
+    Padding is normalised like content here; ``encode`` then zeroes it outside each image's ``valid`` size,
+    as SAM pads the normalised image with zeros.
     """
     processor = segmenter.processor.image_processor
     mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -49,8 +49,8 @@ def normalize(segmenter: HQSamSegmenter, images: np.ndarray) -> torch.Tensor:
 
 
 def encode(segmenter: HQSamSegmenter, images: np.ndarray, valid: list[tuple[int, int]]) -> ImageEmbeddings:
-    """Frozen image encoder over B square S x S x 3 uint8 images, without gradients (not ``inference_mode``:
-    autograd saves these tensors when the decoder trains).
+    """Frozen image encoder (``HQSamSegmenter.encode``) over B square S x S x 3 uint8 images, without
+    gradients, returned as tensors autograd may save when the decoder trains.
 
     Args:
         images: B x S x S x 3 uint8, S = the encoder input size; image content at the top-left.
@@ -67,11 +67,10 @@ def encode(segmenter: HQSamSegmenter, images: np.ndarray, valid: list[tuple[int,
     for i, (h, w) in enumerate(valid):
         pixels[i, :, h:, :] = 0
         pixels[i, :, :, w:] = 0
-    model = segmenter.model
-    with torch.no_grad():
-        embeddings, intermediate = model.get_image_embeddings(pixels.to(segmenter.device, model.dtype))
+    embeddings, intermediate = segmenter.encode(pixels)
+    # ``encode`` runs under inference_mode; a clone made outside it is an ordinary tensor autograd may save.
     square = [tuple(size)] * len(images)
-    return ImageEmbeddings(embeddings, list(intermediate), square, square, hq=True)
+    return ImageEmbeddings(embeddings.clone(), [e.clone() for e in intermediate], square, square, hq=True)
 
 
 def sam_from_sam_hq(segmenter: HQSamSegmenter, **kwargs) -> HQSamSegmenter:

@@ -195,6 +195,7 @@ def run_training(
         ``{"history": [...], "best": {...}, "out": ...}``; history entry 0 is the untrained HQ token's.
     """
     options = config.storage
+    checkpoint.check_run_folder(config.out, resume=resume, options=options)
     device = torch.device(device) if device is not None else resolve_device(config.device)
     segmenter = build_segmenter(
         config.base, preset=config.preset, hq_weights=config.init_weights, hq_token_only=True, device=device
@@ -218,8 +219,6 @@ def run_training(
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
         start, history, best = state.epoch + 1, state.history, state.best
-    elif checkpoint.latest_epoch(config.out, options) is not None:
-        raise ValueError(f"{config.out} already holds a training run; pass --resume, or choose a new --out")
     if rank == 0:
         logger.info(
             "training %d HQ parameters on %d images (%d validation), %d worker(s)",

@@ -1,6 +1,6 @@
 import pytest
 
-from hqlabel.jobs.resources import plan_resources
+from hqlabel.jobs.resources import plan_resources, plan_training
 
 
 @pytest.mark.parametrize("cpus", [2, 3, 4, 8, 16, 64])
@@ -43,3 +43,15 @@ def test_gpu_plan_is_one_actor_per_gpu():
 def test_one_cpu_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="--num-cpus"):
         plan_resources(1, 0)
+
+
+def test_plan_training():
+    plan = plan_training(2, 0, 2, None)
+    assert (plan.workers, plan.cpus, plan.gpus) == (2, 1.0, 0.0)
+    plan = plan_training(16, 4, None, None)
+    assert (plan.workers, plan.cpus, plan.gpus) == (4, 4.0, 1.0)
+    assert plan_training(8, 0, None, None).workers == 1
+    with pytest.raises(ValueError, match="GPUs"):
+        plan_training(16, 2, 3, 1)
+    with pytest.raises(ValueError, match="--workers"):
+        plan_training(2, 0, 3, None)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from hqlabel.jobs.cli import main
 from hqlabel.jobs.evaluate import run_eval
-from hqlabel.jobs.train import plan_training, run_train_job
+from hqlabel.jobs.train import run_train_job
 from hqlabel.platform.instances import iter_instances
 from hqlabel.segmenters import build_segmenter
 from hqlabel.training.config import TrainConfig
@@ -23,18 +23,6 @@ def dataset(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("synthetic") / "data")
     write_fine_structure_dataset(out, 8, size=96, seed=5)
     return out
-
-
-def test_plan_training():
-    plan = plan_training(2, 0, 2, None)
-    assert (plan.workers, plan.cpus, plan.gpus) == (2, 1.0, 0.0)
-    plan = plan_training(16, 4, None, None)
-    assert (plan.workers, plan.cpus, plan.gpus) == (4, 4.0, 1.0)
-    assert plan_training(8, 0, None, None).workers == 1
-    with pytest.raises(ValueError, match="GPUs"):
-        plan_training(16, 2, 3, 1)
-    with pytest.raises(ValueError, match="--workers"):
-        plan_training(2, 0, 3, None)
 
 
 def test_ray_train_job_with_two_cpu_workers(ray_session, dataset, tmp_path, capsys):
