@@ -172,10 +172,22 @@ def mask_parity(paths: list[Path], detector, segmenter, *, batch_size: int = 8) 
     }
 
 
-def baseline_loop(paths: list[Path], detector, segmenter, out_file: Path) -> dict:
+def baseline_loop(
+    paths: list[Path],
+    detector,
+    segmenter,
+    out_file: Path,
+    *,
+    box_threshold: float = 0.35,
+    text_threshold: float = 0.25,
+    max_boxes: int | None = None,
+) -> dict:
     """The loop a user writes with transformers alone, image by image, with the same models and inputs:
     PIL -> Grounding DINO processor + model -> post-processing -> SAM-HQ processor(boxes) + model ->
-    ``post_process_masks`` -> pycocotools RLE -> rows -> one Parquet file at the end."""
+    ``post_process_masks`` -> pycocotools RLE -> rows -> one Parquet file at the end. ``max_boxes`` keeps
+    each image's best-scored boxes (the pipeline's ``max_detections``): the post-processing threshold is
+    lowered to just under the k-th best query's score, so that post-processing handles about k boxes rather
+    than all 900 queries."""
     import pyarrow.parquet as pq
     from PIL import Image
     from pycocotools import mask as mask_utils
@@ -192,13 +204,20 @@ def baseline_loop(paths: list[Path], detector, segmenter, out_file: Path) -> dic
             image = Image.open(path).convert("RGB")
             inputs = det_proc(images=image, text=prompt, return_tensors="pt").to(device)
             outputs = det_model(**inputs)
+            threshold = box_threshold
+            if max_boxes is not None:  # lower the threshold to just under the k-th best query's score
+                best = outputs.logits[0].sigmoid().amax(-1).topk(min(max_boxes, outputs.logits.shape[1]))
+                threshold = max(box_threshold, float(best.values[-1]) - 1e-6)
             det = det_proc.post_process_grounded_object_detection(
                 outputs,
                 inputs["input_ids"],
-                threshold=0.35,
-                text_threshold=0.25,
+                threshold=threshold,
+                text_threshold=text_threshold,
                 target_sizes=[image.size[::-1]],
             )[0]
+            if max_boxes is not None:
+                best = det["scores"].argsort(descending=True)[:max_boxes].tolist()
+                det = {k: [v[i] for i in best] if isinstance(v, list) else v[best] for k, v in det.items()}
             boxes = det["boxes"].cpu()
             if len(boxes) == 0:
                 continue

@@ -52,26 +52,34 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def batched_nms(
-    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    iou_threshold: float,
+    max_keep: int | None = None,
 ) -> torch.Tensor:
     """Class-aware greedy non-maximum suppression (torchvision's ``batched_nms`` without torchvision).
 
-    Boxes of different labels never suppress each other: they are shifted apart by a per-label offset.
+    Boxes of different labels never suppress each other: they are shifted apart by a per-label offset. The
+    IoU matrix is computed where the boxes are; the greedy pass runs on the CPU over it (one transfer: a
+    loop of GPU reads would synchronise once per box), and stops after ``max_keep`` kept boxes.
 
     Returns:
-        Indices of the kept boxes, by decreasing score.
+        Indices of the kept boxes, by decreasing score (at most ``max_keep``).
     """
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device)
     offset = labels.to(boxes.dtype) * (boxes.max() + 1)
     shifted = boxes + offset[:, None]
     order = scores.argsort(descending=True)
-    iou = box_iou(shifted[order], shifted[order])
-    suppressed = torch.zeros(len(order), dtype=torch.bool, device=boxes.device)
+    overlaps = (box_iou(shifted[order], shifted[order]) > iou_threshold).cpu().numpy()
+    suppressed = np.zeros(len(order), dtype=bool)
     keep = []
     for i in range(len(order)):
         if suppressed[i]:
             continue
         keep.append(i)
-        suppressed |= iou[i] > iou_threshold
+        if max_keep is not None and len(keep) >= max_keep:
+            break
+        suppressed |= overlaps[i]
     return order[torch.tensor(keep, dtype=torch.int64, device=boxes.device)]

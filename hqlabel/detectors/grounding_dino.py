@@ -27,6 +27,7 @@ from transformers.models.grounding_dino.image_processing_pil_grounding_dino impo
 from hqlabel.detectors.base import Detections, batched_nms
 from hqlabel.platform.config import Precision, autocast, resolve_precision
 from hqlabel.platform.hub import load_pretrained
+from hqlabel.platform.preprocess import Preprocess, grounding_dino_pixel_values, use_torch_preprocess
 
 
 def build_prompt(classes: list[str]) -> tuple[str, list[tuple[int, int]]]:
@@ -70,7 +71,8 @@ class GroundingDinoDetector:
 
     ``precision`` ("fp32", "bf16", "fp16" on GPUs, or "auto": bf16 on a CUDA device that supports it, else
     fp32) runs the model under ``torch.autocast``; weights stay float32, and scores and boxes are float32
-    before thresholding and NMS whatever the precision.
+    before thresholding and NMS whatever the precision. ``preprocess`` ("auto": on the device when it is a
+    GPU, see ``hqlabel.platform.preprocess``) chooses where images are resized and normalised.
     """
 
     def __init__(
@@ -84,8 +86,10 @@ class GroundingDinoDetector:
         max_detections: int = 100,
         device: str | torch.device = "cpu",
         precision: Precision = "fp32",
+        preprocess: Preprocess = "auto",
     ) -> None:
         self.device = torch.device(device)
+        self.torch_preprocess = use_torch_preprocess(preprocess, self.device)
         self.precision = precision
         self.autocast_dtype = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
@@ -95,6 +99,7 @@ class GroundingDinoDetector:
         self.nms_threshold = nms_threshold
         self.max_detections = max_detections
         self._prompt_cache: dict[tuple[str, ...], tuple[str, torch.Tensor]] = {}
+        self._text_cache: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **kwargs) -> GroundingDinoDetector:
@@ -133,6 +138,26 @@ class GroundingDinoDetector:
             self._prompt_cache[key] = (prompt, positive)
         return self._prompt_cache[key]
 
+    def _inputs(self, images: list[np.ndarray], prompt: str) -> dict[str, torch.Tensor]:
+        """The model's inputs on the device: from the processor, or (``torch_preprocess``) pixels resized on
+        the device and the prompt's tokens tokenized once per batch size."""
+        if not self.torch_preprocess:
+            inputs = self.processor(
+                images=images,
+                text=[prompt] * len(images),
+                return_tensors="pt",
+                input_data_format="channels_last",  # else a 1- or 3-pixel-high image reads as channels-first
+            )
+            return {k: v.to(self.device) for k, v in inputs.items()}
+        key = (prompt, len(images))
+        if key not in self._text_cache:
+            text = self.processor.tokenizer([prompt] * len(images), return_tensors="pt", padding=True)
+            self._text_cache[key] = {k: v.to(self.device) for k, v in text.items()}
+        pixel_values, pixel_mask = grounding_dino_pixel_values(
+            images, self.processor.image_processor, self.device
+        )
+        return {**self._text_cache[key], "pixel_values": pixel_values, "pixel_mask": pixel_mask}
+
     @torch.inference_mode()
     def detect(self, images: list[np.ndarray], classes: list[str]) -> list[Detections]:
         """Detect ``classes`` in ``images``.
@@ -147,13 +172,7 @@ class GroundingDinoDetector:
         if not images:
             return []
         prompt, positive = self._prompt(classes)
-        inputs = self.processor(
-            images=images,
-            text=[prompt] * len(images),
-            return_tensors="pt",
-            input_data_format="channels_last",  # else a 1- or 3-pixel-high image reads as channels-first
-        )
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        inputs = self._inputs(images, prompt)
         with autocast(self.device, self.autocast_dtype):
             outputs = self.model(**inputs)
         probs = outputs.logits.float().sigmoid()  # B x Q x T
@@ -173,7 +192,7 @@ class GroundingDinoDetector:
             boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
             det_scores, det_labels = scores[i, keep], labels[i, keep]
-            kept = batched_nms(boxes, det_scores, det_labels, self.nms_threshold)[: self.max_detections]
+            kept = batched_nms(boxes, det_scores, det_labels, self.nms_threshold, self.max_detections)
             results.append(Detections(boxes[kept].cpu(), det_scores[kept].cpu(), det_labels[kept].cpu()))
         return results
 

@@ -67,7 +67,15 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the segmenter's image encoder (GPU-oriented; the first batches compile)",
+        help="torch.compile the segmenter's image encoder (GPU-oriented; the first batch compiles, ~40 s for "
+        "ViT-L; encoder batches are padded to the first one's size so that it compiles once)",
+    )
+    p.add_argument(
+        "--preprocess",
+        choices=("auto", "processor", "torch"),
+        default="auto",
+        help="where images are resized and normalised: processor (transformers' processors, CPU), torch (on "
+        "the model's device), auto (torch on CUDA, else processor) (default auto)",
     )
     p.add_argument("--max-pixels", type=int, help="images with more pixels become error rows (100M)")
     p.add_argument("--max-side", type=int, help="downscale longer images to this side first (1333)")
@@ -109,6 +117,7 @@ def _label(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         compile=args.compile,
+        preprocess=args.preprocess,
     )
     optional = {
         "max_pixels": args.max_pixels,

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from hqlabel import __version__
-from hqlabel.jobs.resources import ResourcePlan, plan_resources
+from hqlabel.jobs.resources import ResourcePlan, object_store_limit, plan_resources
 from hqlabel.jobs.spec import LabelJobSpec
 from hqlabel.platform import storage
 from hqlabel.platform.config import LabelerConfig
@@ -205,7 +205,6 @@ def run_label_job(spec: LabelJobSpec, *, progress: bool = True) -> LabelSummary:
         RuntimeError: some shards could not be completed (rerun the same command to resume them).
     """
     import ray
-    from tqdm import tqdm
 
     if spec.labeler.preset == "tiny-random":
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
@@ -242,7 +241,29 @@ def run_label_job(spec: LabelJobSpec, *, progress: bool = True) -> LabelSummary:
     }
     _write_json(storage.join(spec.out, "job.json"), record, spec)
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    limits = context.execution_options.resource_limits  # restored below: the context outlives the job
+    context.execution_options.resource_limits = limits.copy(
+        object_store_memory=object_store_limit(plan, spec.batch_size, spec.max_side)
+    )
+    try:
+        return _run_pipeline(spec, source, pending, plan, record, progress)
+    finally:
+        context.execution_options.resource_limits = limits
+
+
+def _run_pipeline(
+    spec: LabelJobSpec,
+    source: DatasetInput,
+    pending: list[Shard],
+    plan: ResourcePlan,
+    record: dict,
+    progress: bool,
+) -> LabelSummary:
+    """The labeling itself: ``run_label_job`` after its checks and set-up."""
+    from tqdm import tqdm
+
     start = time.perf_counter()
     expected = {shard.shard_id: shard.num_images for shard in pending}
     arrived = dict.fromkeys(expected, 0)

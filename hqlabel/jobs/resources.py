@@ -28,6 +28,22 @@ class ResourcePlan:
     actor_threads: int = 1
 
 
+BATCHES_IN_FLIGHT = 4  # decoded batches the object store may hold per labeling actor
+MIN_OBJECT_STORE_BYTES = 64 * 2**20
+
+
+def object_store_limit(plan: ResourcePlan, batch_size: int, max_side: int) -> int:
+    """Bytes of Ray's object store a labeling job's pipeline may fill: ``BATCHES_IN_FLIGHT`` decoded batches
+    per actor at the largest working size (``max_side`` x ``max_side`` RGB), at least 64 MiB.
+
+    Without a limit, Ray Data lets the cheap decode stage run ahead of the model actors until a large share of
+    the object store holds decoded pixels, so a job's memory grows with the dataset (measured on 2 CPUs: 2,000
+    images peaked 600 MiB above 200 images, benchmarks/RESULTS.md). With it, memory is bounded by the actors
+    and the batch size; the budget still keeps each actor a few batches ahead.
+    """
+    return max(MIN_OBJECT_STORE_BYTES, plan.num_actors * BATCHES_IN_FLIGHT * batch_size * max_side**2 * 3)
+
+
 def plan_resources(cpus: float, gpus: float, num_workers: int | None = None) -> ResourcePlan:
     """Size the pipeline for a cluster with ``cpus`` CPUs and ``gpus`` GPUs.
 

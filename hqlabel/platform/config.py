@@ -18,6 +18,7 @@ DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
 DEFAULT_SEGMENTER = "syscv-community/sam-hq-vit-base"
 PRESETS = ("tiny-random",)
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Preprocess = Literal["auto", "processor", "torch"]  # see hqlabel.platform.preprocess
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -149,6 +150,11 @@ class LabelerConfig(BaseModel):
         False,
         description="torch.compile the segmenter's image encoder (GPU-oriented: the first batch of each new "
         "shape compiles, seconds to minutes; needs a C++ compiler on the CPU).",
+    )
+    preprocess: Preprocess = Field(
+        "auto",
+        description="Where images are resized and normalised for the models: 'processor' (transformers' "
+        "processors, CPU), 'torch' (on the model's device), 'auto' (torch on CUDA, the processor elsewhere).",
     )
 
     @field_validator("classes", mode="before")

@@ -7,12 +7,14 @@ standard AWS chain (environment, ``~/.aws`` profile, instance metadata) and are 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +146,38 @@ def write_parquet(table: pa.Table, uri: str, options: StorageOptions = StorageOp
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     write_bytes(uri, buf.getvalue(), options)
+
+
+@contextlib.contextmanager
+def parquet_writer(
+    uri: str, schema: pa.Schema, options: StorageOptions = StorageOptions(), *, compression: str = "zstd"
+) -> Iterator[pq.ParquetWriter]:
+    """A ``pq.ParquetWriter`` for one Parquet file at ``uri``, for files too large to build in memory first.
+
+    The file appears atomically when the ``with`` block ends without an error, and not at all if it raises:
+    it is written to a hidden temporary name in the same folder (``list_files`` skips it), then renamed
+    locally, or moved on S3 (a server-side copy, atomic for the target, then a delete of the temporary).
+    """
+    fs, path = resolve(uri, options)
+    parent, name = path.rsplit("/", 1)
+    tmp = f"{parent}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+    local = isinstance(fs, pafs.LocalFileSystem)
+    if local:
+        fs.create_dir(parent, recursive=True)
+    try:
+        with (
+            fs.open_output_stream(tmp) as sink,
+            pq.ParquetWriter(sink, schema, compression=compression) as writer,
+        ):
+            yield writer
+        if local:
+            os.replace(tmp, path)
+        else:
+            with_retries(lambda: fs.move(tmp, path), f"writing {uri}")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
+        raise
 
 
 def read_parquet(uri: str, options: StorageOptions = StorageOptions(), columns=None) -> pa.Table:

@@ -10,6 +10,7 @@ Plain SAM (``transformers.SamModel``) goes through the same API, so SAM and HQ-S
 Speed options (GPU-oriented): ``precision`` runs the encoder and decoder under ``torch.autocast`` (weights
 stay float32, outputs come back as float32), ``compile`` compiles the vision encoder, and the encoder's
 attention is PyTorch SDPA (transformers' default; ``attention_implementation`` says which one a model uses).
+On CUDA, images are resized and normalised on the GPU (``preprocess``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPi
 
 from hqlabel.platform.config import Precision, autocast, resolve_precision
 from hqlabel.platform.hub import load_pretrained
+from hqlabel.platform.preprocess import Preprocess, sam_pixel_values, use_torch_preprocess
 from hqlabel.segmenters.structures import ImageEmbeddings, MaskLogits, Prompts
 from hqlabel.segmenters.transformers_fixes import fix_sam_hq_mask_decoder
 
@@ -53,6 +55,12 @@ class HQSamSegmenter:
         compile: ``torch.compile`` the vision encoder (in place: parameter names, ``save_pretrained`` and HQ
             weights are unchanged). Meant for GPUs; the first call of each new input shape compiles
             (seconds to minutes), and on the CPU inductor needs a C++ compiler.
+        preprocess: where ``embed`` resizes and normalises images: "processor" (the processor, on the CPU),
+            "torch" (on ``device``, ``hqlabel.platform.preprocess``) or "auto" (torch on CUDA).
+        encoder_batch: images per encoder call: smaller batches are padded with blank images and larger ones
+            split, so that the encoder sees one input shape (a compiled encoder compiles once, not once per
+            batch size: a job's last batch is usually smaller). With ``compile`` it defaults to the first
+            call's batch size; else None (each batch as it comes).
     """
 
     def __init__(
@@ -67,12 +75,15 @@ class HQSamSegmenter:
         device: str | torch.device = "cpu",
         precision: Precision = "fp32",
         compile: bool = False,
+        preprocess: Preprocess = "auto",
+        encoder_batch: int | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if multimask not in MULTIMASK_MODES:
             raise ValueError(f"multimask must be one of {MULTIMASK_MODES}, got {multimask!r}")
         self.device = torch.device(device)
+        self.torch_preprocess = use_torch_preprocess(preprocess, self.device)
         self.precision = precision
         self.autocast_dtype = resolve_precision(precision, self.device)
         if isinstance(model, SamHQModel):
@@ -85,6 +96,9 @@ class HQSamSegmenter:
         self.multimask = multimask
         if hq_token_only and not self.is_hq:
             raise ValueError("hq_token_only needs an HQ-SAM model; this is plain SAM")
+        if encoder_batch is not None and encoder_batch < 1:
+            raise ValueError(f"encoder_batch must be >= 1, got {encoder_batch}")
+        self.encoder_batch = encoder_batch
         self.compiled = compile
         if compile:
             self.model.vision_encoder.compile()
@@ -152,16 +166,18 @@ class HQSamSegmenter:
         """Run the image encoder once over a batch of H x W x 3 uint8 RGB images (sizes may differ)."""
         if not images:
             raise ValueError("embed() needs at least one image")
-        # channels_last: else a 1- or 3-pixel-high image reads as channels-first (and is transposed or fails)
-        inputs = self.processor(images=images, return_tensors="pt", input_data_format="channels_last")
-        image_embeddings, intermediate = self.encode(inputs["pixel_values"])
-        return ImageEmbeddings(
-            image_embeddings,
-            intermediate,
-            [tuple(s) for s in inputs["original_sizes"].tolist()],
-            [tuple(s) for s in inputs["reshaped_input_sizes"].tolist()],
-            hq=self.is_hq,
-        )
+        if self.torch_preprocess:
+            pixel_values, original, reshaped = sam_pixel_values(
+                images, self.processor.image_processor, self.device
+            )
+        else:
+            # channels_last: else a 1- or 3-pixel-high image reads as channels-first (transposed or fails)
+            inputs = self.processor(images=images, return_tensors="pt", input_data_format="channels_last")
+            pixel_values = inputs["pixel_values"]
+            original = [tuple(s) for s in inputs["original_sizes"].tolist()]
+            reshaped = [tuple(s) for s in inputs["reshaped_input_sizes"].tolist()]
+        image_embeddings, intermediate = self.encode(pixel_values)
+        return ImageEmbeddings(image_embeddings, intermediate, original, reshaped, hq=self.is_hq)
 
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -175,6 +191,22 @@ class HQSamSegmenter:
             for plain SAM), float32 on the segmenter's device.
         """
         pixel_values = pixel_values.to(self.device, self.model.dtype)
+        if self.compiled and self.encoder_batch is None:
+            self.encoder_batch = len(pixel_values)
+        batch = self.encoder_batch
+        if batch is None or len(pixel_values) == batch:
+            return self._encode(pixel_values)
+        embeddings, intermediate = [], []
+        for chunk in pixel_values.split(batch):
+            n = len(chunk)
+            if n < batch:
+                chunk = torch.cat([chunk, chunk.new_zeros(batch - n, *chunk.shape[1:])])
+            chunk_embeddings, chunk_intermediate = self._encode(chunk)
+            embeddings.append(chunk_embeddings[:n])
+            intermediate.append([e[:n] for e in chunk_intermediate])
+        return torch.cat(embeddings), [torch.cat(level) for level in zip(*intermediate, strict=True)]
+
+    def _encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         with self.autocast():
             if self.is_hq:
                 image_embeddings, intermediate = self.model.get_image_embeddings(pixel_values)

@@ -39,6 +39,7 @@ def build_models(config: LabelerConfig) -> tuple[GroundingDinoDetector | None, H
         max_detections=config.max_detections,
         device=device,
         precision=config.precision,
+        preprocess=config.preprocess,
     )
     seg_kwargs = dict(
         hq_token_only=config.hq_token_only,
@@ -48,6 +49,7 @@ def build_models(config: LabelerConfig) -> tuple[GroundingDinoDetector | None, H
         device=device,
         precision=config.precision,
         compile=config.compile,
+        preprocess=config.preprocess,
     )
     return (
         None

@@ -31,3 +31,25 @@ def test_quick_stages_and_per_box(tmp_path):
     for n in (1, 10, 100):
         assert per_box[f"boxes_{n}"]["decoder_s"]["value"] > 0
         assert per_box[f"boxes_{n}"]["encoder_calls"]["value"] == 1  # embed once, decode many
+
+
+@pytest.mark.timeout(120)
+def test_gpu_runner_on_the_cpu_with_tiny_models(tmp_path):
+    """``benchmarks.gpu`` end to end on the CPU: every section runs, each image gets ``--boxes`` boxes in
+    both the pipeline and the baseline, and the pipeline writes every image."""
+    from benchmarks.gpu import main as gpu_main
+
+    out = tmp_path / "gpu.json"
+    args = ["--device", "cpu", "--preset", "tiny-random", "--images", "8", "--baseline-images", "3"]
+    gpu_main([*args, "--variant-images", "4", "--boxes", "3", "--batch-size", "4", "--out", str(out)])
+
+    results = json.loads(out.read_text())["results"]
+    assert "errors" not in results and "skipped" not in results
+    assert results["pipeline"]["instances"]["value"] == 8 * 3
+    assert results["baseline"]["boxes"]["value"] == 3 * 3
+    for name in ("bf16_processor", "fp32_processor", "fp32_detector"):
+        assert results[f"pipeline_{name}"]["instances"]["value"] == 4 * 3
+    assert results["per_box"]["boxes_100"]["encoder_calls"]["value"] == 1
+    assert results["compute_limit"]["encoder_gflops_per_image"]["value"] > 0
+    split = results["detector_split"]
+    assert split["detect_s_per_image"]["value"] >= split["forward_s_per_image"]["value"] > 0

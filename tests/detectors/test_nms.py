@@ -115,3 +115,14 @@ def test_empty_detections() -> None:
     empty = Detections.empty()
     assert len(empty) == 0
     assert empty.boxes.shape == (0, 4) and empty.scores.shape == (0,) and empty.labels.dtype == torch.int64
+
+
+def test_nms_max_keep_is_the_first_kept_boxes() -> None:
+    generator = torch.Generator().manual_seed(0)
+    xy = torch.rand(300, 2, generator=generator) * 200
+    boxes = torch.cat([xy, xy + torch.rand(300, 2, generator=generator) * 60 + 1], dim=1)
+    scores = torch.rand(300, generator=generator)
+    labels = torch.randint(0, 3, (300,), generator=generator)
+    every = batched_nms(boxes, scores, labels, 0.5)
+    assert 10 < len(every) < 300  # some suppressed, more than 10 kept
+    torch.testing.assert_close(batched_nms(boxes, scores, labels, 0.5, max_keep=10), every[:10])

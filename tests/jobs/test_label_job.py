@@ -109,8 +109,13 @@ def test_parquet_input_with_wrong_columns_is_rejected(ray_session, tmp_path):
 
 
 def test_rerun_resumes_and_other_settings_need_overwrite(ray_session, image_folder, tmp_path):
+    import ray
+
     out = tmp_path / "out"
+    limits = ray.data.DataContext.get_current().execution_options.resource_limits
     first = run_label_job(_spec(image_folder, out, shard_size=2), progress=False)
+    # the job's object-store budget applies to its own pipeline only
+    assert ray.data.DataContext.get_current().execution_options.resource_limits == limits
     masks_before = pq.read_table(out / "masks")
     again = run_label_job(_spec(image_folder, out, shard_size=2), progress=False)
     assert again.images_this_run == 0 and again.instances == first.instances  # every shard was done
@@ -118,7 +123,8 @@ def test_rerun_resumes_and_other_settings_need_overwrite(ray_session, image_fold
 
     # A job.json from an older HQLabel, without labeler fields added since (at their defaults), resumes too.
     job = json.loads((out / "job.json").read_text())
-    del job["spec"]["labeler"]["precision"], job["spec"]["labeler"]["compile"]
+    for field in ("precision", "compile", "preprocess"):
+        del job["spec"]["labeler"][field]
     (out / "job.json").write_text(json.dumps(job))
     assert run_label_job(_spec(image_folder, out, shard_size=2), progress=False).images_this_run == 0
 

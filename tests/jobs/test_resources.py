@@ -1,6 +1,6 @@
 import pytest
 
-from hqlabel.jobs.resources import plan_resources, plan_training
+from hqlabel.jobs.resources import MIN_OBJECT_STORE_BYTES, object_store_limit, plan_resources, plan_training
 
 
 @pytest.mark.parametrize("cpus", [2, 3, 4, 8, 16, 64])
@@ -55,3 +55,11 @@ def test_plan_training():
         plan_training(16, 2, 3, 1)
     with pytest.raises(ValueError, match="--workers"):
         plan_training(2, 0, 3, None)
+
+
+def test_object_store_limit_is_a_few_batches_per_actor():
+    one_gpu, four_gpus = plan_resources(8, 1), plan_resources(32, 4)
+    batch = 8 * 1333 * 1333 * 3  # 8 images at the largest working size
+    assert object_store_limit(one_gpu, 8, 1333) == 4 * batch
+    assert object_store_limit(four_gpus, 8, 1333) == 4 * object_store_limit(one_gpu, 8, 1333)
+    assert object_store_limit(one_gpu, 1, 64) == MIN_OBJECT_STORE_BYTES  # never below the floor

@@ -165,6 +165,22 @@ def test_bad_arguments_are_value_errors(segmenter: HQSamSegmenter) -> None:
         with_settings(segmenter, chunk_size=0)
     with pytest.raises(ValueError, match="multimask"):
         with_settings(segmenter, multimask="best-of-3")
+    with pytest.raises(ValueError, match="encoder_batch"):
+        with_settings(segmenter, encoder_batch=0)
+
+
+def test_fixed_encoder_batch_pads_and_splits(segmenter: HQSamSegmenter, images: list[np.ndarray]) -> None:
+    """With ``encoder_batch`` (one shape for a compiled encoder) every encoder call sees that many images,
+    and each image's embeddings are those of an unpadded call."""
+    five = [images[k % 2] for k in range(5)]
+    expected = segmenter.embed(five)
+    fixed = with_settings(segmenter, encoder_batch=3)
+    with call_sizes(segmenter.model.vision_encoder, lambda out: out[0].shape[0]) as sizes:
+        got = fixed.embed(five)
+    assert sizes == [3, 3]  # 5 images: 3, then 2 padded to 3
+    assert_close_to_scale(got.image_embeddings, expected.image_embeddings, 1e-5)
+    for a, b in zip(got.intermediate_embeddings, expected.intermediate_embeddings, strict=True):
+        assert_close_to_scale(a, b, 1e-5)
 
 
 # --- ImageEmbeddings ------------------------------------------------------------------------------

@@ -43,6 +43,18 @@ def test_labeler_config_precision_and_compile():
         LabelerConfig(classes="cat", precision="fp8")
 
 
+def test_preprocess_reaches_both_models() -> None:
+    from hqlabel.workers.labeler import build_models
+
+    detector, segmenter = build_models(LabelerConfig(classes="cat", preset="tiny-random", device="cpu"))
+    assert not detector.torch_preprocess and not segmenter.torch_preprocess  # auto on the CPU: processors
+    config = LabelerConfig(classes="cat", preset="tiny-random", device="cpu", preprocess="torch")
+    detector, segmenter = build_models(config)
+    assert detector.torch_preprocess and segmenter.torch_preprocess
+    with pytest.raises(ValueError):
+        LabelerConfig(classes="cat", preprocess="gpu")
+
+
 def _masks(segmenter: HQSamSegmenter, images: list[np.ndarray]) -> list[torch.Tensor]:
     embeddings = segmenter.embed(images)
     assert embeddings.image_embeddings.dtype == torch.float32
