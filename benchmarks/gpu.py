@@ -249,7 +249,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     from benchmarks.compute_limit import build_segmenter, encoder_flops, encoder_throughput, matmul_rate
     from benchmarks.models import real_size_grounding_dino
-    from benchmarks.run import demo_images
+    from benchmarks.run import demo_images, print_table
     from hqlabel.detectors.grounding_dino import GroundingDinoDetector, tiny_random_grounding_dino
     from hqlabel.platform.config import LabelerConfig
     from hqlabel.segmenters.hq_sam import HQSamSegmenter
@@ -469,6 +469,7 @@ def main(argv: list[str] | None = None) -> dict:
                     )
                     save("pipeline_compiled")
     save("elapsed_s")
+    print_table(results)
     return report
 
 
