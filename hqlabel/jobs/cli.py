@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from hqlabel import __version__
+from hqlabel.jobs.args import add_storage_args, storage_options
 from hqlabel.platform.config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, PRECISIONS, PRESETS
 
 # Errors that come from the user's input or environment: shown as one line, without a traceback.
@@ -86,8 +87,7 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels-column", default="labels", help="Parquet input: class names of those boxes")
     p.add_argument("--coco-images", help="COCO input: image folder (default: the JSON's folder)")
     p.add_argument("--shard-size", type=int, help="folder/COCO input: images per shard (1000)")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (credentials: the AWS environment)")
-    p.add_argument("--s3-region", help="S3 region (default: AWS_REGION or us-east-1)")
+    add_storage_args(p)
     p.add_argument(
         "--overwrite", action="store_true", help="start over in --out (default: resume an earlier run there)"
     )
@@ -213,16 +213,14 @@ def _add_status_parser(sub: argparse._SubParsersAction) -> None:
         "status", help="progress of a labeling job's output folder (shards, instances, errors)"
     )
     p.add_argument("out", help="the job's --out folder (local or s3://)")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL")
-    p.add_argument("--s3-region", help="S3 region")
+    add_storage_args(p)
     p.set_defaults(func=_status)
 
 
 def _status(args: argparse.Namespace) -> int:
     from hqlabel.jobs.status import job_status
-    from hqlabel.platform.storage import StorageOptions
 
-    print(job_status(args.out, StorageOptions(args.s3_endpoint, args.s3_region)))
+    print(job_status(args.out, storage_options(args)))
     return 0
 
 
@@ -247,8 +245,7 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
         default=4.0,
         help="yolo-seg: drop mask parts with a smaller polygon area in pixels (default 4)",
     )
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL")
-    p.add_argument("--s3-region", help="S3 region")
+    add_storage_args(p)
     p.set_defaults(func=_export)
 
 
@@ -275,8 +272,7 @@ def _add_show_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="local folder for overlays/, sheets/ and index.html")
     p.add_argument("--images", help="the job's input, if it has moved (default: job.json's spec.input)")
     p.add_argument("--limit", type=int, default=200, help="at most this many images (default 200)")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL")
-    p.add_argument("--s3-region", help="S3 region")
+    add_storage_args(p)
     p.set_defaults(func=_show)
 
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
+from hqlabel.jobs.args import add_storage_args, storage_options
 from hqlabel.platform import storage
 from hqlabel.platform.export import LabelsFolder
 from hqlabel.platform.groundtruth import image_size
@@ -324,8 +325,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "thresholds, reject always drops",
     )
     p.add_argument("--images", help="the job's input, if it has moved (default: job.json's spec.input)")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL")
-    p.add_argument("--s3-region", help="S3 region")
+    add_storage_args(p)
     p.set_defaults(func=_curate)
 
 
@@ -342,7 +342,7 @@ def _curate(args: argparse.Namespace) -> int:
         min_area=args.min_area,
         decisions=args.decisions,
         images=args.images,
-        options=StorageOptions(args.s3_endpoint, args.s3_region),
+        options=storage_options(args),
     )
     counts = manifest["provenance"]["counts"]
     dropped = ", ".join(f"{k} {v}" for k, v in counts["dropped"].items() if v) or "none"

@@ -10,6 +10,7 @@ import argparse
 import json
 from typing import Any
 
+from hqlabel.jobs.args import add_storage_args, storage_options
 from hqlabel.platform import storage
 from hqlabel.platform.config import DEFAULT_SEGMENTER, PRESETS
 from hqlabel.platform.instances import open_instances
@@ -114,8 +115,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hq-token-only", action="store_true", help="HQ logits alone for the HQ-SAM rows")
     p.add_argument("--batch-size", type=int, default=4, help="images per encoder call (4)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL")
-    p.add_argument("--s3-region", help="S3 region")
+    add_storage_args(p)
     p.set_defaults(func=_eval)
 
 
@@ -133,7 +133,7 @@ def _eval(args: argparse.Namespace) -> int:
         hq_token_only=args.hq_token_only,
         batch_size=args.batch_size,
         device=args.device,
-        options=StorageOptions(args.s3_endpoint, args.s3_region),
+        options=storage_options(args),
     )
     print(report["table"], end="")
     return 0

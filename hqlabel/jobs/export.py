@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from hqlabel.jobs.args import storage_options
 from hqlabel.platform.export import ExportSummary, export_labels
-from hqlabel.platform.storage import StorageOptions
 
 
 def run_export(args: argparse.Namespace) -> ExportSummary:
@@ -22,6 +22,6 @@ def run_export(args: argparse.Namespace) -> ExportSummary:
         args.labels,
         args.out,
         args.format,
-        StorageOptions(args.s3_endpoint, args.s3_region),
+        storage_options(args),
         min_part_area=args.min_part_area,
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from hqlabel.jobs.args import add_storage_args, storage_options
 from hqlabel.platform import groundtruth, storage
 from hqlabel.platform.instances import write_instances
 from hqlabel.platform.storage import StorageOptions
@@ -76,8 +77,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", help="COCO: folder of the file_names (default: the JSON's folder)")
     p.add_argument("--label", default="object", help="mask folder: class name of the masks (object)")
     p.add_argument("--include-crowd", action="store_true", help="COCO: keep iscrowd annotations")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL")
-    p.add_argument("--s3-region", help="S3 region")
+    add_storage_args(p)
     p.set_defaults(func=_import_gt)
 
 
@@ -88,7 +88,7 @@ def _import_gt(args: argparse.Namespace) -> int:
         images=args.images,
         label=args.label,
         include_crowd=args.include_crowd,
-        options=StorageOptions(args.s3_endpoint, args.s3_region),
+        options=storage_options(args),
     )
     print(
         f"imported {manifest['num_images']} images, {manifest['num_instances']} instances "

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from hqlabel.jobs.args import storage_options
 from hqlabel.platform.gallery import GallerySummary, write_gallery
-from hqlabel.platform.storage import StorageOptions
 
 
 def run_show(args: argparse.Namespace) -> GallerySummary:
@@ -21,5 +21,5 @@ def run_show(args: argparse.Namespace) -> GallerySummary:
         args.out,
         images=args.images,
         limit=args.limit,
-        options=StorageOptions(args.s3_endpoint, args.s3_region),
+        options=storage_options(args),
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from hqlabel.platform.storage import StorageOptions
+from hqlabel.jobs.args import add_storage_args, storage_options
 
 
 def add_synthetic_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,8 +21,7 @@ def add_synthetic_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--max-objects", type=int, default=3, help="objects per image, 1-3 (default 3)")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL")
-    p.add_argument("--s3-region", help="S3 region")
+    add_storage_args(p)
     p.set_defaults(func=_synth_data)
 
 
@@ -34,7 +33,7 @@ def _synth_data(args: argparse.Namespace) -> int:
         args.count,
         args.size,
         args.seed,
-        StorageOptions(args.s3_endpoint, args.s3_region),
+        storage_options(args),
         max_objects=args.max_objects,
     )
     print(

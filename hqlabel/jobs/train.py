@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from hqlabel.jobs.args import add_storage_args
 from hqlabel.jobs.resources import plan_training
 from hqlabel.platform import storage
 from hqlabel.platform.config import DEFAULT_SEGMENTER, PRESETS
@@ -141,8 +142,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="Ray Train workers (default: one per GPU, else 1)")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 1 with GPUs, else 0)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL")
-    p.add_argument("--s3-region", help="S3 region")
+    add_storage_args(p)
     p.add_argument("--address", help="Ray cluster address to join (default: start a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
     p.set_defaults(func=_train)

@@ -1,0 +1,20 @@
+"""Command-line arguments that several ``hqlabel`` commands share."""
+
+from __future__ import annotations
+
+import argparse
+
+from hqlabel.platform.storage import StorageOptions
+
+
+def add_storage_args(parser: argparse.ArgumentParser) -> None:
+    """``--s3-endpoint`` and ``--s3-region``, for commands that read or write ``s3://`` paths."""
+    parser.add_argument(
+        "--s3-endpoint", help="S3-compatible endpoint URL (credentials: the AWS environment or profile)"
+    )
+    parser.add_argument("--s3-region", help="S3 region (default: AWS_REGION, then us-east-1)")
+
+
+def storage_options(args: argparse.Namespace) -> StorageOptions:
+    """The ``StorageOptions`` of ``add_storage_args``' arguments."""
+    return StorageOptions(args.s3_endpoint, args.s3_region)
