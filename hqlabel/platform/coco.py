@@ -62,12 +62,12 @@ def read_coco(
             image or category id, or a bbox that is not 4 finite numbers.
         TypeError: ``data`` is not bytes, str or dict.
     """
-    doc = _load(data)
-    names_by_id = _categories_by_id(doc)
+    doc = load_document(data)
+    names_by_id = categories_by_id(doc)
     images: list[CocoImage] = []
     by_coco_id: dict[int, CocoImage] = {}
-    for index, entry in enumerate(_require_list(doc, "images")):
-        image = _parse_image(entry, index, images_root)
+    for index, entry in enumerate(require_list(doc, "images")):
+        image = parse_image(entry, index, images_root)
         if image.coco_id in by_coco_id:
             raise ValueError(
                 f"duplicate COCO image id {image.coco_id} (file_names {by_coco_id[image.coco_id].image_id!r} "
@@ -113,11 +113,12 @@ def read_coco(
 
 def coco_categories(data: bytes | str | dict) -> list[str]:
     """Category names of a COCO JSON (same inputs as :func:`read_coco`), in category-id order."""
-    names_by_id = _categories_by_id(_load(data))
+    names_by_id = categories_by_id(load_document(data))
     return [names_by_id[k] for k in sorted(names_by_id)]
 
 
-def _load(data: bytes | str | dict) -> dict[str, Any]:
+def load_document(data: bytes | str | dict) -> dict[str, Any]:
+    """A COCO JSON document (file contents as bytes or str, or the parsed dict), checked to be an object."""
     if isinstance(data, dict):
         doc = data
     elif isinstance(data, (bytes, str)):
@@ -137,7 +138,8 @@ def _load(data: bytes | str | dict) -> dict[str, Any]:
     return doc
 
 
-def _require_list(doc: dict[str, Any], key: str) -> list:
+def require_list(doc: dict[str, Any], key: str) -> list:
+    """``doc[key]``, which must be a list (``images``, ``annotations``, ``categories``)."""
     if key not in doc:
         raise ValueError(
             f"COCO JSON has no {key!r} key (keys: {sorted(doc)}); pass a COCO instances file "
@@ -149,9 +151,10 @@ def _require_list(doc: dict[str, Any], key: str) -> list:
     return value
 
 
-def _categories_by_id(doc: dict[str, Any]) -> dict[int, str]:
+def categories_by_id(doc: dict[str, Any]) -> dict[int, str]:
+    """Category name by category id; ids must be unique integers."""
     names: dict[int, str] = {}
-    for index, cat in enumerate(_require_list(doc, "categories")):
+    for index, cat in enumerate(require_list(doc, "categories")):
         if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
             raise ValueError(f"COCO category #{index} ({cat!r}) needs an integer 'id' and a string 'name'")
         if cat["id"] in names:
@@ -160,7 +163,8 @@ def _categories_by_id(doc: dict[str, Any]) -> dict[int, str]:
     return names
 
 
-def _parse_image(entry: Any, index: int, images_root: str) -> CocoImage:
+def parse_image(entry: Any, index: int, images_root: str) -> CocoImage:
+    """The ``index``-th ``images`` entry, checked, as a ``CocoImage`` under ``images_root`` (no boxes yet)."""
     if not isinstance(entry, dict):
         raise ValueError(f"COCO image #{index} is a {type(entry).__name__}, expected an object")
     file_name = entry.get("file_name")

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from hqlabel.platform import storage
+from hqlabel.platform.coco import categories_by_id, load_document, parse_image, require_list
 from hqlabel.platform.images import IMAGE_EXTENSIONS
 from hqlabel.platform.instances import ImageInstances, Instance
 from hqlabel.platform.rle import encode_mask
@@ -144,16 +145,14 @@ def read_coco_instances(
         ValueError: malformed COCO (see ``hqlabel.platform.coco.read_coco``), an image whose size differs
             from the JSON's ``height`` / ``width``, an unreadable image, a malformed segmentation.
     """
-    from hqlabel.platform.coco import _categories_by_id, _load, _parse_image, _require_list
-
     stats = {} if stats is None else stats
     for key in ("images", "instances", "skipped_crowd", "skipped_no_segmentation"):
         stats.setdefault(key, 0)
     stats.setdefault("skipped_images_without_annotations", 0)
-    doc = _load(storage.read_bytes(uri, options))
+    doc = load_document(storage.read_bytes(uri, options))
     root = images_root or uri.rstrip("/").rsplit("/", 1)[0]
-    names = _categories_by_id(doc)
-    entries = [_parse_image(entry, k, root) for k, entry in enumerate(_require_list(doc, "images"))]
+    names = categories_by_id(doc)
+    entries = [parse_image(entry, k, root) for k, entry in enumerate(require_list(doc, "images"))]
     by_id: dict[int, list[dict[str, Any]]] = {entry.coco_id: [] for entry in entries}
     annotations = doc.get("annotations") or []
     if not isinstance(annotations, list):
