@@ -119,6 +119,12 @@ def read_bytes(uri: str, options: StorageOptions = StorageOptions()) -> bytes:
     return with_retries(read, f"reading {uri}")
 
 
+def _temporary_path(path: str) -> str:
+    """A hidden name beside ``path`` for writing before it appears (``list_files`` skips hidden names)."""
+    parent, name = path.rsplit("/", 1)
+    return f"{parent}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+
+
 def write_bytes(uri: str, data: bytes, options: StorageOptions = StorageOptions()) -> None:
     """Write ``data`` to ``uri`` atomically: readers see the old object or the whole new one, never a part.
 
@@ -128,7 +134,7 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions = StorageOptions(
     parent = path.rsplit("/", 1)[0]
     if isinstance(fs, pafs.LocalFileSystem):
         fs.create_dir(parent, recursive=True)
-        tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp = _temporary_path(path)
         with fs.open_output_stream(tmp) as f:
             f.write(data)
         os.replace(tmp, path)
@@ -159,11 +165,10 @@ def parquet_writer(
     locally, or moved on S3 (a server-side copy, atomic for the target, then a delete of the temporary).
     """
     fs, path = resolve(uri, options)
-    parent, name = path.rsplit("/", 1)
-    tmp = f"{parent}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = _temporary_path(path)
     local = isinstance(fs, pafs.LocalFileSystem)
     if local:
-        fs.create_dir(parent, recursive=True)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     try:
         with (
             fs.open_output_stream(tmp) as sink,
