@@ -190,7 +190,7 @@ def detector_split(paths: list[Path], detector, batch_size: int) -> dict:
             batch = images[start : start + batch_size]
             with timer("preprocess"):
                 inputs = detector._inputs(batch, prompt)
-            with timer("forward"), detector_autocast(detector):
+            with timer("forward"), detector.autocast():
                 detector.model(**inputs)
             with timer("detect"):
                 detector.detect(batch, CLASSES)
@@ -199,12 +199,6 @@ def detector_split(paths: list[Path], detector, batch_size: int) -> dict:
     rest = timer.seconds["detect"] - timer.seconds["preprocess"] - timer.seconds["forward"]
     out["scores_nms_s_per_image"] = metric(rest / n, "s/image (detect - preprocess - forward)")
     return out
-
-
-def detector_autocast(detector):
-    from hqlabel.platform.config import autocast
-
-    return autocast(detector.device, detector.autocast_dtype)
 
 
 def machine(device: torch.device) -> dict:

@@ -7,6 +7,7 @@ map back to the class list, never to token fragments.
 
 from __future__ import annotations
 
+import contextlib
 import string
 from pathlib import Path
 
@@ -101,6 +102,10 @@ class GroundingDinoDetector:
         self._prompt_cache: dict[tuple[str, ...], tuple[str, torch.Tensor]] = {}
         self._text_cache: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` at this detector's precision (a no-op context at fp32)."""
+        return autocast(self.device, self.autocast_dtype)
+
     @classmethod
     def from_pretrained(cls, name_or_path: str, **kwargs) -> GroundingDinoDetector:
         """Load model and processor from a hub id (``IDEA-Research/grounding-dino-tiny``) or a directory."""
@@ -173,7 +178,7 @@ class GroundingDinoDetector:
             return []
         prompt, positive = self._prompt(classes)
         inputs = self._inputs(images, prompt)
-        with autocast(self.device, self.autocast_dtype):
+        with self.autocast():
             outputs = self.model(**inputs)
         probs = outputs.logits.float().sigmoid()  # B x Q x T
         positive = positive.to(self.device)
