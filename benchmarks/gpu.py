@@ -33,14 +33,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import tempfile
 import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +139,7 @@ def ray_jobs(paths: list[Path], labeler, root: Path, batch_size: int) -> dict:
 
     import ray
 
-    from hqlabel.jobs.label import run_label_job
+    from benchmarks.run import timed_job
     from hqlabel.jobs.spec import LabelJobSpec
 
     folder = root / "ray-input"
@@ -157,17 +154,9 @@ def ray_jobs(paths: list[Path], labeler, root: Path, batch_size: int) -> dict:
             spec = LabelJobSpec(
                 input=str(folder), out=str(root / f"ray-{name}"), labeler=labeler, batch_size=batch_size
             )
-            start = time.perf_counter()
-            summary = run_label_job(spec, progress=False)
-            seconds = time.perf_counter() - start
-            if summary.images != len(paths) or summary.errors:
-                raise RuntimeError(f"the Ray job did not label every image: {summary}")
-            out[name] = {
-                "images": metric(summary.images, "images"),
-                "instances": metric(summary.instances, "instances"),
-                "seconds": metric(seconds, "s (the job, actor start included)"),
-                "images_per_s": metric(summary.images / seconds, "images/s"),
-            }
+            out[name] = job = timed_job(spec)  # the job's seconds include its actor's start
+            if job["images"]["value"] != len(paths) or job["errors"]["value"]:
+                raise RuntimeError(f"the Ray job did not label every image: {job}")
     finally:
         ray.shutdown()
     out["images_per_s"] = out["warm"]["images_per_s"]
@@ -201,21 +190,6 @@ def detector_split(paths: list[Path], detector, batch_size: int) -> dict:
     return out
 
 
-def machine(device: torch.device) -> dict:
-    import transformers
-
-    return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(),
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "transformers": transformers.__version__,
-    }
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (a smoke run)")
@@ -243,7 +217,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     from benchmarks.compute_limit import build_segmenter, encoder_flops, encoder_throughput, matmul_rate
     from benchmarks.models import real_size_grounding_dino
-    from benchmarks.run import demo_images, print_table
+    from benchmarks.run import demo_images, machine_info, print_table
     from hqlabel.detectors.grounding_dino import GroundingDinoDetector, tiny_random_grounding_dino
     from hqlabel.platform.config import LabelerConfig
     from hqlabel.segmenters.hq_sam import HQSamSegmenter
@@ -253,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     device = torch.device(args.device)
     report: dict = {
-        "machine": machine(device),
+        "machine": machine_info(str(device)),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "note": "random-weight models: only the timings mean anything",
         "results": {},

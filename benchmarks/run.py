@@ -78,9 +78,13 @@ class RssSampler:
 
 def machine_info(device: str) -> dict:
     import pyarrow
-    import ray
     import torch
     import transformers
+
+    try:
+        import ray
+    except ImportError:  # the Ray-free GPU runs (benchmarks.gpu) may go without it
+        ray = None
 
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {
@@ -91,8 +95,9 @@ def machine_info(device: str) -> dict:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,
         "transformers": transformers.__version__,
-        "ray": ray.__version__,
+        "ray": ray and ray.__version__,
         "pyarrow": pyarrow.__version__,
         "platform": platform.platform(),
     }
@@ -134,6 +139,7 @@ def timed_job(spec) -> dict:
     return {
         "images": metric(summary.images, "images"),
         "instances": metric(summary.instances, "instances"),
+        "errors": metric(summary.errors, "error rows"),
         "seconds": metric(seconds, "s"),
         "images_per_s": metric(summary.images / seconds, "images/s"),
     }
