@@ -1,6 +1,9 @@
 """``hqlabel label``: read -> decode (CPU tasks) -> detect + segment (actor pool) -> write, on Ray Data.
 
-Streaming end to end: the driver holds only per-batch counts, so memory does not grow with the dataset.
+Streaming end to end: the driver holds one small record per shard (id, count, where its rows are) and
+per-batch counts; listing, reading, labeling, writing and the per-shard merges all run in Ray tasks and
+actors, so the driver's memory grows with the number of shards, not of images, and no image or mask byte
+passes through it.
 """
 
 from __future__ import annotations
@@ -20,8 +23,14 @@ from hqlabel.jobs.spec import LabelJobSpec
 from hqlabel.platform import storage
 from hqlabel.platform.config import LabelerConfig
 from hqlabel.platform.hub import load_pretrained
-from hqlabel.platform.readers import DatasetInput, Shard, list_input, read_parquet_shards
-from hqlabel.workers.writer import finalize_shard, read_marker, reset_shard, write_parts
+from hqlabel.platform.readers import (
+    DatasetInput,
+    Shard,
+    check_input_exists,
+    list_input,
+    read_parquet_shards,
+)
+from hqlabel.workers.writer import done_shards, finalize_shard, read_markers, reset_shards, write_parts
 
 logger = logging.getLogger(__name__)
 
@@ -86,41 +95,72 @@ def _labeler_defaults() -> dict:
     }
 
 
-def prepare_output(spec: LabelJobSpec, source: DatasetInput) -> list[Shard]:
-    """Start a fresh run or resume an earlier one in ``spec.out``; returns the shards still to do.
+LISTING = "_listing"  # OUT/_listing/SHARD.parquet: the images of each shard of a folder or COCO input
 
-    A rerun with the same spec resumes: shards with a completion marker are kept, the others are reset and
-    redone. A different spec or input needs ``--overwrite`` (which deletes the earlier outputs).
+
+def _list(spec: LabelJobSpec, *, write: bool) -> DatasetInput:
+    return list_input(
+        spec.input,
+        listing=storage.join(spec.out, LISTING),
+        write_listing=write,
+        columns=spec.columns,
+        options=spec.storage,
+        shard_size=spec.shard_size,
+        coco_images=spec.coco_images,
+        need_boxes=spec.labeler.prompts == "boxes",
+    )
+
+
+def _changed_shards(before: dict, now: dict) -> list[str]:
+    """Ids of the shards whose manifest entries differ (added, removed or changed)."""
+    old = {e["id"]: e for e in before.get("shards", [])}
+    new = {e["id"]: e for e in now["shards"]}
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def prepare_output(spec: LabelJobSpec) -> tuple[DatasetInput, list[Shard]]:
+    """Start a fresh run or resume an earlier one in ``spec.out``; returns the input and the shards to do.
+
+    A fresh run lists the input into ``OUT/_listing`` (streaming; see ``list_input``) and records its shards
+    in ``OUT/_manifest.json``. A rerun with the same spec resumes: the input is listed again without writing,
+    and must give the same shards with the same fingerprints; shards with a completion marker are kept, the
+    leftovers of the others are deleted and they are redone. A different spec or input needs ``--overwrite``
+    (which deletes the earlier outputs). Storage requests: a constant number plus one per leftover to delete
+    (in a thread pool), whatever the number of shards.
     """
     out, options = spec.out, spec.storage
-    manifest = {"shards": [shard.manifest() for shard in source.shards]}
     earlier = _read_json(storage.join(out, "job.json"), spec)
-    if earlier is not None and not spec.overwrite:
-        before = {k: earlier["spec"].get(k) for k in LabelJobSpec.OUTPUT_FIELDS}
-        if isinstance(before["labeler"], dict):  # fields added since (at their defaults) are no change
-            before["labeler"] = {**_labeler_defaults(), **before["labeler"]}
-        now = spec.model_dump(mode="json", include=set(LabelJobSpec.OUTPUT_FIELDS))
-        changed = sorted(k for k in LabelJobSpec.OUTPUT_FIELDS if before[k] != now[k])
-        if changed:
-            raise ValueError(
-                f"{out} holds an earlier run with different settings ({', '.join(changed)}); pass "
-                "--overwrite to replace it, or choose another --out"
-            )
-        if _read_json(storage.join(out, "_manifest.json"), spec) != manifest:
-            raise ValueError(
-                f"the input has changed since the earlier run in {out} (its shards differ); pass --overwrite "
-                "to start over"
-            )
-    else:
-        for name in ("masks", "errors", "images", "_tmp", "_done", "_manifest.json", "job.json"):
+    if earlier is None or spec.overwrite:
+        for name in ("masks", "errors", "images", "_tmp", "_done", LISTING, "_manifest.json", "job.json"):
             storage.delete(storage.join(out, name), options)
-        _write_json(storage.join(out, "_manifest.json"), manifest, spec)
-    pending = []
-    for shard in source.shards:
-        if read_marker(out, shard.shard_id, options) is None:
-            reset_shard(out, shard.shard_id, options)
-            pending.append(shard)
-    return pending
+        source = _list(spec, write=True)
+        _write_json(storage.join(out, "_manifest.json"), source.manifest(), spec)
+        return source, list(source.shards)
+    before = {k: earlier["spec"].get(k) for k in LabelJobSpec.OUTPUT_FIELDS}
+    if isinstance(before["labeler"], dict):  # fields added since (at their defaults) are no change
+        before["labeler"] = {**_labeler_defaults(), **before["labeler"]}
+    for name in LabelJobSpec.OUTPUT_FIELDS:  # a job.json from before the field existed: its default then
+        if name not in earlier["spec"]:
+            before[name] = LabelJobSpec.model_fields[name].get_default(call_default_factory=True)
+    now = spec.model_dump(mode="json", include=set(LabelJobSpec.OUTPUT_FIELDS))
+    changed = sorted(k for k in LabelJobSpec.OUTPUT_FIELDS if before[k] != now[k])
+    if changed:
+        raise ValueError(
+            f"{out} holds an earlier run with different settings ({', '.join(changed)}); pass "
+            "--overwrite to replace it, or choose another --out"
+        )
+    source = _list(spec, write=False)
+    differ = _changed_shards(_read_json(storage.join(out, "_manifest.json"), spec) or {}, source.manifest())
+    if differ:
+        shown = ", ".join(differ[:10]) + (f" and {len(differ) - 10} more" if len(differ) > 10 else "")
+        raise ValueError(
+            f"the input has changed since the earlier run in {out}: shard(s) {shown} differ (images added, "
+            "removed, renamed or replaced); pass --overwrite to start over"
+        )
+    done = done_shards(out, options)
+    pending = [shard for shard in source.shards if shard.shard_id not in done]
+    reset_shards(out, [shard.shard_id for shard in pending], options)
+    return source, pending
 
 
 def check_models(spec: LabelJobSpec) -> None:
@@ -140,18 +180,21 @@ def check_models(spec: LabelJobSpec) -> None:
 
 
 def input_dataset(shards: list[Shard], source: DatasetInput, spec: LabelJobSpec):
-    """``SOURCE_SCHEMA`` rows of ``shards``: listed rows (folders, COCO), or Parquet files read in tasks."""
+    """``SOURCE_SCHEMA`` rows of ``shards``, read in tasks from their Parquet sources (the dataset's own
+    files, or the listing files of a folder or COCO input): the driver hands out one small row per shard."""
     import ray
 
-    if source.kind != "parquet":
-        return ray.data.from_items([row for shard in shards for row in shard.rows])
     ds = ray.data.from_items([{"shard": s.shard_id, "source": s.source} for s in shards])
     return ds.map_batches(
         read_parquet_shards,
         batch_format="pyarrow",
         batch_size=1,
         num_cpus=0.25,  # I/O bound; the distinct request also keeps it a stage of its own
-        fn_kwargs={"root": source.root, "columns": spec.columns, "options": spec.storage},
+        fn_kwargs={
+            "root": source.root,
+            "columns": source.columns_override or spec.columns,
+            "options": spec.storage,
+        },
     )
 
 
@@ -210,16 +253,9 @@ def run_label_job(spec: LabelJobSpec, *, progress: bool = True) -> LabelSummary:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     if not storage.is_s3(spec.out):  # workers on other machines or folders must write to the same place
         spec = spec.model_copy(update={"out": storage.resolve(spec.out)[1]})
-    source = list_input(
-        spec.input,
-        columns=spec.columns,
-        options=spec.storage,
-        shard_size=spec.shard_size,
-        coco_images=spec.coco_images,
-        need_boxes=spec.labeler.prompts == "boxes",
-    )
+    check_input_exists(spec.input, spec.storage)  # the cheap checks first, before anything is written
     check_models(spec)
-    pending = prepare_output(spec, source)
+    source, pending = prepare_output(spec)
     init_ray(spec)
     resources = ray.cluster_resources()
     plan = plan_resources(resources.get("CPU", 0), resources.get("GPU", 0), spec.num_workers)
@@ -253,6 +289,9 @@ def run_label_job(spec: LabelJobSpec, *, progress: bool = True) -> LabelSummary:
         context.execution_options.resource_limits = limits
 
 
+MERGES_IN_FLIGHT = 8  # shard merges running at once; the stream waits for one to end beyond that
+
+
 def _run_pipeline(
     spec: LabelJobSpec,
     source: DatasetInput,
@@ -261,13 +300,35 @@ def _run_pipeline(
     record: dict,
     progress: bool,
 ) -> LabelSummary:
-    """The labeling itself: ``run_label_job`` after its checks and set-up."""
+    """The labeling itself: ``run_label_job`` after its checks and set-up.
+
+    The driver only counts: each stats row says how many images of a shard were written. Once a shard's
+    images have all arrived its merge (``finalize_shard``) runs as a Ray task, next to the stream, so no mask
+    byte passes through the driver and the stream keeps being pulled while shards merge.
+    """
+    import ray
     from tqdm import tqdm
 
+    merge = ray.remote(finalize_shard).options(num_cpus=plan.task_cpus, max_retries=3)
     start = time.perf_counter()
     expected = {shard.shard_id: shard.num_images for shard in pending}
     arrived = dict.fromkeys(expected, 0)
+    running: dict[ray.ObjectRef, str] = {}
     finished: dict[str, dict] = {}
+    tried: set[str] = set()
+
+    def collect(wait_for: int) -> None:
+        """Take the results of finished merges (waiting until at most ``wait_for`` still run)."""
+        while running:
+            done, _ = ray.wait(list(running), num_returns=1, timeout=0 if len(running) <= wait_for else None)
+            if not done:
+                return
+            shard = running.pop(done[0])
+            marker = ray.get(done[0])
+            if marker is not None:
+                finished[shard] = marker
+                bar.set_postfix(shards=f"{len(finished)}/{len(pending)}")
+
     todo_images = sum(expected.values())
     with tqdm(total=todo_images, unit="img", desc="labeling", disable=not progress, file=sys.stderr) as bar:
         if pending:
@@ -276,19 +337,23 @@ def _run_pipeline(
                 shard = stats["shard"]
                 arrived[shard] += stats["images"]
                 bar.update(stats["images"])
-                if shard not in finished and arrived[shard] >= expected[shard]:
-                    marker = finalize_shard(spec.out, shard, expected[shard], spec.storage)
-                    if marker is not None:
-                        finished[shard] = marker
-                        bar.set_postfix(shards=f"{len(finished)}/{len(pending)}")
-        for shard in expected:  # shards whose count was off (retried batches): try once more
+                if shard not in tried and arrived[shard] >= expected[shard]:
+                    tried.add(shard)
+                    running[merge.remote(spec.out, shard, expected[shard], spec.storage)] = shard
+                collect(wait_for=MERGES_IN_FLIGHT - 1)
+        collect(wait_for=0)
+        # Shards whose count was off (retried batches counted twice, or a merge that found images missing):
+        # everything has been written now, so one more merge each decides.
+        for shard in expected:
             if shard not in finished:
-                marker = finalize_shard(spec.out, shard, expected[shard], spec.storage)
-                if marker is not None:
-                    finished[shard] = marker
-    markers = [read_marker(spec.out, s.shard_id, spec.storage) for s in source.shards]
-    incomplete = [s.shard_id for s, m in zip(source.shards, markers, strict=True) if m is None]
-    done = [m for m in markers if m is not None]
+                running[merge.remote(spec.out, shard, expected[shard], spec.storage)] = shard
+        collect(wait_for=0)
+    earlier = read_markers(
+        spec.out, [s.shard_id for s in source.shards if s.shard_id not in finished], spec.storage
+    )
+    markers = {**earlier, **finished}
+    incomplete = [s.shard_id for s in source.shards if s.shard_id not in markers]
+    done = list(markers.values())
     summary = LabelSummary(
         images=sum(m["images"] for m in done),
         instances=sum(m["instances"] for m in done),

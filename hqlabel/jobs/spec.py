@@ -51,10 +51,11 @@ class LabelJobSpec(BaseModel):
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray instance; default all.")
 
-    # Fields that change what a run writes; a rerun into the same `out` must agree on them to resume.
+    # Fields that change what a run writes; a rerun into the same `out` must agree on them to resume. The
+    # batch size is one: Grounding DINO pads a batch to its largest image, which changes the others' boxes.
     OUTPUT_FIELDS: ClassVar[tuple[str, ...]] = (
         "input", "labeler", "id_column", "image_column", "uri_column", "boxes_column", "labels_column",
-        "coco_images", "shard_size", "max_pixels", "max_side",
+        "coco_images", "shard_size", "max_pixels", "max_side", "batch_size",
     )  # fmt: skip
 
     @property

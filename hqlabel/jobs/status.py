@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from hqlabel.platform import storage
 from hqlabel.platform.storage import StorageOptions
-from hqlabel.workers.writer import read_marker
+from hqlabel.workers.writer import done_shards, read_markers
 
 
 @dataclass
@@ -49,9 +49,11 @@ def job_status(out: str, options: StorageOptions = StorageOptions()) -> JobStatu
         raise FileNotFoundError(f"{out} holds no labeling job (no _manifest.json); pass a label --out") from e
     status = JobStatus(out, len(manifest["shards"]), 0, 0, 0, 0)
     errors: Counter[str] = Counter()
+    done = done_shards(out, options)  # one listing, then the markers of those shards, many at a time
+    markers = read_markers(out, [s["id"] for s in manifest["shards"] if s["id"] in done], options)
     for shard in manifest["shards"]:
         status.images_total += shard["num_images"]
-        marker = read_marker(out, shard["id"], options)
+        marker = markers.get(shard["id"])
         if marker is None:
             status.pending.append(shard["id"])
             continue

@@ -37,7 +37,7 @@ from hqlabel.platform.images import DEFAULT_MAX_PIXELS, decode_image
 from hqlabel.platform.readers import InputColumns
 from hqlabel.platform.render import overlay_masks
 from hqlabel.platform.rle import decode_mask
-from hqlabel.platform.sources import ImageSource, files_by_shard, list_job_source
+from hqlabel.platform.sources import ImageSource, files_by_shard, job_source
 from hqlabel.platform.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def write_gallery(
     folder = LabelsFolder(labels, options)
     job = folder.job
     spec = job.get("spec", {})
-    source = list_job_source(spec, images, options)
+    source = job_source(folder.uri, spec, images, options)
     columns = InputColumns(
         id=spec.get("id_column", "image_id"),
         image=spec.get("image_column", "image"),

@@ -1,16 +1,24 @@
 """Dataset readers: an input location -> shards of images -> rows of image bytes or references.
 
 A job's unit of work and of output is the *shard*: one Parquet file of a sharded dataset, or a fixed-size
-run of images of a folder or COCO file (sorted, so the same input always gives the same shards). Listing
-happens once in the driver and is cheap (names and Parquet footers); reading happens in tasks, a Parquet row
-group at a time, so memory stays bounded whatever the dataset size.
+run of images of a folder or COCO file (sorted, so the same input always gives the same shards). Folders and
+COCO files are listed *into* per-shard listing files (``LISTING_SCHEMA`` Parquet, written under the job's
+output), streaming: the process that lists holds one shard of entries at a time, and what it keeps is one
+``Shard`` per shard (id, count, listing file, fingerprint), never a row per image. Reading happens in tasks, a
+Parquet row group at a time, from the dataset's own Parquet files or from the listings, so memory stays
+bounded whatever the dataset size.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
+import multiprocessing
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,9 +26,24 @@ import pyarrow.parquet as pq
 from hqlabel.platform import storage
 from hqlabel.platform.images import IMAGE_EXTENSIONS
 from hqlabel.platform.schema import PROMPT_BOXES_TYPE, SOURCE_SCHEMA
-from hqlabel.platform.storage import StorageOptions
+from hqlabel.platform.storage import FileEntry, StorageOptions
 
 logger = logging.getLogger(__name__)
+
+# One row per image of a listed (folder / COCO) shard: what ``read_parquet_shards`` reads, plus what the
+# fingerprint covers (``size`` and ``version``: modification time or ETag; null for COCO entries).
+LISTING_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("boxes", PROMPT_BOXES_TYPE),
+        ("labels", pa.list_(pa.string())),
+        ("size", pa.int64()),
+        ("version", pa.string()),
+    ]
+)
+COCO_IN_PROCESS_BYTES = 32 << 20  # larger COCO files are parsed in a child process (see ``_list_coco``)
+METADATA_THREADS = 32  # concurrent Parquet footer reads when listing a sharded dataset
 
 
 @dataclass(frozen=True)
@@ -34,37 +57,86 @@ class InputColumns:
     labels: str = "labels"  # their class names
 
 
-@dataclass
+LISTING_COLUMNS = InputColumns()  # a listing file's columns
+
+
+@dataclass(frozen=True)
 class Shard:
-    """A unit of work: ``source`` (a Parquet file read in a task) or ``rows`` listed up front."""
+    """A unit of work: ``source`` is the Parquet file its rows are read from (a file of the dataset, or the
+    shard's listing file), ``fingerprint`` a digest of what identifies its images (ids, references, sizes and
+    versions; for a dataset file its size and version), so a changed input is noticed on resume."""
 
     shard_id: str
     num_images: int
-    source: str | None = None
-    rows: list[dict] = field(default_factory=list, repr=False)
+    source: str
+    fingerprint: str = ""
 
     def manifest(self) -> dict:
-        return {"id": self.shard_id, "source": self.source, "num_images": self.num_images}
+        return {
+            "id": self.shard_id,
+            "source": self.source,
+            "num_images": self.num_images,
+            "fingerprint": self.fingerprint,
+        }
+
+    @classmethod
+    def from_manifest(cls, entry: dict) -> Shard:
+        return cls(entry["id"], entry["num_images"], entry["source"], entry.get("fingerprint", ""))
 
 
 @dataclass
 class DatasetInput:
     kind: str  # "folder", "parquet" or "coco"
     root: str
-    shards: list[Shard]
+    shards: list[Shard] = field(default_factory=list)
 
     @property
     def num_images(self) -> int:
         return sum(s.num_images for s in self.shards)
+
+    @property
+    def columns_override(self) -> InputColumns | None:
+        """The columns to read the shards' sources with when they are listings (not the dataset's own)."""
+        return None if self.kind == "parquet" else LISTING_COLUMNS
+
+    def manifest(self) -> dict:
+        return {"kind": self.kind, "root": self.root, "shards": [s.manifest() for s in self.shards]}
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> DatasetInput:
+        """The input a job listed (``OUT/_manifest.json``), without listing it again.
+
+        Raises:
+            ValueError: the manifest is from a version that did not record the input's kind.
+        """
+        if "kind" not in manifest:
+            raise ValueError("the manifest does not record the input's kind (an older version wrote it)")
+        return cls(manifest["kind"], manifest["root"], [Shard.from_manifest(e) for e in manifest["shards"]])
 
 
 def _shard_id(index: int) -> str:
     return f"{index:05d}"
 
 
+def listing_uri(listing: str, shard: str) -> str:
+    """Where shard ``shard``'s listing file lives in the listing folder ``listing``."""
+    return storage.join(listing, f"{shard}.parquet")
+
+
+def check_input_exists(uri: str, options: StorageOptions = StorageOptions()) -> None:
+    """Raises:
+    FileNotFoundError: ``uri`` does not exist (the message says what an input can be)."""
+    if not storage.exists(uri, options):
+        raise FileNotFoundError(
+            f"input {uri!r} does not exist; pass a folder of images, Parquet or COCO JSON"
+        )
+
+
 def list_input(
     uri: str,
     *,
+    listing: str,
+    write_listing: bool = True,
     columns: InputColumns = InputColumns(),
     options: StorageOptions = StorageOptions(),
     shard_size: int = 1000,
@@ -74,6 +146,10 @@ def list_input(
     """Resolve a folder of images, a Parquet file or folder of shards, or a COCO JSON file (local or S3).
 
     Args:
+        listing: folder for the listing files of a folder or COCO input (one ``SHARD.parquet`` each, local or
+            S3; a job uses ``OUT/_listing``).
+        write_listing: write them; False only computes the shards and their fingerprints (to compare a
+            resumed job's input with the earlier run's, whose listings are kept).
         need_boxes: the job takes its prompts from existing boxes (``--prompts boxes``), so the input must
             have them (a ``boxes`` column, or COCO annotations).
 
@@ -83,92 +159,148 @@ def list_input(
     """
     if shard_size < 1:
         raise ValueError(f"shard size must be >= 1, got {shard_size}")
-    if not storage.exists(uri, options):
-        raise FileNotFoundError(
-            f"input {uri!r} does not exist; pass a folder of images, Parquet or COCO JSON"
-        )
+    check_input_exists(uri, options)
     # Local paths become absolute: a bare file name has a folder, and relative image references resolve the
     # same in every worker, whatever its working directory.
     uri = uri if storage.is_s3(uri) else storage.resolve(uri, options)[1]
     if coco_images is not None and not storage.is_s3(coco_images):
         coco_images = storage.resolve(coco_images, options)[1]
+    writer = _ListingWriter(listing if write_listing else None, listing, shard_size, options)
     if uri.lower().endswith(".json"):
-        return _list_coco(uri, coco_images, shard_size, options)
+        return _list_coco(uri, coco_images, writer, options)
     if not storage.is_dir(uri, options):
         if not uri.lower().endswith(".parquet"):
             raise ValueError(
                 f"input file {uri} is not Parquet or COCO JSON; pass a folder, .parquet or .json"
             )
-        return _list_parquet([uri], uri.rsplit("/", 1)[0], columns, options, need_boxes)
-    parquet = storage.list_files(uri, (".parquet",), options)
-    if parquet:
+        entry = storage.FileEntry(uri, 0, "")
+        return _list_parquet([entry], uri.rsplit("/", 1)[0], columns, options, need_boxes, stat=True)
+    if next(storage.walk(uri, (".parquet",), options), None) is not None:
+        parquet = list(storage.walk(uri, (".parquet",), options))  # one entry per shard
         return _list_parquet(parquet, uri, columns, options, need_boxes)
     if need_boxes:
         raise ValueError(
             f"--prompts boxes needs existing boxes, but {uri} is a folder of images; give a COCO JSON or "
             "Parquet with a boxes column"
         )
-    images = storage.list_files(uri, IMAGE_EXTENSIONS, options)
-    if not images:
+    prefix = uri.rstrip("/")
+    for image in storage.walk(uri, IMAGE_EXTENSIONS, options):
+        writer.add(image.uri[len(prefix) :].lstrip("/"), image.uri, size=image.size, version=image.version)
+    shards = writer.close()
+    if not shards:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) and no Parquet files found under {uri}")
-    prefix = uri.rstrip("/") if storage.is_s3(uri) else storage.resolve(uri, options)[1]
-    rows = [
-        {
-            "image_id": image[len(prefix) :].lstrip("/"),
-            "image": None,
-            "uri": image,
-            "boxes": None,
-            "labels": None,
-        }
-        for image in images
-    ]
-    return DatasetInput("folder", uri, _chunk(rows, shard_size))
+    return DatasetInput("folder", uri, shards)
 
 
-def _chunk(rows: list[dict], shard_size: int) -> list[Shard]:
-    shards = []
-    for index, start in enumerate(range(0, len(rows), shard_size)):
-        shard_id = _shard_id(index)
-        part = [dict(row, shard=shard_id, row=k) for k, row in enumerate(rows[start : start + shard_size])]
-        shards.append(Shard(shard_id, len(part), rows=part))
-    return shards
+class _ListingWriter:
+    """Cuts a stream of listed images into shards of ``shard_size``; writes each shard's listing file (when
+    ``folder`` is set) and keeps only its ``Shard``."""
+
+    def __init__(self, folder: str | None, listing: str, shard_size: int, options: StorageOptions):
+        self.folder, self.listing, self.shard_size, self.options = folder, listing, shard_size, options
+        self.rows: list[dict[str, Any]] = []
+        self.shards: list[Shard] = []
+
+    def add(self, image_id: str, uri: str, *, size=None, version=None, boxes=None, labels=None) -> None:
+        self.rows.append(
+            {
+                "image_id": image_id,
+                "uri": uri,
+                "boxes": boxes,
+                "labels": labels,
+                "size": size,
+                "version": version,
+            }
+        )
+        if len(self.rows) == self.shard_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        shard_id = _shard_id(len(self.shards))
+        digest = hashlib.sha256()
+        for row in self.rows:
+            digest.update(repr(tuple(row.values())).encode())
+        source = listing_uri(self.listing, shard_id)
+        if self.folder is not None:
+            buf = io.BytesIO()
+            pq.write_table(pa.Table.from_pylist(self.rows, schema=LISTING_SCHEMA), buf, compression="zstd")
+            storage.write_bytes(source, buf.getvalue(), self.options)
+        self.shards.append(Shard(shard_id, len(self.rows), source, digest.hexdigest()[:32]))
+        self.rows = []
+
+    def close(self) -> list[Shard]:
+        if self.rows:
+            self._flush()
+        return self.shards
+
+
+def _parquet_shard(
+    index: int, entry: FileEntry, columns: InputColumns, options: StorageOptions, need_boxes: bool, stat: bool
+) -> Shard:
+    fs, path = storage.resolve(entry.uri, options)
+    if stat:  # a single file named directly: its size and version were not listed
+        info = storage.with_retries(lambda: fs.get_file_info(path), entry.uri)
+        version = str(info.mtime_ns) if info.mtime_ns is not None else ""
+        entry = FileEntry(entry.uri, info.size or 0, version)
+    meta = storage.with_retries(lambda: pq.read_metadata(path, filesystem=fs), entry.uri)
+    names = meta.schema.to_arrow_schema().names  # top-level columns (not nested leaves)
+    problems = []
+    if columns.id not in names:
+        problems.append(f"no image id column '{columns.id}' (--id-column)")
+    if columns.image not in names and columns.uri not in names:
+        problems.append(
+            f"neither image bytes '{columns.image}' (--image-column) nor '{columns.uri}' (--uri-column)"
+        )
+    if need_boxes and columns.boxes not in names:
+        problems.append(f"no boxes column '{columns.boxes}' (--boxes-column) for --prompts boxes")
+    if problems:
+        raise ValueError(f"Parquet input {entry.uri}: {'; '.join(problems)}. Its columns: {names}")
+    fingerprint = hashlib.sha256(f"{entry.size}\t{entry.version}\t{meta.num_rows}".encode()).hexdigest()[:32]
+    return Shard(_shard_id(index), meta.num_rows, entry.uri, fingerprint)
 
 
 def _list_parquet(
-    files: list[str], root: str, columns: InputColumns, options: StorageOptions, need_boxes: bool
+    files: list[FileEntry],
+    root: str,
+    columns: InputColumns,
+    options: StorageOptions,
+    need_boxes: bool,
+    *,
+    stat: bool = False,
 ) -> DatasetInput:
-    shards = []
-    for index, file in enumerate(files):
-        fs, path = storage.resolve(file, options)
-        meta = storage.with_retries(lambda fs=fs, path=path: pq.read_metadata(path, filesystem=fs), file)
-        names = meta.schema.to_arrow_schema().names  # top-level columns (not nested leaves)
-        problems = []
-        if columns.id not in names:
-            problems.append(f"no image id column '{columns.id}' (--id-column)")
-        if columns.image not in names and columns.uri not in names:
-            problems.append(
-                f"neither image bytes '{columns.image}' (--image-column) nor '{columns.uri}' (--uri-column)"
-            )
-        if need_boxes and columns.boxes not in names:
-            problems.append(f"no boxes column '{columns.boxes}' (--boxes-column) for --prompts boxes")
-        if problems:
-            raise ValueError(f"Parquet input {file}: {'; '.join(problems)}. Its columns: {names}")
-        shards.append(Shard(_shard_id(index), meta.num_rows, source=file))
+    """One shard per file; the footers are read ``METADATA_THREADS`` at a time (thousands of S3 shards would
+    otherwise cost thousands of serial round trips)."""
+    with ThreadPoolExecutor(min(METADATA_THREADS, len(files))) as pool:
+        shards = list(
+            pool.map(lambda item: _parquet_shard(*item, columns, options, need_boxes, stat), enumerate(files))
+        )
     return DatasetInput("parquet", root, shards)
 
 
-def _list_coco(uri: str, images_root: str | None, shard_size: int, options: StorageOptions) -> DatasetInput:
+def _list_coco_here(uri: str, root: str, writer: _ListingWriter, options: StorageOptions) -> DatasetInput:
     from hqlabel.platform.coco import read_coco
 
-    root = images_root or uri.rsplit("/", 1)[0]
     images, _ = read_coco(storage.read_bytes(uri, options), root)
     if not images:
         raise ValueError(f"COCO file {uri} lists no images")
-    rows = [
-        {"image_id": im.image_id, "image": None, "uri": im.uri, "boxes": im.boxes, "labels": im.labels}
-        for im in images
-    ]
-    return DatasetInput("coco", root, _chunk(rows, shard_size))
+    for im in images:
+        writer.add(im.image_id, im.uri, boxes=im.boxes, labels=im.labels)
+    return DatasetInput("coco", root, writer.close())
+
+
+def _list_coco(
+    uri: str, images_root: str | None, writer: _ListingWriter, options: StorageOptions
+) -> DatasetInput:
+    """A COCO file's listing. The JSON document is parsed whole (its annotations are grouped by image), so a
+    large one is parsed in a short-lived child process: the parse's memory (several times the file's size)
+    then never stays with the driver for the rest of the job."""
+    root = images_root or uri.rsplit("/", 1)[0]
+    fs, path = storage.resolve(uri, options)
+    size = storage.with_retries(lambda: fs.get_file_info(path), uri).size or 0
+    if size <= COCO_IN_PROCESS_BYTES:
+        return _list_coco_here(uri, root, writer, options)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_list_coco_here, uri, root, writer, options).result()
 
 
 def _resolve_uri(reference: str, root: str) -> str:

@@ -1,15 +1,21 @@
-"""A labeling job's input, found again after the job: re-list it from ``job.json`` and read image bytes by id.
+"""A labeling job's input, found again after the job, and image bytes read from it by id.
 
 ``hqlabel show`` (overlays) and ``hqlabel curate`` (instance datasets with their images) need the original
-encoded images of a labels folder, which stores only masks. ``list_job_source`` re-lists the job's input with
-the job's own columns and options; ``ImageSource`` reads images by ``image_id`` one output shard at a time:
-folder / COCO inputs through the re-listed rows' ``uri``, Parquet inputs by reading the shard's source file
-(inline bytes or ``uri``) a row group at a time.
+encoded images of a labels folder, which stores only masks. ``job_source`` gives the job's input as the job
+listed it (``OUT/_manifest.json``: one entry per shard, pointing at the dataset's Parquet file or at the
+shard's listing file under ``OUT/_listing``), so nothing is listed again and no per-image table is built; an
+input that has moved (``--images``), or a labels folder from a version without listings, is listed again
+into a temporary folder. ``ImageSource`` reads the images of one output shard at a time from its source, a
+Parquet row group at a time.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+import tempfile
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +26,7 @@ from hqlabel.platform import storage
 from hqlabel.platform.readers import DatasetInput, InputColumns, list_input, read_parquet_shards
 from hqlabel.platform.storage import StorageOptions
 
-__all__ = ["ImageSource", "files_by_shard", "job_columns", "list_job_source"]
+__all__ = ["ImageSource", "files_by_shard", "job_columns", "job_source", "list_job_source"]
 
 _PART = re.compile(r"part-(.+)\.parquet$")
 
@@ -46,8 +52,28 @@ def job_columns(spec: dict[str, Any]) -> InputColumns:
     )
 
 
+def job_source(
+    labels: str, spec: dict[str, Any], images: str | None, options: StorageOptions
+) -> DatasetInput:
+    """The input of the labeling job in ``labels``: as the job listed it, or listed again when ``images``
+    is given (the input has moved) or the job recorded no listing.
+
+    Raises:
+        ValueError: the spec names no input and ``images`` is None.
+        FileNotFoundError: the input is gone (the message suggests ``--images``).
+    """
+    if images is None:
+        try:
+            manifest = json.loads(storage.read_bytes(storage.join(labels, "_manifest.json"), options))
+            return DatasetInput.from_manifest(manifest)
+        except (FileNotFoundError, ValueError, KeyError):
+            pass  # no usable manifest: list the input again
+    return list_job_source(spec, images, options)
+
+
 def list_job_source(spec: dict[str, Any], images: str | None, options: StorageOptions) -> DatasetInput:
-    """The job's input, re-listed with the job's columns and options (``images`` replaces ``spec.input``).
+    """The job's input, listed again with the job's columns and options (``images`` replaces
+    ``spec.input``); the listing files go to a temporary folder removed with the returned object.
 
     Raises:
         ValueError: the spec names no input and ``images`` is None.
@@ -56,47 +82,41 @@ def list_job_source(spec: dict[str, Any], images: str | None, options: StorageOp
     uri = images or spec.get("input")
     if not uri:
         raise ValueError("job.json names no input (spec.input); pass the images with --images")
+    folder = tempfile.mkdtemp(prefix="hqlabel-listing-")
     try:
-        return list_input(
+        source = list_input(
             uri,
+            listing=folder,
             columns=job_columns(spec),
             options=options,
             shard_size=spec.get("shard_size", 1000),
             coco_images=spec.get("coco_images"),
         )
     except FileNotFoundError as e:
+        shutil.rmtree(folder, ignore_errors=True)
         raise FileNotFoundError(f"{e} (the labeling job's input); pass the images with --images") from e
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    weakref.finalize(source, shutil.rmtree, folder, True)
+    return source
 
 
 class ImageSource:
-    """Encoded image bytes by ``image_id``, shard by shard, from a re-listed job input."""
+    """Encoded image bytes by ``image_id``, one shard at a time, from a job's input (``job_source``)."""
 
     def __init__(self, source: DatasetInput, options: StorageOptions, columns: InputColumns):
-        self.source, self.options, self.columns = source, options, columns
-        self.uris: dict[str, str] = {}
-        if source.kind != "parquet":  # rows listed up front: every image's uri, whatever its shard now
-            for shard in source.shards:
-                for row in shard.rows:
-                    self.uris.setdefault(row["image_id"], row["uri"])
-        self.parquet = {shard.shard_id: shard.source for shard in source.shards}
+        self.source, self.options = source, options
+        self.columns = source.columns_override or columns
+        self.sources = {shard.shard_id: shard.source for shard in source.shards}
 
     def read(self, shard: str, wanted: set[str]) -> Iterator[tuple[str, bytes | None, str]]:
-        """``(image_id, bytes or None, problem)`` for each id of ``wanted`` (once each).
-
-        ``shard`` is the labels folder's shard id (``part-SHARD.parquet``); it selects the Parquet source
-        file to scan and is ignored for folder / COCO inputs. ``problem`` is ``""`` when bytes were found.
-        """
-        if self.source.kind != "parquet":
-            for image_id in sorted(wanted):
-                uri = self.uris.get(image_id)
-                if uri is None:
-                    yield image_id, None, "not found in the job's input any more"
-                    continue
-                yield image_id, *self._bytes(uri)
-            return
+        """``(image_id, bytes or None, problem)`` for each id of ``wanted`` (once each), from the input's
+        shard ``shard`` (the labels folder's ``part-SHARD.parquet``), read a row group at a time.
+        ``problem`` is ``""`` when bytes were found."""
         left = set(wanted)
-        if shard in self.parquet:
-            batch = pa.table({"shard": [shard], "source": [self.parquet[shard]]})
+        if shard in self.sources:
+            batch = pa.table({"shard": [shard], "source": [self.sources[shard]]})
             tables = read_parquet_shards(
                 batch, root=self.source.root, columns=self.columns, options=self.options
             )

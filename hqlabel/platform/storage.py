@@ -17,8 +17,10 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -44,11 +46,19 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+def _region(options: StorageOptions) -> str:
+    return (
+        options.s3_region
+        or os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+        or "us-east-1"
+    )
+
+
 @functools.lru_cache(maxsize=8)
 def _s3(options: StorageOptions) -> pafs.S3FileSystem:
-    region = options.s3_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     kwargs: dict = {
-        "region": region or "us-east-1",
+        "region": _region(options),
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5),
     }
     if options.s3_endpoint:
@@ -206,6 +216,108 @@ def exists(uri: str, options: StorageOptions = StorageOptions()) -> bool:
 def is_dir(uri: str, options: StorageOptions = StorageOptions()) -> bool:
     fs, path = resolve(uri, options)
     return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+class FileEntry(NamedTuple):
+    """A file found by ``walk``: its URI, size in bytes, and a version (local: modification time in ns; S3:
+    the ETag), which changes when the content is replaced."""
+
+    uri: str
+    size: int
+    version: str
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_client(options: StorageOptions) -> Any:
+    """A boto3 S3 client (for paginated listings, which ``pyarrow.fs`` cannot stream), same credentials chain,
+    endpoint and region as ``_s3``."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=options.s3_endpoint,
+        region_name=_region(options),
+        config=Config(retries={"max_attempts": RETRIES + 1, "mode": "standard"}),
+    )
+
+
+_SORTED_CHUNK = 1 << 16  # names per Arrow chunk while a directory is sorted
+
+
+def _sorted_names(path: str, suffixes: tuple[str, ...]) -> pa.Array:
+    """The wanted entries of one local directory, sorted as their full paths sort: files by name, folders as
+    ``name/`` (so ``a.png`` < ``a/x.png``, as a global sort of paths has it). Held as an Arrow string array:
+    a flat folder of a million names costs tens of MB, not the hundreds Python strings and lists would."""
+    chunks, names = [], []
+    with os.scandir(path) as entries:
+        for entry in entries:
+            name = entry.name
+            if name.startswith((".", "_")):
+                continue
+            try:
+                name.encode()
+            except UnicodeEncodeError:
+                logger.warning("skipping %s/%r: its name is not valid UTF-8", path, name)
+                continue
+            if entry.is_dir():
+                names.append(name + "/")
+            elif name.lower().endswith(suffixes) and entry.is_file():
+                names.append(name)
+            if len(names) == _SORTED_CHUNK:
+                chunks.append(pa.array(names, pa.string()))
+                names = []
+    chunks.append(pa.array(names, pa.string()))
+    array = pa.chunked_array(chunks, pa.string())
+    return array.take(pc.sort_indices(array)).combine_chunks()
+
+
+def _walk_local(path: str, suffixes: tuple[str, ...], seen: set[tuple[int, int]]) -> Iterator[FileEntry]:
+    status = os.stat(path)
+    if (status.st_dev, status.st_ino) in seen:  # a symlinked folder that loops back
+        return
+    seen.add((status.st_dev, status.st_ino))
+    names = _sorted_names(path, suffixes)
+    for start in range(0, len(names), 4096):
+        for name in names.slice(start, 4096).to_pylist():
+            full = f"{path.rstrip('/')}/{name.rstrip('/')}"
+            if name.endswith("/"):
+                yield from _walk_local(full, suffixes, seen)
+                continue
+            try:
+                status = os.stat(full)
+            except FileNotFoundError:  # removed while listing
+                continue
+            yield FileEntry(full, status.st_size, str(status.st_mtime_ns))
+
+
+def _walk_s3(uri: str, suffixes: tuple[str, ...], options: StorageOptions) -> Iterator[FileEntry]:
+    bucket, _, prefix = uri[len("s3://") :].strip("/").partition("/")
+    prefix = f"{prefix}/" if prefix else ""
+    pages = _s3_client(options).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    for page in pages:  # keys come in UTF-8 byte order, which is the order of sorted() on the paths
+        for item in page.get("Contents", []):
+            key = item["Key"]
+            relative = key[len(prefix) :]
+            if not key.lower().endswith(suffixes) or any(
+                p.startswith((".", "_")) for p in relative.split("/")
+            ):
+                continue
+            yield FileEntry(f"s3://{bucket}/{key}", int(item["Size"]), item.get("ETag", "").strip('"'))
+
+
+def walk(
+    uri: str, suffixes: tuple[str, ...], options: StorageOptions = StorageOptions()
+) -> Iterator[FileEntry]:
+    """Stream the files under ``uri`` (recursive) whose lower-cased name ends in one of ``suffixes``, sorted
+    by path, as ``list_files`` would list them (names and folders starting with ``.`` or ``_`` skipped),
+    without holding the listing: S3 one page of 1,000 keys at a time, local folders a directory at a time."""
+    if is_s3(uri):
+        yield from _walk_s3(uri, suffixes, options)
+        return
+    _, path = resolve(uri, options)
+    if os.path.isdir(path):
+        yield from _walk_local(path, suffixes, set())
 
 
 def list_files(uri: str, suffixes: tuple[str, ...], options: StorageOptions = StorageOptions()) -> list[str]:

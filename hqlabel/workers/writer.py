@@ -1,8 +1,9 @@
 """Writing a job's results, one output shard per input shard, atomically, with a completion marker.
 
 While a shard is in flight its batches land under ``OUT/_tmp/shard-ID/{masks,errors,images}/part-HASH``
-(names derived from the batch's image ids, so a retried batch overwrites itself), each sorted by image id
-and split into row groups of about ``PART_ROW_GROUP_BYTES``. When every image of the shard has arrived,
+(names derived from the batch's row positions in the shard, so a retried batch overwrites itself), each
+sorted by image id and split into row groups of about ``PART_ROW_GROUP_BYTES``. When every image of the
+shard has arrived,
 ``finalize_shard`` merges the parts, drops any row seen twice, writes
 ``OUT/{masks,errors,images}/part-ID.parquet`` (each atomically, sorted by image id) and then the marker
 ``OUT/_done/ID.json``. Readers of ``OUT/masks`` see only finished shards (names starting with ``_`` are
@@ -19,6 +20,7 @@ import io
 import json
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import numpy as np
@@ -70,7 +72,11 @@ def write_parts(batch: pa.Table, *, out: str, options: StorageOptions = StorageO
     stats = []
     for shard in pc.unique(batch["shard"]).to_pylist():
         rows = batch.filter(pc.equal(batch["shard"], shard))
-        digest = hashlib.sha1("\n".join(rows["image_id"].to_pylist()).encode()).hexdigest()[:20]
+        # Named by the rows' positions in the shard (unique, unlike ids, which may repeat or be blank), so a
+        # retried batch overwrites its own earlier part and no other batch's.
+        positions = rows["row"].to_pylist() if "row" in rows.column_names else [None]
+        key = positions if None not in positions else rows["image_id"].to_pylist()
+        digest = hashlib.sha1("\n".join(map(str, key)).encode()).hexdigest()[:20]
         for name, table in zip(TABLES, results_to_tables(rows, with_row=True), strict=True):
             uri = storage.join(tmp_dir(out, shard), name, f"part-{digest}.parquet")
             _write_part(table, uri, ROW_KEYS[name], options)
@@ -285,6 +291,60 @@ def finalize_shard(
     storage.write_bytes(marker_uri(out, shard), json.dumps(marker, indent=2).encode(), options)
     storage.delete(tmp, options)
     return marker
+
+
+BOOKKEEPING_THREADS = 32  # concurrent per-shard storage requests (marker reads, resets) at job start and end
+
+
+def done_shards(out: str, options: StorageOptions = StorageOptions()) -> set[str]:
+    """The ids of the shards of ``out`` that have a completion marker: one listing, whatever their number."""
+    markers = storage.list_files(storage.join(out, "_done"), (".json",), options)
+    return {uri.rsplit("/", 1)[-1][: -len(".json")] for uri in markers}
+
+
+def read_markers(out: str, shards: list[str], options: StorageOptions = StorageOptions()) -> dict[str, dict]:
+    """The markers of ``shards`` (those that have one), read ``BOOKKEEPING_THREADS`` at a time."""
+    if not shards:
+        return {}
+    with ThreadPoolExecutor(min(BOOKKEEPING_THREADS, len(shards))) as pool:
+        markers = pool.map(lambda shard: read_marker(out, shard, options), shards)
+        return {shard: m for shard, m in zip(shards, markers, strict=True) if m is not None}
+
+
+def reset_shards(out: str, shards: list[str], options: StorageOptions = StorageOptions()) -> int:
+    """``reset_shard`` for each of ``shards``, but only where something is left: one listing of ``_tmp`` and
+    of each output table finds the leftovers, which are deleted ``BOOKKEEPING_THREADS`` at a time.
+
+    Returns:
+        How many leftovers (temporary folders, output files) were deleted.
+    """
+    wanted = set(shards)
+    fs, tmp = storage.resolve(storage.join(out, "_tmp"), options)
+    leftovers = [
+        storage.join(out, "_tmp", info.base_name)
+        for info in fs.get_file_info(pafs.FileSelector(tmp, allow_not_found=True))
+        if info.base_name.startswith("shard-") and info.base_name[len("shard-") :] in wanted
+    ]
+    for name in TABLES:
+        for shard, uri in _parts_by_shard(storage.join(out, name), options).items():
+            if shard in wanted:
+                leftovers.append(uri)
+    if leftovers:
+        with ThreadPoolExecutor(min(BOOKKEEPING_THREADS, len(leftovers))) as pool:
+            list(pool.map(lambda uri: storage.delete(uri, options), leftovers))
+    return len(leftovers)
+
+
+def _parts_by_shard(folder: str, options: StorageOptions) -> dict[str, str]:
+    """``{shard: uri}`` of the ``part-SHARD.parquet`` files directly in ``folder``."""
+    fs, path = storage.resolve(folder, options)
+    prefix = "s3://" if storage.is_s3(folder) else ""
+    found = {}
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        name = info.base_name
+        if info.type == pafs.FileType.File and name.startswith("part-") and name.endswith(".parquet"):
+            found[name[len("part-") : -len(".parquet")]] = prefix + info.path
+    return found
 
 
 def read_marker(out: str, shard: str, options: StorageOptions = StorageOptions()) -> dict | None:

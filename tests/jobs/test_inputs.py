@@ -164,7 +164,7 @@ def test_parquet_relative_references_resolve_from_any_working_directory(
 ):
     """``hqlabel label index.parquet`` (or ``.``) run from the data folder: ``uri``s resolve against it."""
     monkeypatch.chdir(referenced.parent)
-    source = list_input(given)
+    source = list_input(given, listing=str(tmp_path / "listing"))
     monkeypatch.chdir(tmp_path)  # the Ray workers that read the shards may run anywhere
     (shard,) = source.shards
     batch = pa.Table.from_pylist([{"shard": shard.shard_id, "source": shard.source}])
@@ -217,7 +217,7 @@ def test_boxes_prompts_need_boxes_and_the_detector_needs_classes(image_folder, t
 def test_a_folder_is_cut_into_shards_of_shard_size(ray_session, tmp_path):
     folder = tmp_path / "images"
     _write_images(folder, {f"{'sub/' if i % 2 else ''}img_{i:02d}.png": (32, 40) for i in range(10)})
-    source = list_input(str(folder), shard_size=3)
+    source = list_input(str(folder), listing=str(tmp_path / "listing"), shard_size=3)
     assert [(s.shard_id, s.num_images) for s in source.shards] == [
         ("00000", 3), ("00001", 3), ("00002", 3), ("00003", 1)
     ]  # fmt: skip
