@@ -42,7 +42,7 @@ from hqlabel.platform import storage
 from hqlabel.platform.export import LabelsFolder
 from hqlabel.platform.groundtruth import image_size
 from hqlabel.platform.instances import ImageInstances, Instance, write_instances
-from hqlabel.platform.sources import ImageSource, files_by_shard, job_columns, job_source
+from hqlabel.platform.sources import files_by_shard, job_images
 from hqlabel.platform.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -192,8 +192,7 @@ def run_curate(
         logger.warning(
             "%s was labeled with random weights (preset tiny-random): its masks are meaningless", labels
         )
-    source = job_source(folder.uri, spec, images, options)
-    reader = ImageSource(source, options, job_columns(spec))
+    reader = job_images(folder.uri, spec, images, options)
 
     kept: Counter[str] = Counter()
     dropped: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})

@@ -34,10 +34,9 @@ from PIL import Image, ImageDraw
 from hqlabel.platform import storage
 from hqlabel.platform.export import LabelsFolder
 from hqlabel.platform.images import DEFAULT_MAX_PIXELS, decode_image
-from hqlabel.platform.readers import InputColumns
 from hqlabel.platform.render import overlay_masks
 from hqlabel.platform.rle import decode_mask
-from hqlabel.platform.sources import ImageSource, files_by_shard, job_source
+from hqlabel.platform.sources import files_by_shard, job_images
 from hqlabel.platform.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -152,13 +151,7 @@ def write_gallery(
     folder = LabelsFolder(labels, options)
     job = folder.job
     spec = job.get("spec", {})
-    source = job_source(folder.uri, spec, images, options)
-    columns = InputColumns(
-        id=spec.get("id_column", "image_id"),
-        image=spec.get("image_column", "image"),
-        uri=spec.get("uri_column", "uri"),
-    )
-    reader = ImageSource(source, options, columns)
+    reader = job_images(folder.uri, spec, images, options)
     max_pixels = spec.get("max_pixels", DEFAULT_MAX_PIXELS)
     mask_files = files_by_shard(folder.mask_files)
     error_uris = storage.list_files(storage.join(folder.uri, "errors"), (".parquet",), options)

@@ -1,12 +1,12 @@
 """A labeling job's input, found again after the job, and image bytes read from it by id.
 
 ``hqlabel show`` (overlays) and ``hqlabel curate`` (instance datasets with their images) need the original
-encoded images of a labels folder, which stores only masks. ``job_source`` gives the job's input as the job
+encoded images of a labels folder, which stores only masks. ``job_images`` finds the job's input as the job
 listed it (``OUT/_manifest.json``: one entry per shard, pointing at the dataset's Parquet file or at the
-shard's listing file under ``OUT/_listing``), so nothing is listed again and no per-image table is built; an
-input that has moved (``--images``), or a labels folder from a version without listings, is listed again
-into a temporary folder. ``ImageSource`` reads the images of one output shard at a time from its source, a
-Parquet row group at a time.
+shard's listing file under ``OUT/_listing``), so nothing is listed again and no per-image table is built. A
+moved folder or COCO input is read at the same relative paths under its new root; a moved Parquet input, or
+a labels folder from a version without listings, is listed again into a temporary folder. ``ImageSource``
+reads the images of one output shard at a time from its source, a Parquet row group at a time.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from hqlabel.platform import storage
 from hqlabel.platform.readers import DatasetInput, InputColumns, list_input, read_parquet_shards
 from hqlabel.platform.storage import StorageOptions
 
-__all__ = ["ImageSource", "files_by_shard", "job_columns", "job_source", "list_job_source"]
+__all__ = ["ImageSource", "files_by_shard", "job_columns", "job_images", "list_job_source"]
 
 _PART = re.compile(r"part-(.+)\.parquet$")
 
@@ -52,23 +52,37 @@ def job_columns(spec: dict[str, Any]) -> InputColumns:
     )
 
 
-def job_source(
-    labels: str, spec: dict[str, Any], images: str | None, options: StorageOptions
-) -> DatasetInput:
-    """The input of the labeling job in ``labels``: as the job listed it, or listed again when ``images``
-    is given (the input has moved) or the job recorded no listing.
+def job_images(labels: str, spec: dict[str, Any], images: str | None, options: StorageOptions) -> ImageSource:
+    """The images of the labeling job in ``labels`` (``spec`` is its ``job.json`` spec).
+
+    The job's own listing is used when it recorded one (``_manifest.json``). ``images`` says where the input
+    is now, if it has moved: a folder or COCO input keeps its listing, each image looked up at the same
+    relative path (its id) under the new root; a Parquet input is listed again there (one entry per file).
+    A labels folder from a version without listings is listed again too.
 
     Raises:
         ValueError: the spec names no input and ``images`` is None.
         FileNotFoundError: the input is gone (the message suggests ``--images``).
     """
-    if images is None:
-        try:
-            manifest = json.loads(storage.read_bytes(storage.join(labels, "_manifest.json"), options))
-            return DatasetInput.from_manifest(manifest)
-        except (FileNotFoundError, ValueError, KeyError):
-            pass  # no usable manifest: list the input again
-    return list_job_source(spec, images, options)
+    columns = job_columns(spec)
+    try:
+        manifest = json.loads(storage.read_bytes(storage.join(labels, "_manifest.json"), options))
+        source = DatasetInput.from_manifest(manifest)
+    except (FileNotFoundError, ValueError, KeyError):
+        source = None  # no usable manifest: list the input again
+    if source is not None and images is None:
+        return ImageSource(source, options, columns)
+    if source is not None and source.kind != "parquet":
+        assert images is not None
+        if not storage.exists(images, options):
+            raise FileNotFoundError(f"--images {images!r} does not exist")
+        images = images if storage.is_s3(images) else storage.resolve(images, options)[1]
+        if source.kind == "coco":
+            root = spec.get("coco_images") or images.rsplit("/", 1)[0]
+        else:
+            root = images.rstrip("/")
+        return ImageSource(source, options, columns, root=root)
+    return ImageSource(list_job_source(spec, images, options), options, columns)
 
 
 def list_job_source(spec: dict[str, Any], images: str | None, options: StorageOptions) -> DatasetInput:
@@ -103,10 +117,15 @@ def list_job_source(spec: dict[str, Any], images: str | None, options: StorageOp
 
 
 class ImageSource:
-    """Encoded image bytes by ``image_id``, one shard at a time, from a job's input (``job_source``)."""
+    """Encoded image bytes by ``image_id``, one shard at a time, from a job's input (``job_images``).
 
-    def __init__(self, source: DatasetInput, options: StorageOptions, columns: InputColumns):
-        self.source, self.options = source, options
+    ``root``: a folder or COCO input that has moved there; each image is read from ``root/image_id``.
+    """
+
+    def __init__(
+        self, source: DatasetInput, options: StorageOptions, columns: InputColumns, root: str | None = None
+    ):
+        self.source, self.options, self.root = source, options, root
         self.columns = source.columns_override or columns
         self.sources = {shard.shard_id: shard.source for shard in source.shards}
 
@@ -130,6 +149,8 @@ class ImageSource:
                     left.discard(row["image_id"])
                     if row["image"] is not None:
                         yield row["image_id"], row["image"], ""
+                    elif self.root is not None:
+                        yield row["image_id"], *self._bytes(storage.join(self.root, row["image_id"]))
                     elif row["uri"] is not None:
                         yield row["image_id"], *self._bytes(row["uri"])
                     else:
@@ -142,5 +163,7 @@ class ImageSource:
     def _bytes(self, uri: str) -> tuple[bytes | None, str]:
         try:
             return storage.read_bytes(uri, self.options), ""
+        except FileNotFoundError:
+            return None, f"not found in the job's input: {uri}"
         except OSError as e:
             return None, f"cannot read {uri}: {e}"

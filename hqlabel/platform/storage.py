@@ -242,7 +242,7 @@ def _s3_client(options: StorageOptions) -> Any:
     )
 
 
-_SORTED_CHUNK = 1 << 16  # names per Arrow chunk while a directory is sorted
+_SORTED_CHUNK = 4096  # names gathered as Python strings before they become an Arrow chunk
 
 
 def _sorted_names(path: str, suffixes: tuple[str, ...]) -> pa.Array:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import socket
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -287,6 +289,7 @@ def finalize_shard(
         "errors": counts["errors"],
         "errors_by_stage": dict(errors_by_stage),
         "finished_at": datetime.now(timezone.utc).isoformat(),
+        "merged_by": {"host": socket.gethostname(), "pid": os.getpid()},  # which process merged it
     }
     storage.write_bytes(marker_uri(out, shard), json.dumps(marker, indent=2).encode(), options)
     storage.delete(tmp, options)
