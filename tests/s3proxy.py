@@ -69,9 +69,23 @@ class S3Proxy:
             def log_message(self, *args) -> None:  # quiet
                 pass
 
-            def _forward(self) -> None:
+            def _body(self) -> bytes | None:
+                """The request body, also when it comes in HTTP chunks (the AWS SDK streams uploads so)."""
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass  # trailers
+                            return b"".join(chunks)
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
                 length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
+                return self.rfile.read(length) if length else None
+
+            def _forward(self) -> None:
+                body = self._body()
                 method, path = self.command, unquote(urlsplit(self.path).path)
                 with proxy._lock:
                     proxy.requests.append((method, path))
@@ -100,7 +114,9 @@ class S3Proxy:
                 for key, value in response.getheaders():
                     if key.lower() not in HOP_HEADERS and key.lower() != "content-length":
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD answer has no body but the object's length (what the client reads as its size).
+                length = response.getheader("Content-Length") if method == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 if method != "HEAD":
                     self.wfile.write(data)
