@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 
 import pytest
-from s3proxy import S3Proxy
 
+from benchmarks.s3proxy import S3Proxy
 from hqlabel.jobs.label import prepare_output, run_label_job
 from hqlabel.jobs.spec import LabelJobSpec
 from hqlabel.platform import storage

@@ -1,12 +1,14 @@
-"""An HTTP proxy on loopback in front of the test S3 server: it records every request (method and path) and
-can fail a chosen share of them, so tests count the storage requests of real code paths and inject transient
-faults without touching the production client."""
+"""An HTTP proxy on loopback in front of a test S3 server (moto): it records every request (method and path),
+can fail a chosen share of them and can add a fixed latency to each, so tests count the storage requests of
+real code paths and inject transient faults, and benchmarks see S3-like round trips, without touching the
+production client."""
 
 from __future__ import annotations
 
 import http.client
 import random
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
@@ -21,9 +23,12 @@ class S3Proxy:
         requests: ``(method, path)`` of every request received, path unquoted, query string dropped.
         fail: ``(method, path) -> bool``; a request for which it returns True is answered with an S3
             ``503 SlowDown`` instead of being forwarded (the client's retries then try again).
+        latency: seconds added to each request before it is forwarded (a loopback server answers in about a
+            millisecond, S3 in tens).
     """
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, latency: float = 0.0):
+        self.latency = latency
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port)
         self.requests: list[tuple[str, str]] = []
@@ -91,6 +96,8 @@ class S3Proxy:
                     proxy.requests.append((method, path))
                     failing = proxy.fail(method, path)
                     proxy.failed += failing
+                if proxy.latency:
+                    time.sleep(proxy.latency)
                 if failing:
                     payload = (
                         b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'

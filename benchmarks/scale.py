@@ -1,0 +1,238 @@
+"""``python -m benchmarks.scale``: what a large job costs the driver.
+
+Two sections, each run against this checkout or, with ``--code DIR``, another checkout of HQLabel (an older
+commit, for a before/after comparison):
+
+- ``jobs``: whole ``hqlabel label`` jobs on folders of N zero-byte ``.png`` files (every image becomes a
+  decode-error row: the models never run, so the job is all listing, reading, bookkeeping and writing), each
+  in a fresh process with its own local Ray (2 CPUs); the driver process's peak RSS (``ru_maxrss``: Ray's
+  own processes not counted) and the wall time.
+- ``s3_start``: the start of a job on a Parquet dataset of ``--s3-shards`` one-row files on a loopback S3
+  server (moto) behind a proxy that adds ``--latency`` seconds per request (S3's round trips are tens of
+  ms, loopback's about one): seconds to list the input and prepare the output, for a fresh run and for a
+  resumed one (nothing done yet), and the requests each made.
+
+    python -m benchmarks.scale [--sizes 10000 100000 1000000] [--only jobs s3_start] [--code DIR]
+        [--batch-size 64] [--s3-shards 2000] [--latency 0.02] [--out benchmarks/results/NAME.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.run import machine_info
+
+SECTIONS = ("jobs", "s3_start")
+
+
+def make_folder(root: Path, n: int, per_folder: int = 0) -> Path:
+    """``n`` zero-byte ``.png`` files under ``root`` (flat, or ``per_folder`` to a subfolder)."""
+    marker = root / f".complete-{n}"
+    if marker.exists():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        folder = root / f"d{i // per_folder:05d}" if per_folder else root
+        if per_folder and i % per_folder == 0:
+            folder.mkdir(exist_ok=True)
+        (folder / f"image-{i:08d}.png").touch()
+    marker.touch()
+    return root
+
+
+CHILD = """
+import json, os, resource, sys, time
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+from hqlabel.jobs.label import run_label_job
+from hqlabel.jobs.spec import LabelJobSpec
+from hqlabel.platform.config import LabelerConfig
+
+idle = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+labeler = LabelerConfig(classes="cat", preset="tiny-random")
+spec = LabelJobSpec(input=sys.argv[1], out=sys.argv[2], labeler=labeler, num_cpus=2, shard_size=1000,
+                    batch_size=int(sys.argv[3]))
+start = time.perf_counter()
+summary = run_label_job(spec, progress=False)
+wall = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+print("RESULT " + json.dumps({"wall_s": wall, "driver_peak_rss": peak, "driver_rss_before": idle,
+                              "images": summary.images, "errors": summary.errors}))
+"""
+
+
+def _child_env(code: Path | None) -> dict[str, str]:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+    return env
+
+
+def run_jobs(sizes: list[int], work: Path, code: Path | None, batch_size: int) -> dict:
+    results = {}
+    for n in sizes:
+        folder = make_folder(work / f"flat-{n}", n)
+        out = tempfile.mkdtemp(prefix=f"scale-out-{n}-", dir=work)
+        cwd = code or Path.cwd()
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, str(folder), out, str(batch_size)],
+            capture_output=True,
+            text=True,
+            env=_child_env(code),
+            cwd=cwd,
+        )
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            results[str(n)] = {"error": proc.stderr[-2000:]}
+            print(f"jobs {n}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        got = json.loads(lines[-1][len("RESULT ") :])
+        results[str(n)] = {
+            "wall_s": {"value": round(got["wall_s"], 2), "unit": "s"},
+            "driver_peak_rss_mib": {"value": round(got["driver_peak_rss"] / 2**20, 1), "unit": "MiB"},
+            "driver_rss_before_mib": {"value": round(got["driver_rss_before"] / 2**20, 1), "unit": "MiB"},
+            "images": {"value": got["images"], "unit": "images"},
+            "batch_size": {"value": batch_size, "unit": "images"},
+            "error_rows": {"value": got["errors"], "unit": "rows"},
+        }
+        print(f"jobs {n}: {results[str(n)]}", file=sys.stderr)
+        subprocess.run(["rm", "-rf", out], check=False)
+    return results
+
+
+def _parquet_bytes(i: int) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"image_id": [f"img-{i}"], "image": [b""]}), buf)
+    return buf.getvalue()
+
+
+S3_CHILD = """
+import inspect, json, sys, time
+from hqlabel.jobs import label
+from hqlabel.jobs.spec import LabelJobSpec
+from hqlabel.platform.config import LabelerConfig
+
+endpoint, dataset, out = sys.argv[1:4]
+spec = LabelJobSpec(input=dataset, out=out, labeler=LabelerConfig(classes="cat", preset="tiny-random"),
+                    s3_endpoint=endpoint)
+new_api = len(inspect.signature(label.prepare_output).parameters) == 1
+
+def start():
+    if new_api:
+        return label.prepare_output(spec)[1]
+    from hqlabel.platform.readers import list_input
+    source = list_input(spec.input, columns=spec.columns, options=spec.storage)
+    return label.prepare_output(spec, source)
+
+t = time.perf_counter(); pending = start(); fresh = time.perf_counter() - t
+label._write_json(label.storage.join(out, "job.json"), {"spec": spec.model_dump(mode="json")}, spec)
+print("MARK", flush=True); sys.stdin.readline()
+t = time.perf_counter(); again = start(); resumed = time.perf_counter() - t
+print("RESULT " + json.dumps({"fresh_s": fresh, "resume_s": resumed, "shards": len(pending),
+                              "pending_after_resume": len(again)}), flush=True)
+"""
+
+
+def run_s3_start(shards: int, latency: float, code: Path | None) -> dict:
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from benchmarks.s3proxy import S3Proxy
+
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        os.environ.setdefault(key, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    proxy = S3Proxy(f"http://{host}:{port}", latency=latency)
+    try:
+        client = boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1")
+        client.create_bucket(Bucket="scale")
+        for i in range(shards):
+            client.put_object(Bucket="scale", Key=f"dataset/part-{i:05d}.parquet", Body=_parquet_bytes(i))
+        proxy.reset()
+        proc = subprocess.Popen(
+            [sys.executable, "-c", S3_CHILD, proxy.endpoint, "s3://scale/dataset", "s3://scale/out"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_child_env(code),
+            cwd=code or Path.cwd(),
+        )
+        assert proc.stdout is not None and proc.stdin is not None
+        line = proc.stdout.readline()
+        fresh_requests = len(proxy.requests)
+        if not line.startswith("MARK"):
+            raise RuntimeError(f"s3_start child failed: {line}{proc.stderr.read()[-2000:]}")
+        proxy.reset()
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=3600)
+        resume_requests = len(proxy.requests)
+        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        if not lines:
+            raise RuntimeError(f"s3_start child failed: {err[-2000:]}")
+        got = json.loads(lines[-1][len("RESULT ") :])
+    finally:
+        proxy.close()
+        server.stop()
+    return {
+        "shards": {"value": shards, "unit": "shards"},
+        "latency_per_request_ms": {"value": latency * 1000, "unit": "ms"},
+        "fresh_start_s": {"value": round(got["fresh_s"], 2), "unit": "s"},
+        "fresh_start_requests": {"value": fresh_requests, "unit": "requests"},
+        "resume_start_s": {"value": round(got["resume_s"], 2), "unit": "s"},
+        "resume_start_requests": {"value": resume_requests, "unit": "requests"},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--code", type=Path, help="another HQLabel checkout to measure (default: this one)")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "hqlabel-scale")
+    parser.add_argument("--batch-size", type=int, default=64, help="jobs: images per batch")
+    parser.add_argument("--s3-shards", type=int, default=2000)
+    parser.add_argument("--latency", type=float, default=0.02, help="seconds added per S3 request")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    code = args.code.resolve() if args.code else None
+    report: dict = {"machine": machine_info("cpu"), "code": str(code or Path.cwd()), "results": {}}
+    with contextlib.suppress(Exception):
+        commit = subprocess.run(
+            ["git", "-C", str(code or Path.cwd()), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        report["commit"] = commit
+    if "jobs" in args.only:
+        report["results"]["jobs"] = run_jobs(args.sizes, args.work, code, args.batch_size)
+    if "s3_start" in args.only:
+        report["results"]["s3_start"] = run_s3_start(args.s3_shards, args.latency, code)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+    return report
+
+
+if __name__ == "__main__":
+    main()
