@@ -7,6 +7,12 @@ commit, for a before/after comparison):
   decode-error row: the models never run, so the job is all listing, reading, bookkeeping and writing), each
   in a fresh process with its own local Ray (2 CPUs); the driver process's peak RSS (``ru_maxrss``: Ray's
   own processes not counted) and the wall time.
+- ``s3_requests``: a whole job from an S3 folder of ``--request-images`` 8 x 8 PNGs to an S3 output, through
+  the counting proxy: storage requests per image and per shard, by kind (input reads, temporary parts, merged
+  outputs, bookkeeping).
+- ``rle_bytes``: bytes of a compressed COCO RLE mask as HQLabel stores it, for smooth objects (filled
+  ellipses of 1-30 % of a 1024 x 768 image) and for the fine structures of ``hqlabel synth-data`` (thin lines,
+  rings, lattices at 1024 x 1024: the costly kind).
 - ``s3_start``: the start of a job on a Parquet dataset of ``--s3-shards`` one-row files on a loopback S3
   server (moto) behind a proxy that adds ``--latency`` seconds per request (S3's round trips are tens of
   ms, loopback's about one): seconds to list the input and prepare the output, for a fresh run and for a
@@ -30,7 +36,7 @@ from pathlib import Path
 
 from benchmarks.run import machine_info
 
-SECTIONS = ("jobs", "s3_start")
+SECTIONS = ("jobs", "s3_start", "s3_requests", "rle_bytes")
 
 
 def make_folder(root: Path, n: int, per_folder: int = 0) -> Path:
@@ -46,6 +52,131 @@ def make_folder(root: Path, n: int, per_folder: int = 0) -> Path:
         (folder / f"image-{i:08d}.png").touch()
     marker.touch()
     return root
+
+
+JOB_CHILD = """
+import json, sys
+from hqlabel.jobs.label import run_label_job
+from hqlabel.jobs.spec import LabelJobSpec
+from hqlabel.platform.config import LabelerConfig
+
+endpoint, data, out, shard_size = sys.argv[1:5]
+spec = LabelJobSpec(input=data, out=out, labeler=LabelerConfig(classes="cat", preset="tiny-random"),
+                    s3_endpoint=endpoint, num_cpus=2, shard_size=int(shard_size), batch_size=16)
+summary = run_label_job(spec, progress=False)
+print("RESULT " + json.dumps({"images": summary.images, "instances": summary.instances}))
+"""
+
+
+@contextlib.contextmanager
+def s3_server(latency: float = 0.0):
+    """A moto S3 server on loopback with a counting (and optionally slowing) proxy in front; yields
+    ``(boto3 client of the server, proxy)``."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from benchmarks.s3proxy import S3Proxy
+
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        os.environ.setdefault(key, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    proxy = S3Proxy(f"http://{host}:{port}", latency=latency)
+    try:
+        yield boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1"), proxy
+    finally:
+        proxy.close()
+        server.stop()
+
+
+def run_s3_requests(images: int, shard_size: int, code: Path | None) -> dict:
+    import numpy as np
+    from PIL import Image
+
+    with s3_server() as (client, proxy):
+        client.create_bucket(Bucket="requests")
+        rng = np.random.default_rng(0)
+        for i in range(images):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(buf, format="PNG")
+            client.put_object(Bucket="requests", Key=f"data/{i:06d}.png", Body=buf.getvalue())
+        proxy.reset()
+        args = [proxy.endpoint, "s3://requests/data", "s3://requests/out", str(shard_size)]
+        proc = subprocess.run(
+            [sys.executable, "-c", JOB_CHILD, *args],
+            capture_output=True,
+            text=True,
+            env=_child_env(code),
+            cwd=code or Path.cwd(),
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"s3_requests job failed: {proc.stderr[-2000:]}")
+        requests = list(proxy.requests)
+    kinds = {
+        "input": lambda p: p.startswith("/requests/data"),
+        "temporary_parts": lambda p: p.startswith("/requests/out/_tmp"),
+        "listing": lambda p: p.startswith("/requests/out/_listing"),
+        "outputs": lambda p: p.startswith(
+            ("/requests/out/masks", "/requests/out/errors", "/requests/out/images")
+        ),
+    }
+    shards = -(-images // shard_size)
+    result: dict = {
+        "images": {"value": images, "unit": "images"},
+        "shards": {"value": shards, "unit": "shards"},
+        "requests": {"value": len(requests), "unit": "requests"},
+    }
+    counted = 0
+    for kind, match in kinds.items():
+        n = sum(1 for _, path in requests if match(path))
+        counted += n
+        result[f"{kind}_requests_per_image"] = {"value": round(n / images, 3), "unit": "requests"}
+    result["other_requests_per_shard"] = {
+        "value": round((len(requests) - counted) / shards, 1),
+        "unit": "requests",
+    }
+    for method in ("GET", "HEAD", "PUT", "POST", "DELETE"):
+        n = sum(1 for m, _ in requests if m == method)
+        result[f"{method.lower()}_per_image"] = {"value": round(n / images, 3), "unit": "requests"}
+    return result
+
+
+def run_rle_bytes(n: int = 200) -> dict:
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from hqlabel.platform.rle import encode_mask
+    from hqlabel.training.synthetic import make_fine_structure_image
+
+    rng = np.random.default_rng(0)
+    smooth = []
+    for _ in range(n):
+        canvas = Image.new("L", (1024, 768), 0)
+        area = rng.uniform(0.01, 0.30) * 1024 * 768
+        w = float(np.sqrt(area * rng.uniform(0.5, 2.0) * 4 / np.pi))
+        h = 4 * area / (np.pi * w)
+        x, y = rng.uniform(0, 1024 - min(w, 1000)), rng.uniform(0, 768 - min(h, 760))
+        ImageDraw.Draw(canvas).ellipse([x, y, x + w, y + h], fill=1)
+        smooth.append(len(encode_mask(np.asarray(canvas) > 0)["counts"]))
+    fine = [
+        len(instance.mask["counts"])
+        for k in range(n // 2)
+        for instance in make_fine_structure_image(k, size=1024).instances
+    ]
+    return {
+        name: {
+            "masks": {"value": len(sizes), "unit": "masks"},
+            "median_bytes": {"value": float(np.median(sizes)), "unit": "bytes"},
+            "p95_bytes": {"value": float(np.percentile(sizes, 95)), "unit": "bytes"},
+        }
+        for name, sizes in (("smooth_1024x768", smooth), ("fine_structures_1024", fine))
+    }
 
 
 CHILD = """
@@ -144,24 +275,7 @@ print("RESULT " + json.dumps({"fresh_s": fresh, "resume_s": resumed, "shards": l
 
 
 def run_s3_start(shards: int, latency: float, code: Path | None) -> dict:
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    from benchmarks.s3proxy import S3Proxy
-
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }.items():
-        os.environ.setdefault(key, value)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    proxy = S3Proxy(f"http://{host}:{port}", latency=latency)
-    try:
-        client = boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1")
+    with s3_server(latency) as (client, proxy):
         client.create_bucket(Bucket="scale")
         for i in range(shards):
             client.put_object(Bucket="scale", Key=f"dataset/part-{i:05d}.parquet", Body=_parquet_bytes(i))
@@ -189,9 +303,6 @@ def run_s3_start(shards: int, latency: float, code: Path | None) -> dict:
         if not lines:
             raise RuntimeError(f"s3_start child failed: {err[-2000:]}")
         got = json.loads(lines[-1][len("RESULT ") :])
-    finally:
-        proxy.close()
-        server.stop()
     return {
         "shards": {"value": shards, "unit": "shards"},
         "latency_per_request_ms": {"value": latency * 1000, "unit": "ms"},
@@ -211,6 +322,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=64, help="jobs: images per batch")
     parser.add_argument("--s3-shards", type=int, default=2000)
     parser.add_argument("--latency", type=float, default=0.02, help="seconds added per S3 request")
+    parser.add_argument("--request-images", type=int, default=2000, help="s3_requests: images in the job")
+    parser.add_argument("--request-shard-size", type=int, default=1000)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     code = args.code.resolve() if args.code else None
@@ -224,6 +337,10 @@ def main(argv: list[str] | None = None) -> dict:
         report["commit"] = commit
     if "jobs" in args.only:
         report["results"]["jobs"] = run_jobs(args.sizes, args.work, code, args.batch_size)
+    if "rle_bytes" in args.only:
+        report["results"]["rle_bytes"] = run_rle_bytes()
+    if "s3_requests" in args.only:
+        report["results"]["s3_requests"] = run_s3_requests(args.request_images, args.request_shard_size, code)
     if "s3_start" in args.only:
         report["results"]["s3_start"] = run_s3_start(args.s3_shards, args.latency, code)
     text = json.dumps(report, indent=2)
