@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from hqlabel import __version__
 from hqlabel.jobs.args import add_storage_args, storage_options
 from hqlabel.platform.config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, PRECISIONS, PRESETS
+from hqlabel.platform.lease import DEFAULT_TTL, LeaseError
 
 # Errors that come from the user's input or environment: shown as one line, without a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError, LeaseError)
 
 
 def _add_label_parser(sub: argparse._SubParsersAction) -> None:
@@ -91,6 +92,12 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="start over in --out (default: resume an earlier run there)"
     )
+    p.add_argument(
+        "--lease-ttl",
+        type=float,
+        help=f"seconds this run's lease on --out (OUT/_lease.json) outlives it if it dies; another run into "
+        f"--out is refused until then (default {DEFAULT_TTL:g}, renewed every third)",
+    )
     p.add_argument("--address", help="Ray cluster address to join (default: start a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -125,6 +132,7 @@ def _label(args: argparse.Namespace) -> int:
         "num_workers": args.num_workers,
         "num_cpus": args.num_cpus,
         "shard_size": args.shard_size,
+        "lease_ttl": args.lease_ttl,
     }
     spec = LabelJobSpec(
         input=args.input,

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hqlabel.platform.config import DEFAULT_SEGMENTER, LabelerConfig
 from hqlabel.platform.images import DEFAULT_MAX_PIXELS
+from hqlabel.platform.lease import DEFAULT_TTL
 from hqlabel.platform.readers import InputColumns
 from hqlabel.platform.storage import StorageOptions
 from hqlabel.workers.decode import DEFAULT_MAX_SIDE
@@ -50,6 +51,12 @@ class LabelJobSpec(BaseModel):
         None, description="Ray cluster to join ('auto', 'ray://...'); default local."
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray instance; default all.")
+    lease_ttl: float = Field(
+        DEFAULT_TTL,
+        ge=1,
+        description="Seconds the run's lease on `out` (OUT/_lease.json, renewed every third of it) outlives "
+        "the run if it dies; another run into `out` is refused until then.",
+    )
 
     # Fields that change what a run writes; a rerun into the same `out` must agree on them to resume. The
     # batch size is one: Grounding DINO pads a batch to its largest image, which changes the others' boxes.
