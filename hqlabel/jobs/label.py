@@ -23,6 +23,7 @@ from hqlabel.jobs.spec import LabelJobSpec
 from hqlabel.platform import storage
 from hqlabel.platform.config import LabelerConfig
 from hqlabel.platform.hub import load_pretrained
+from hqlabel.platform.lease import OutputLease
 from hqlabel.platform.readers import (
     DatasetInput,
     Shard,
@@ -247,7 +248,6 @@ def run_label_job(spec: LabelJobSpec, *, progress: bool = True) -> LabelSummary:
     Raises:
         RuntimeError: some shards could not be completed (rerun the same command to resume them).
     """
-    import ray
 
     if spec.labeler.preset == "tiny-random":
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
@@ -255,6 +255,15 @@ def run_label_job(spec: LabelJobSpec, *, progress: bool = True) -> LabelSummary:
         spec = spec.model_copy(update={"out": storage.resolve(spec.out)[1]})
     check_input_exists(spec.input, spec.storage)  # the cheap checks first, before anything is written
     check_models(spec)
+    # One run writes to an output at a time: a second one is refused while this one holds the lease.
+    with OutputLease(spec.out, spec.storage, ttl=spec.lease_ttl, what=f"hqlabel label {spec.input}") as lease:
+        return _label(spec, lease, progress)
+
+
+def _label(spec: LabelJobSpec, lease: OutputLease, progress: bool) -> LabelSummary:
+    """``run_label_job`` once its checks passed and it holds the output's lease."""
+    import ray
+
     source, pending = prepare_output(spec)
     init_ray(spec)
     resources = ray.cluster_resources()
@@ -284,7 +293,7 @@ def run_label_job(spec: LabelJobSpec, *, progress: bool = True) -> LabelSummary:
         object_store_memory=object_store_limit(plan, spec.batch_size, spec.max_side)
     )
     try:
-        return _run_pipeline(spec, source, pending, plan, record, progress)
+        return _run_pipeline(spec, source, pending, plan, record, progress, lease)
     finally:
         context.execution_options.resource_limits = limits
 
@@ -299,6 +308,7 @@ def _run_pipeline(
     plan: ResourcePlan,
     record: dict,
     progress: bool,
+    lease: OutputLease,
 ) -> LabelSummary:
     """The labeling itself: ``run_label_job`` after its checks and set-up.
 
@@ -334,6 +344,7 @@ def _run_pipeline(
         if pending:
             ds = build_pipeline(input_dataset(pending, source, spec), spec, plan)
             for stats in ds.iter_rows():
+                lease.check()  # stop writing at once if another run has taken the output over
                 shard = stats["shard"]
                 arrived[shard] += stats["images"]
                 bar.update(stats["images"])

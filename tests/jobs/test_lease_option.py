@@ -21,3 +21,19 @@ def test_lease_ttl_option_and_field():
     with pytest.raises(ValidationError, match="lease_ttl"):
         LabelJobSpec(input="in", out="out", labeler=labeler, lease_ttl=0)
     assert "lease_ttl" not in LabelJobSpec.OUTPUT_FIELDS  # a rerun with another ttl still resumes
+
+
+def test_a_second_label_run_into_the_same_out_is_refused_before_it_writes(image_folder, tmp_path, capsys):
+    """The real command while another run holds the output's lease: one line naming the holder, and the
+    output untouched (no manifest, no listing: a fresh start would have deleted the other run's work)."""
+    from hqlabel.jobs.cli import main
+    from hqlabel.platform.lease import OutputLease
+
+    out = tmp_path / "out"
+    with OutputLease(str(out), what="the other run") as other:
+        code = main(
+            ["label", str(image_folder), "--classes", "cat", "--preset", "tiny-random", "--out", str(out)]
+        )
+        err = capsys.readouterr().err
+        assert code == 2 and other.run_id in err and "the other run" in err and "Traceback" not in err
+        assert sorted(p.name for p in out.iterdir()) == ["_lease.json"]
