@@ -99,7 +99,7 @@ def _labeler_defaults() -> dict:
 LISTING = "_listing"  # OUT/_listing/SHARD.parquet: the images of each shard of a folder or COCO input
 
 
-def _list(spec: LabelJobSpec, *, write: bool) -> DatasetInput:
+def _list(spec: LabelJobSpec, *, write: bool, earlier: list[Shard] | None = None) -> DatasetInput:
     return list_input(
         spec.input,
         listing=storage.join(spec.out, LISTING),
@@ -109,6 +109,7 @@ def _list(spec: LabelJobSpec, *, write: bool) -> DatasetInput:
         shard_size=spec.shard_size,
         coco_images=spec.coco_images,
         need_boxes=spec.labeler.prompts == "boxes",
+        earlier=earlier,
     )
 
 
@@ -150,8 +151,10 @@ def prepare_output(spec: LabelJobSpec) -> tuple[DatasetInput, list[Shard]]:
             f"{out} holds an earlier run with different settings ({', '.join(changed)}); pass "
             "--overwrite to replace it, or choose another --out"
         )
-    source = _list(spec, write=False)
-    differ = _changed_shards(_read_json(storage.join(out, "_manifest.json"), spec) or {}, source.manifest())
+    manifest = _read_json(storage.join(out, "_manifest.json"), spec) or {}
+    known = [Shard.from_manifest(entry) for entry in manifest.get("shards", [])]
+    source = _list(spec, write=False, earlier=known)
+    differ = _changed_shards(manifest, source.manifest())
     if differ:
         shown = ", ".join(differ[:10]) + (f" and {len(differ) - 10} more" if len(differ) > 10 else "")
         raise ValueError(

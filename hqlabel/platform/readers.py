@@ -142,6 +142,7 @@ def list_input(
     shard_size: int = 1000,
     coco_images: str | None = None,
     need_boxes: bool = False,
+    earlier: list[Shard] | None = None,
 ) -> DatasetInput:
     """Resolve a folder of images, a Parquet file or folder of shards, or a COCO JSON file (local or S3).
 
@@ -152,6 +153,8 @@ def list_input(
             resumed job's input with the earlier run's, whose listings are kept).
         need_boxes: the job takes its prompts from existing boxes (``--prompts boxes``), so the input must
             have them (a ``boxes`` column, or COCO annotations).
+        earlier: the shards of an earlier listing of the same input (a resumed job): Parquet files whose size
+            and version have not changed are not opened again.
 
     Raises:
         FileNotFoundError: ``uri`` does not exist.
@@ -174,10 +177,11 @@ def list_input(
                 f"input file {uri} is not Parquet or COCO JSON; pass a folder, .parquet or .json"
             )
         entry = storage.FileEntry(uri, 0, "")
-        return _list_parquet([entry], uri.rsplit("/", 1)[0], columns, options, need_boxes, stat=True)
+        root = uri.rsplit("/", 1)[0]
+        return _list_parquet([entry], root, columns, options, need_boxes, stat=True, earlier=earlier)
     if next(storage.walk(uri, (".parquet",), options), None) is not None:
         parquet = list(storage.walk(uri, (".parquet",), options))  # one entry per shard
-        return _list_parquet(parquet, uri, columns, options, need_boxes)
+        return _list_parquet(parquet, uri, columns, options, need_boxes, earlier=earlier)
     if need_boxes:
         raise ValueError(
             f"--prompts boxes needs existing boxes, but {uri} is a folder of images; give a COCO JSON or "
@@ -255,8 +259,11 @@ def _parquet_shard(
         problems.append(f"no boxes column '{columns.boxes}' (--boxes-column) for --prompts boxes")
     if problems:
         raise ValueError(f"Parquet input {entry.uri}: {'; '.join(problems)}. Its columns: {names}")
-    fingerprint = hashlib.sha256(f"{entry.size}\t{entry.version}\t{meta.num_rows}".encode()).hexdigest()[:32]
-    return Shard(_shard_id(index), meta.num_rows, entry.uri, fingerprint)
+    return Shard(_shard_id(index), meta.num_rows, entry.uri, _file_fingerprint(entry, meta.num_rows))
+
+
+def _file_fingerprint(entry: FileEntry, num_rows: int) -> str:
+    return hashlib.sha256(f"{entry.size}\t{entry.version}\t{num_rows}".encode()).hexdigest()[:32]
 
 
 def _list_parquet(
@@ -267,13 +274,27 @@ def _list_parquet(
     need_boxes: bool,
     *,
     stat: bool = False,
+    earlier: list[Shard] | None = None,
 ) -> DatasetInput:
     """One shard per file; the footers are read ``METADATA_THREADS`` at a time (thousands of S3 shards would
-    otherwise cost thousands of serial round trips)."""
-    with ThreadPoolExecutor(min(METADATA_THREADS, len(files))) as pool:
-        shards = list(
-            pool.map(lambda item: _parquet_shard(*item, columns, options, need_boxes, stat), enumerate(files))
+    otherwise cost thousands of serial round trips). A file listed with the same size and version as in
+    ``earlier`` (the shards of the run being resumed) keeps its earlier shard without a footer read."""
+    known = {shard.source: shard for shard in earlier or []}
+
+    def shard(index: int, entry: FileEntry) -> Shard:
+        before = known.get(entry.uri)
+        unchanged = (
+            not stat
+            and before is not None
+            and before.shard_id == _shard_id(index)
+            and _file_fingerprint(entry, before.num_images) == before.fingerprint
         )
+        if unchanged:
+            return before
+        return _parquet_shard(index, entry, columns, options, need_boxes, stat)
+
+    with ThreadPoolExecutor(min(METADATA_THREADS, len(files))) as pool:
+        shards = list(pool.map(lambda item: shard(*item), enumerate(files)))
     return DatasetInput("parquet", root, shards)
 
 

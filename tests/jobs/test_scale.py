@@ -119,3 +119,37 @@ def test_another_batch_size_is_another_run(tmp_path):
     _start(spec)
     with pytest.raises(ValueError, match=r"different settings \(batch_size\)"):
         prepare_output(spec.model_copy(update={"batch_size": 4}))
+
+
+def test_resume_reads_no_parquet_footer_of_an_unchanged_dataset(proxy, s3_client, s3_bucket):
+    """A resumed job on a sharded Parquet dataset lists it (size and ETag of each file) and opens only the
+    files that changed; a replaced file is opened again, and refused as a changed shard."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def put(i: int, ids: list[str]) -> None:
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"image_id": ids, "image": [b""] * len(ids)}), buf)
+        s3_client.put_object(Bucket=s3_bucket, Key=f"data/part-{i}.parquet", Body=buf.getvalue())
+
+    for i in range(5):
+        put(i, [f"{i}-a", f"{i}-b"])
+    spec = LabelJobSpec(
+        input=f"s3://{s3_bucket}/data",
+        out=f"s3://{s3_bucket}/out",
+        labeler=LABELER,
+        s3_endpoint=proxy.endpoint,
+    )
+    _start(spec)
+    proxy.reset()
+    assert len(prepare_output(spec)[1]) == 5
+    assert proxy.count(f"/{s3_bucket}/data/") == 0  # no HEAD or GET of a dataset file
+    put(3, ["3-a", "3-b", "3-c"])
+    proxy.reset()
+    with pytest.raises(ValueError, match=r"shard\(s\) 00003 differ"):
+        prepare_output(spec)
+    assert {path for _, path in proxy.requests if path.startswith(f"/{s3_bucket}/data/")} == {
+        f"/{s3_bucket}/data/part-3.parquet"
+    }
