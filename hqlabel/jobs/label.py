@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from hqlabel import __version__
-from hqlabel.jobs.resources import ResourcePlan, object_store_limit, plan_resources
+from hqlabel.jobs.resources import ResourcePlan, object_store_limit, plan_label_job
 from hqlabel.jobs.spec import LabelJobSpec
 from hqlabel.platform import storage
 from hqlabel.platform.config import LabelerConfig
@@ -184,7 +184,7 @@ def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan):
         LabelWorker,
         batch_format="pyarrow",
         batch_size=spec.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
+        compute=ray.data.ActorPoolStrategy(**plan.actor_pool()),
         num_cpus=plan.actor_cpus,
         num_gpus=plan.actor_gpus,
         fn_constructor_kwargs={"config": spec.labeler, "num_threads": plan.actor_threads},
@@ -221,8 +221,7 @@ def run_label_job(spec: LabelJobSpec, *, progress: bool = True) -> LabelSummary:
     check_models(spec)
     pending = prepare_output(spec, source)
     init_ray(spec)
-    resources = ray.cluster_resources()
-    plan = plan_resources(resources.get("CPU", 0), resources.get("GPU", 0), spec.num_workers)
+    plan = plan_label_job(spec)
     record = {
         "job": "label",
         "spec": spec.model_dump(mode="json"),
