@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from hqlabel import __version__
+from hqlabel.jobs.cluster import ray_init
 from hqlabel.jobs.resources import ResourcePlan, object_store_limit, plan_label_job
 from hqlabel.jobs.spec import LabelJobSpec
 from hqlabel.platform import storage
@@ -164,7 +165,7 @@ def init_ray(spec: LabelJobSpec) -> None:
     kwargs = {"address": spec.ray_address, "logging_level": logging.WARNING, "log_to_driver": True}
     if spec.ray_address is None:
         kwargs.update(num_cpus=spec.num_cpus, include_dashboard=False)
-    ray.init(**kwargs)
+    ray_init(**kwargs)  # joining a cluster: with its token
 
 
 def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan):
