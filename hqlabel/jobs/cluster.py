@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ TOKEN_HELP = (
     "set RAY_AUTH_TOKEN to the cluster's token, or RAY_AUTH_TOKEN_PATH to a file holding it (Ray's default "
     "file: ~/.ray/auth_token; `ray get-auth-token` on the head prints it)"
 )
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's resource marking the head node
 
 
 def token_source() -> str | None:
@@ -112,3 +114,20 @@ def ray_init(**kwargs: Any) -> None:
         if is_auth_failure(e):
             raise auth_error(address) from e
         raise
+
+
+def describe_nodes(images: Mapping[str | None, int]) -> dict[str, dict]:
+    """``job.json``'s ``nodes``: per Ray node id that labeled images, how many (a retried batch counts again),
+    the node's address and whether it is the head. Images labeled outside Ray (node id None) are left out."""
+    import ray
+
+    known = {node["NodeID"]: node for node in ray.nodes()}
+    described = {}
+    for node, count in sorted((n, c) for n, c in images.items() if n is not None):
+        info = known.get(node, {})
+        described[node] = {
+            "images": count,
+            "address": info.get("NodeManagerAddress"),
+            "head": HEAD_RESOURCE in info.get("Resources", {}),
+        }
+    return described

@@ -10,12 +10,13 @@ import logging
 import platform
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from hqlabel import __version__
-from hqlabel.jobs.cluster import ray_init
+from hqlabel.jobs.cluster import describe_nodes, ray_init
 from hqlabel.jobs.resources import ResourcePlan, object_store_limit, plan_label_job
 from hqlabel.jobs.spec import LabelJobSpec
 from hqlabel.platform import storage
@@ -268,6 +269,7 @@ def _run_pipeline(
     expected = {shard.shard_id: shard.num_images for shard in pending}
     arrived = dict.fromkeys(expected, 0)
     finished: dict[str, dict] = {}
+    nodes: Counter[str | None] = Counter()  # images labeled per Ray node
     todo_images = sum(expected.values())
     with tqdm(total=todo_images, unit="img", desc="labeling", disable=not progress, file=sys.stderr) as bar:
         if pending:
@@ -275,6 +277,7 @@ def _run_pipeline(
             for stats in ds.iter_rows():
                 shard = stats["shard"]
                 arrived[shard] += stats["images"]
+                nodes[stats["node_id"]] += stats["images"]
                 bar.update(stats["images"])
                 if shard not in finished and arrived[shard] >= expected[shard]:
                     marker = finalize_shard(spec.out, shard, expected[shard], spec.storage)
@@ -301,6 +304,7 @@ def _run_pipeline(
         storage.delete(storage.join(spec.out, "_tmp"), spec.storage)
     record.update(summary=asdict(summary), finished_at=datetime.now(timezone.utc).isoformat())
     record["shards"]["incomplete"] = incomplete
+    record["nodes"] = describe_nodes(nodes)
     _write_json(storage.join(spec.out, "job.json"), record, spec)
     if incomplete:
         raise RuntimeError(
