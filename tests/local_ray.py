@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 NODE_START_S = 90
+START_ATTEMPTS = 2
 RAY_CLIENT_ENV = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
@@ -99,17 +100,28 @@ class LocalRayCluster:
         self._start(f"node{len(self.nodes)}", num_cpus, args)
 
     def _start(self, name: str, num_cpus: int, args: list[str]) -> None:
+        """Start a node; a second try if the first does not come up (``ray start`` gives a node's raylet 30 s
+        to register with the head, which a machine busy with other work can miss)."""
         ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
         cmd = [ray_bin, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", *args]
-        cmd += [f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]
         cmd += [f"--temp-dir={self.temp_dir}", "--object-store-memory=200000000", "--disable-usage-stats"]
-        log_path = Path(self.temp_dir) / f"{name}.log"
-        with open(log_path, "wb") as log:
-            node = subprocess.Popen(
-                cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        self.nodes.append((node, log_path))
-        self._wait(lambda: b"Ray runtime started" in log_path.read_bytes(), f"Ray {name}", node)
+        for attempt in range(START_ATTEMPTS):
+            ports = [f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]
+            log_path = Path(self.temp_dir) / f"{name}-{attempt}.log"
+            with open(log_path, "wb") as log:
+                node = subprocess.Popen(
+                    cmd + ports, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            self.nodes.append((node, log_path))
+            try:
+                self._wait(
+                    lambda log=log_path: b"Ray runtime started" in log.read_bytes(), f"Ray {name}", node
+                )
+                return
+            except RuntimeError:
+                if attempt + 1 == START_ATTEMPTS:
+                    raise
+                _kill(node)
 
     def _wait(self, ready, what: str, node: subprocess.Popen | None = None) -> None:
         deadline = time.monotonic() + NODE_START_S
@@ -118,25 +130,47 @@ class LocalRayCluster:
                 raise RuntimeError(f"{what} did not start in {NODE_START_S} s:\n{self.logs()[-3000:]}")
             time.sleep(0.5)
 
+    def ray_nodes(self) -> list[dict]:
+        """``ray.nodes()`` of the cluster (``NodeID``, ``Alive``, ``Resources``, ...), from a driver apart."""
+        code = (
+            "import json, ray\n"
+            f"ray.init(address={self.address!r}, logging_level='ERROR')\n"
+            "print(json.dumps(ray.nodes()))\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
     def logs(self) -> str:
         """The ``ray start`` output of every node (for failure messages)."""
         return "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')}" for _, path in self.nodes)
 
     def stop(self) -> list[int]:
-        """Kill every node's process session (SIGTERM, then SIGKILL); returns process ids left behind."""
+        """Kill every node's process session; returns the process ids left behind (none, normally)."""
         for node, _ in reversed(self.nodes):  # workers first: the head outlives its nodes
-            for sig, wait_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
-                if not session_pids(node.pid):
-                    break
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(node.pid, sig)  # start_new_session: the process group id is the node's pid
-                deadline = time.monotonic() + wait_s
-                while node.poll() is None or session_pids(node.pid):  # poll() reaps the node's zombie
-                    if time.monotonic() > deadline:
-                        break
-                    time.sleep(0.2)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                node.wait(timeout=10)
+            _kill(node)
         leftover = [pid for node, _ in self.nodes for pid in session_pids(node.pid)]
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         return leftover
+
+
+def _kill(node: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL, to the process session of ``node`` (a ``ray start`` and all it started)."""
+    for sig, wait_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
+        if not session_pids(node.pid):
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, sig)  # start_new_session: the process group id is the node's pid
+        deadline = time.monotonic() + wait_s
+        while node.poll() is None or session_pids(node.pid):  # poll() reaps the node's zombie
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        node.wait(timeout=10)
