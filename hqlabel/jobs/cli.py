@@ -57,7 +57,16 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
         help="off: SAM's single-mask token; best: the original SysCV release's best-of-3 SAM mask + HQ",
     )
     p.add_argument("--batch-size", type=int, default=8, help="images per model call (default 8)")
-    p.add_argument("--num-workers", type=int, help="labeling actors (default: one per GPU, or by CPUs)")
+    p.add_argument(
+        "--num-workers", type=int, help="labeling actors, a fixed pool (default: one per GPU, or by CPUs)"
+    )
+    p.add_argument(
+        "--max-workers",
+        type=int,
+        help="autoscaling pool instead: start with one actor per GPU present, grow to this many as GPU nodes "
+        "join (with --device cuda, also before any has joined)",
+    )
+    p.add_argument("--min-workers", type=int, help="autoscaling pool: the fewest actors it keeps (default 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument(
         "--precision",
@@ -130,6 +139,8 @@ def _label(args: argparse.Namespace) -> int:
         "max_pixels": args.max_pixels,
         "max_side": args.max_side,
         "num_workers": args.num_workers,
+        "min_workers": args.min_workers,
+        "max_workers": args.max_workers,
         "num_cpus": args.num_cpus,
         "shard_size": args.shard_size,
         "lease_ttl": args.lease_ttl,

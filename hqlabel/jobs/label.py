@@ -13,12 +13,14 @@ import logging
 import platform
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from hqlabel import __version__
-from hqlabel.jobs.resources import ResourcePlan, object_store_limit, plan_resources
+from hqlabel.jobs.cluster import describe_nodes, ray_init
+from hqlabel.jobs.resources import ResourcePlan, object_store_limit, plan_label_job
 from hqlabel.jobs.spec import LabelJobSpec
 from hqlabel.platform import storage
 from hqlabel.platform.config import LabelerConfig
@@ -211,7 +213,7 @@ def init_ray(spec: LabelJobSpec) -> None:
     kwargs = {"address": spec.ray_address, "logging_level": logging.WARNING, "log_to_driver": True}
     if spec.ray_address is None:
         kwargs.update(num_cpus=spec.num_cpus, include_dashboard=False)
-    ray.init(**kwargs)
+    ray_init(**kwargs)  # joining a cluster: with its token
 
 
 def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan):
@@ -231,7 +233,7 @@ def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan):
         LabelWorker,
         batch_format="pyarrow",
         batch_size=spec.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
+        compute=ray.data.ActorPoolStrategy(**plan.actor_pool()),
         num_cpus=plan.actor_cpus,
         num_gpus=plan.actor_gpus,
         fn_constructor_kwargs={"config": spec.labeler, "num_threads": plan.actor_threads},
@@ -269,8 +271,7 @@ def _label(spec: LabelJobSpec, lease: OutputLease, progress: bool) -> LabelSumma
 
     source, pending = prepare_output(spec)
     init_ray(spec)
-    resources = ray.cluster_resources()
-    plan = plan_resources(resources.get("CPU", 0), resources.get("GPU", 0), spec.num_workers)
+    plan = plan_label_job(spec)
     record = {
         "job": "label",
         "spec": spec.model_dump(mode="json"),
@@ -342,6 +343,7 @@ def _run_pipeline(
                 finished[shard] = marker
                 bar.set_postfix(shards=f"{len(finished)}/{len(pending)}")
 
+    nodes: Counter[str | None] = Counter()  # images labeled per Ray node
     todo_images = sum(expected.values())
     with tqdm(total=todo_images, unit="img", desc="labeling", disable=not progress, file=sys.stderr) as bar:
         if pending:
@@ -350,6 +352,7 @@ def _run_pipeline(
                 lease.check()  # stop writing at once if another run has taken the output over
                 shard = stats["shard"]
                 arrived[shard] += stats["images"]
+                nodes[stats["node_id"]] += stats["images"]
                 bar.update(stats["images"])
                 if shard not in tried and arrived[shard] >= expected[shard]:
                     tried.add(shard)
@@ -380,6 +383,7 @@ def _run_pipeline(
         storage.delete(storage.join(spec.out, "_tmp"), spec.storage)
     record.update(summary=asdict(summary), finished_at=datetime.now(timezone.utc).isoformat())
     record["shards"]["incomplete"] = incomplete
+    record["nodes"] = describe_nodes(nodes)
     _write_json(storage.join(spec.out, "job.json"), record, spec)
     if incomplete:
         raise RuntimeError(

@@ -4,6 +4,10 @@ cluster has."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hqlabel.jobs.spec import LabelJobSpec
 
 
 @dataclass(frozen=True)
@@ -11,7 +15,10 @@ class ResourcePlan:
     """Placement of the labeling pipeline.
 
     Attributes:
-        num_actors: labeling actors (each holds a detector and a segmenter).
+        num_actors: labeling actors the pool starts with (each holds a detector and a segmenter).
+        min_actors: the fewest actors the pool keeps (Ray Data removes idle ones down to this).
+        max_actors: the most actors the pool grows to while they stay busy and the cluster has room for more,
+            e.g. as GPU nodes join. ``min_actors == num_actors == max_actors`` is a fixed pool.
         actor_cpus: CPUs Ray reserves per actor (logical; its torch threads are ``actor_threads``).
         actor_gpus: GPUs per actor (1 on GPU clusters, 0 otherwise).
         task_cpus: CPUs per read/decode/write task.
@@ -22,10 +29,18 @@ class ResourcePlan:
     """
 
     num_actors: int
+    min_actors: int
+    max_actors: int
     actor_cpus: float
     actor_gpus: float
     task_cpus: float
     actor_threads: int = 1
+
+    def actor_pool(self) -> dict[str, int]:
+        """Keyword arguments of ``ray.data.ActorPoolStrategy``: a fixed ``size``, or autoscaling bounds."""
+        if self.min_actors == self.max_actors:
+            return {"size": self.num_actors}
+        return {"min_size": self.min_actors, "max_size": self.max_actors, "initial_size": self.num_actors}
 
 
 BATCHES_IN_FLIGHT = 4  # decoded batches the object store may hold per labeling actor
@@ -34,57 +49,162 @@ MIN_OBJECT_STORE_BYTES = 64 * 2**20
 
 def object_store_limit(plan: ResourcePlan, batch_size: int, max_side: int) -> int:
     """Bytes of Ray's object store a labeling job's pipeline may fill: ``BATCHES_IN_FLIGHT`` decoded batches
-    per actor at the largest working size (``max_side`` x ``max_side`` RGB), at least 64 MiB.
+    per actor of the largest pool (``plan.max_actors``) at the largest working size (``max_side`` x
+    ``max_side`` RGB), at least 64 MiB. Ray Data caps it at its own default share of the object store the
+    cluster has at the time, so a budget for actors that have not joined yet takes no memory.
 
     Without a limit, Ray Data lets the cheap decode stage run ahead of the model actors until a large share of
     the object store holds decoded pixels, so a job's memory grows with the dataset (measured on 2 CPUs: 2,000
     images peaked 600 MiB above 200 images, benchmarks/RESULTS.md). With it, memory is bounded by the actors
     and the batch size; the budget still keeps each actor a few batches ahead.
     """
-    return max(MIN_OBJECT_STORE_BYTES, plan.num_actors * BATCHES_IN_FLIGHT * batch_size * max_side**2 * 3)
+    return max(MIN_OBJECT_STORE_BYTES, plan.max_actors * BATCHES_IN_FLIGHT * batch_size * max_side**2 * 3)
 
 
-def plan_resources(cpus: float, gpus: float, num_workers: int | None = None) -> ResourcePlan:
-    """Size the pipeline for a cluster with ``cpus`` CPUs and ``gpus`` GPUs.
+def _check_pool_options(num_workers: int | None, min_workers: int | None, max_workers: int | None) -> None:
+    if num_workers is not None and (min_workers is not None or max_workers is not None):
+        raise ValueError(
+            f"--num-workers {num_workers} sets a fixed pool; pass either it or --min-workers/--max-workers"
+        )
+    if min_workers is not None and max_workers is None:
+        raise ValueError(
+            f"--min-workers {min_workers} needs --max-workers (the most actors the pool may grow to)"
+        )
+    if min_workers is not None and max_workers is not None and min_workers > max_workers:
+        raise ValueError(f"--min-workers {min_workers} is more than --max-workers {max_workers}")
 
-    With GPUs: one actor per GPU (or ``num_workers``, at most one per GPU), one CPU each. Without: actors
-    share the CPUs, but at least one CPU always stays free (in Ray's bookkeeping) for the read, decode and
-    write tasks; otherwise the actors starve them and a small machine hangs. On a small CPU machine the one
-    actor still runs a torch thread on that CPU (see ``ResourcePlan.actor_threads``).
+
+def plan_resources(
+    cpus: float,
+    gpus: float,
+    num_workers: int | None = None,
+    *,
+    min_workers: int | None = None,
+    max_workers: int | None = None,
+    node_cpus: float | None = None,
+    use_gpus: bool | None = None,
+) -> ResourcePlan:
+    """Size the pipeline for a cluster that has ``cpus`` CPUs and ``gpus`` GPUs now (nodes may join later).
+
+    With GPUs: one actor per GPU (or ``num_workers``, at most one per GPU present), one CPU each. With
+    ``max_workers`` the pool autoscales instead: it starts with one actor per GPU present (at least
+    ``min_workers``, default 1, at most ``max_workers``) and Ray Data adds actors up to ``max_workers`` as GPU
+    nodes join a running cluster (an autoscaler's), removing idle ones down to ``min_workers``.
+
+    Without GPUs: actors share the CPUs, but at least one CPU always stays free (in Ray's bookkeeping) for the
+    read, decode and write tasks; otherwise the actors starve them and a small machine hangs. On a small CPU
+    machine the one actor still runs a torch thread on that CPU (see ``ResourcePlan.actor_threads``). The
+    pool is fixed: ``min_workers`` / ``max_workers`` only bound its size (a CPU pool that grew would take the
+    CPUs the tasks need). No actor asks for more CPUs than the largest node has (``node_cpus``).
+
+    CPUs are counted over the nodes that run work: a head started with ``--num-cpus 0`` (the usual cluster
+    set-up) adds none, and the job runs on the worker nodes.
+
+    Args:
+        num_workers: a fixed pool of this many actors.
+        min_workers, max_workers: the bounds of an autoscaling pool (``max_workers`` needed; not with
+            ``num_workers``).
+        node_cpus: CPUs of the largest node (default ``cpus``: one machine).
+        use_gpus: True: GPU actors even while no GPU has joined yet (``--device cuda``); False: CPU actors
+            even on a GPU cluster (``--device cpu``); None: GPU actors when the cluster has GPUs.
 
     Raises:
-        ValueError: fewer than 2 CPUs, or more GPU workers asked for than GPUs exist.
+        ValueError: conflicting pool options; a CPU pool with fewer than 2 CPUs; a fixed GPU pool larger than
+            the GPUs present (or none present).
     """
+    _check_pool_options(num_workers, min_workers, max_workers)
+    whole_gpus = int(gpus)
+    if use_gpus is None:
+        use_gpus = whole_gpus >= 1
+    if use_gpus:
+        if max_workers is not None:
+            low = min_workers or 1
+            actors = min(max(whole_gpus, low), max_workers)
+            high = max_workers
+        elif whole_gpus == 0:
+            raise ValueError(
+                "the Ray cluster has no GPUs (yet) for --device cuda; pass --max-workers N to start as GPU "
+                "nodes join and grow to N actors, or --device auto to label on the CPUs"
+            )
+        elif num_workers is not None and num_workers > whole_gpus:
+            raise ValueError(
+                f"--num-workers {num_workers} asks for more GPU actors than the {whole_gpus} GPUs available; "
+                f"pass --max-workers {num_workers} instead to start with these and grow as GPU nodes join"
+            )
+        else:
+            actors = low = high = num_workers or whole_gpus
+        cpu = 1.0 if cpus - actors >= 1 else 0.5  # a GPU node that joins later brings CPUs of its own
+        return ResourcePlan(actors, low, high, actor_cpus=cpu, actor_gpus=1.0, task_cpus=cpu, actor_threads=1)
     if cpus < 2:
         raise ValueError(
             f"the Ray cluster has {cpus:g} CPUs; labeling needs at least 2 (one for the model actor, one for "
-            "reading and writing). Start Ray with more CPUs (--num-cpus)"
+            "reading and writing). Start Ray with more CPUs (--num-cpus), or add worker nodes"
         )
-    whole_gpus = int(gpus)
-    if whole_gpus >= 1:
-        if num_workers is not None and num_workers > whole_gpus:
-            raise ValueError(
-                f"--num-workers {num_workers} asks for more GPU actors than the {whole_gpus} GPUs available"
-            )
-        actors = num_workers or whole_gpus
-        spare = cpus - actors
-        return ResourcePlan(actors, 1.0 if spare >= 1 else 0.5, 1.0, 1.0 if spare >= 1 else 0.5, 1)
+    node_cpus = cpus if node_cpus is None else node_cpus
     reserve = max(1.0, cpus // 4)  # for read/decode/write tasks
     budget = cpus - reserve
-    actors = max(1, min(num_workers or 1, int(budget)))
-    if num_workers is None:
+    if num_workers is not None:
+        actors = max(1, min(num_workers, int(budget)))
+    else:
         # Few fat actors: one per 4 CPUs keeps torch's intra-op threads busy without oversubscribing.
         actors = max(1, int(budget // 4))
+        if max_workers is not None:
+            actors = max(1, min(max(actors, min_workers or 1), max_workers, int(budget)))
     actor_cpus = max(1.0, float(int(budget // actors)))
+    if actor_cpus > node_cpus >= 1:  # an actor must fit on one node: more, thinner actors instead
+        actor_cpus = float(int(node_cpus))
+        if num_workers is None and max_workers is None:
+            actors = max(1, int(budget // actor_cpus))
     threads = int(actor_cpus)
-    if actors == 1 and reserve == 1:
+    if actors == 1 and reserve == 1 and actor_cpus + 1 <= node_cpus:
         # Small machine (2-7 CPUs): the one actor's torch threads also use the CPU kept for I/O. Ray's
         # reservation is logical, and decode/write are light next to the models, so that core would idle
-        # between tasks. Larger machines keep their I/O CPUs to themselves (several tasks run there at once).
+        # between tasks. Larger machines keep their I/O CPUs to themselves (several tasks run there at once),
+        # and an actor on a node of its own has no I/O CPU beside it.
         threads += 1
     # Tasks ask for half a CPU: two decode/write tasks share the spare core, and the differing request keeps
     # Ray Data from fusing decoding into the model actors (decode overlaps model work instead).
-    return ResourcePlan(actors, actor_cpus, 0.0, 0.5, threads)
+    return ResourcePlan(
+        actors, actors, actors, actor_cpus=actor_cpus, actor_gpus=0.0, task_cpus=0.5, actor_threads=threads
+    )
+
+
+@dataclass(frozen=True)
+class ClusterCapacity:
+    """What the alive nodes of a Ray cluster have: CPUs and GPUs in all, and the most CPUs on one node."""
+
+    cpus: float
+    gpus: float
+    node_cpus: float
+
+
+def cluster_capacity() -> ClusterCapacity:
+    """The capacity of the Ray cluster this process has joined, now (an autoscaler may add nodes later)."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    cpus = [node.get("CPU", 0.0) for node in nodes]
+    return ClusterCapacity(sum(cpus), sum(node.get("GPU", 0.0) for node in nodes), max(cpus, default=0.0))
+
+
+def plan_label_job(spec: LabelJobSpec) -> ResourcePlan:
+    """``plan_resources`` for ``spec`` on the Ray cluster this process has joined.
+
+    ``--device cuda`` plans GPU actors even before any GPU node has joined; ``--device cpu`` plans CPU actors
+    even where there are GPUs.
+    """
+    device = spec.labeler.device
+    use_gpus = True if device.startswith("cuda") else False if device == "cpu" else None
+    capacity = cluster_capacity()
+    return plan_resources(
+        capacity.cpus,
+        capacity.gpus,
+        spec.num_workers,
+        min_workers=spec.min_workers,
+        max_workers=spec.max_workers,
+        node_cpus=capacity.node_cpus,
+        use_gpus=use_gpus,
+    )
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,18 @@ class LabelJobSpec(BaseModel):
     s3_region: str | None = Field(None, description="S3 region (default: AWS_REGION, then us-east-1).")
     batch_size: int = Field(8, ge=1, description="Images per model call.")
     num_workers: int | None = Field(
-        None, ge=1, description="Labeling actors; default one per GPU, or as many as the CPUs allow."
+        None,
+        ge=1,
+        description="Labeling actors, a fixed pool; default one per GPU, or as many as the CPUs allow.",
+    )
+    min_workers: int | None = Field(
+        None, ge=1, description="Autoscaling pool (with max_workers): the fewest labeling actors; default 1."
+    )
+    max_workers: int | None = Field(
+        None,
+        ge=1,
+        description="Autoscaling pool: start with one actor per GPU present, grow to this many as GPU nodes "
+        "join the cluster (an autoscaler's).",
     )
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Larger images become error rows.")
     max_side: int = Field(

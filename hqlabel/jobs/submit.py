@@ -2,7 +2,8 @@
 
 The job runs through the cluster's Ray Jobs API (the dashboard's HTTP server, port 8265 by default), so the
 command keeps running when the submitting machine goes away; its driver joins the cluster by itself (Ray sets
-``RAY_ADDRESS`` for job drivers). Needs the ``cluster`` extra (``ray[default]``) on the submitting machine.
+``RAY_ADDRESS`` for job drivers). Needs the ``cluster`` extra (``ray[default]``) on the submitting machine. A
+cluster with token authentication gets the token Ray's own clients would find (``hqlabel.jobs.cluster``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
+
+from hqlabel.jobs.cluster import auth_error, use_cluster_token
 
 INSTALL_HINT = 'hqlabel submit/jobs need the Ray Jobs client: pip install "hqlabel[cluster]"'
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -29,6 +32,7 @@ def _client(address: str):
         from ray.job_submission import JobSubmissionClient
     except ImportError as e:
         raise ImportError(INSTALL_HINT) from e
+    use_cluster_token()  # Ray's client sends the token it finds only once this is on
     try:
         return JobSubmissionClient(address)
     except ConnectionError as e:
@@ -37,10 +41,7 @@ def _client(address: str):
             "that its dashboard port (8265 by default) is reachable from here"
         ) from e
     except AuthenticationError as e:
-        raise PermissionError(
-            f"the Ray cluster at {address} requires a token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
-            "(or ~/.ray/auth_token) to the cluster's token"
-        ) from e
+        raise auth_error(address) from e
 
 
 def build_runtime_env(working_dir: str | None = None, pip: Sequence[str] = ()) -> dict:

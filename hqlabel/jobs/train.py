@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hqlabel.jobs.args import add_storage_args
+from hqlabel.jobs.cluster import ray_init
 from hqlabel.jobs.resources import plan_training
 from hqlabel.platform import storage
 from hqlabel.platform.config import DEFAULT_SEGMENTER, PRESETS
@@ -67,7 +68,7 @@ def run_train_job(
             # The dashboard (with ray[default]) serves the state API that Ray Train's clean-up watcher polls;
             # without it that watcher logs a warning every few seconds.
             kwargs.update(num_cpus=num_cpus)
-        ray.init(**kwargs)
+        ray_init(**kwargs)  # joining a cluster: with its token
     resources = ray.cluster_resources()
     plan = plan_training(resources.get("CPU", 0), resources.get("GPU", 0), workers, gpus_per_worker)
     per_worker = {"CPU": plan.cpus} | ({"GPU": plan.gpus} if plan.gpus else {})

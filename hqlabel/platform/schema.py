@@ -90,6 +90,8 @@ RESULT_SCHEMA = pa.schema(
         pa.field("instances", pa.list_(INSTANCE_TYPE)),
         pa.field("error_stage", pa.string()),
         pa.field("error", pa.string()),
+        # The Ray node that labeled the image (null outside Ray): the job records where it ran; not written.
+        pa.field("node_id", pa.string()),
     ]
 )
 

@@ -4,6 +4,7 @@ the callable class that Ray Data instantiates once per actor (it loads the model
 from __future__ import annotations
 
 import logging
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -144,11 +145,24 @@ class Labeler:
         return results
 
 
+def ray_node_id() -> str | None:
+    """Hex id of the Ray node this process runs on, or None outside Ray.
+
+    Never imports Ray: a process that runs Ray work has it imported and initialised already, and the worker
+    classes also run without Ray (tests, benchmarks).
+    """
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
+
+
 class LabelWorker:
     """Ray Data actor UDF: ``DECODED_SCHEMA`` batch in, ``RESULT_SCHEMA`` batch out (one row per image).
 
     Rows that arrive with an error pass through. If labeling a batch fails, each image is retried alone so
-    that only the image at fault becomes an error row (stage ``"label"``).
+    that only the image at fault becomes an error row (stage ``"label"``). Every row names the Ray node that
+    labeled it (``node_id``), so that a job can tell where it ran.
     """
 
     def __init__(self, config: LabelerConfig, num_threads: int | None = None) -> None:
@@ -156,6 +170,7 @@ class LabelWorker:
             torch.set_num_threads(num_threads)
         self.labeler = Labeler.from_config(config)
         self.given_boxes = config.prompts == "boxes"
+        self.node_id = ray_node_id()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -169,6 +184,7 @@ class LabelWorker:
                 "instances": None,
                 "error_stage": r["error_stage"],
                 "error": r["error"],
+                "node_id": self.node_id,
             }
             for r in rows
         ]

@@ -35,7 +35,7 @@ from hqlabel.platform import storage
 from hqlabel.platform.schema import ERRORS_SCHEMA, IMAGES_SCHEMA, MASKS_SCHEMA, results_to_tables
 from hqlabel.platform.storage import StorageOptions
 
-STATS_SCHEMA = pa.schema([("shard", pa.string()), ("images", pa.int64())])
+STATS_SCHEMA = pa.schema([("shard", pa.string()), ("node_id", pa.string()), ("images", pa.int64())])
 TABLES = {"masks": MASKS_SCHEMA, "errors": ERRORS_SCHEMA, "images": IMAGES_SCHEMA}
 # What tells two rows of one image apart, per table (images are told apart by ``_row``, else by image id).
 ROW_KEYS = {"masks": ["instance_id"], "errors": [], "images": []}
@@ -69,7 +69,7 @@ def write_parts(batch: pa.Table, *, out: str, options: StorageOptions = StorageO
     """Ray Data UDF: write one batch of ``RESULT_SCHEMA`` rows into their shards' temporary folders.
 
     Returns:
-        ``STATS_SCHEMA`` rows: images written per shard.
+        ``STATS_SCHEMA`` rows: images written per shard and per Ray node that labeled them (``node_id``).
     """
     stats = []
     for shard in pc.unique(batch["shard"]).to_pylist():
@@ -82,7 +82,8 @@ def write_parts(batch: pa.Table, *, out: str, options: StorageOptions = StorageO
         for name, table in zip(TABLES, results_to_tables(rows, with_row=True), strict=True):
             uri = storage.join(tmp_dir(out, shard), name, f"part-{digest}.parquet")
             _write_part(table, uri, ROW_KEYS[name], options)
-        stats.append({"shard": shard, "images": rows.num_rows})
+        for node_id, images in Counter(rows["node_id"].to_pylist()).items():
+            stats.append({"shard": shard, "node_id": node_id, "images": images})
     return pa.Table.from_pylist(stats, schema=STATS_SCHEMA)
 
 

@@ -76,6 +76,10 @@ def test_folder_job_writes_the_contract(ray_session, image_folder, tmp_path):
     assert job["summary"]["images"] == len(good) + 1
     assert job["spec"]["labeler"]["classes"] == CLASSES
     assert {"torch", "transformers", "ray", "pyarrow"} <= set(job["versions"])
+    node = ray_session.get_runtime_context().get_node_id()  # the one node of the session's Ray
+    assert job["nodes"] == {
+        node: {"images": len(good) + 1, "address": job["nodes"][node]["address"], "head": True}
+    }
 
 
 def test_parquet_input_matches_the_folder_input(ray_session, image_folder, tmp_path):

@@ -63,3 +63,104 @@ def test_object_store_limit_is_a_few_batches_per_actor():
     assert object_store_limit(one_gpu, 8, 1333) == 4 * batch
     assert object_store_limit(four_gpus, 8, 1333) == 4 * object_store_limit(one_gpu, 8, 1333)
     assert object_store_limit(one_gpu, 1, 64) == MIN_OBJECT_STORE_BYTES  # never below the floor
+
+
+def test_fixed_pools_are_one_size():
+    plan = plan_resources(16, 4, num_workers=2)
+    assert (plan.min_actors, plan.num_actors, plan.max_actors) == (2, 2, 2)
+    assert plan.actor_pool() == {"size": 2}
+    assert plan_resources(4, 0).actor_pool() == {"size": 1}
+
+
+def test_gpu_pool_starts_with_the_gpus_there_and_grows_to_max_workers():
+    plan = plan_resources(16, 2, max_workers=8)
+    assert (plan.min_actors, plan.num_actors, plan.max_actors, plan.actor_gpus) == (1, 2, 8, 1.0)
+    assert plan.actor_pool() == {"min_size": 1, "max_size": 8, "initial_size": 2}
+    plan = plan_resources(16, 2, min_workers=4, max_workers=8)  # waits for 2 more GPUs to join
+    assert (plan.min_actors, plan.num_actors, plan.max_actors) == (4, 4, 8)
+    assert plan_resources(32, 16, max_workers=8).num_actors == 8  # never starts above the maximum
+
+
+def test_gpu_pool_can_wait_for_the_first_gpu_node():
+    """A head with no CPUs or GPUs while the GPU workers still join: ``--device cuda --max-workers 4``."""
+    plan = plan_resources(0, 0, max_workers=4, use_gpus=True)
+    assert (plan.min_actors, plan.num_actors, plan.max_actors, plan.actor_gpus) == (1, 1, 4, 1.0)
+    assert plan.actor_cpus == plan.task_cpus == 0.5
+    with pytest.raises(ValueError, match="--max-workers"):
+        plan_resources(0, 0, use_gpus=True)  # a fixed pool of GPU actors needs the GPUs now
+
+
+def test_a_fixed_gpu_pool_larger_than_the_gpus_points_to_max_workers():
+    with pytest.raises(ValueError, match=r"--num-workers 3 .* 2 GPUs.*--max-workers 3"):
+        plan_resources(16, 2, num_workers=3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_workers": 2, "max_workers": 4}, "--num-workers 2 sets a fixed pool"),
+        ({"min_workers": 2}, "--min-workers 2 needs --max-workers"),
+        ({"min_workers": 5, "max_workers": 4}, "--min-workers 5 is more than --max-workers 4"),
+    ],
+)
+def test_conflicting_pool_options_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plan_resources(16, 4, **kwargs)
+
+
+def test_cpu_pools_stay_fixed_within_the_bounds():
+    assert plan_resources(16, 0, max_workers=2).actor_pool() == {"size": 2}
+    assert plan_resources(16, 0, min_workers=4, max_workers=6).actor_pool() == {"size": 4}
+    assert plan_resources(4, 0, min_workers=5, max_workers=6).num_actors == 3  # as many as the CPUs allow
+
+
+def test_device_cpu_plans_cpu_actors_on_a_gpu_cluster():
+    plan = plan_resources(8, 2, use_gpus=False)
+    assert plan.actor_gpus == 0 and plan == plan_resources(8, 0)
+
+
+@pytest.mark.parametrize(("cpus", "node_cpus"), [(4, 2), (16, 2), (16, 4), (8, 1), (2, 1)])
+def test_an_actor_fits_on_one_node(cpus, node_cpus):
+    """Worker nodes of ``node_cpus`` each (a head with ``--num-cpus 0`` adds none)."""
+    plan = plan_resources(cpus, 0, node_cpus=node_cpus)
+    assert plan.actor_cpus <= node_cpus
+    assert cpus - plan.num_actors * plan.actor_cpus >= 1, "read/decode/write tasks need a free CPU"
+    assert plan.actor_threads <= node_cpus  # no extra thread on a CPU of another node
+
+
+def test_thin_nodes_get_more_actors_not_an_unschedulable_fat_one():
+    assert (plan_resources(4, 0, node_cpus=2).num_actors, plan_resources(4, 0, node_cpus=2).actor_cpus) == (
+        1,
+        2,
+    )
+    plan = plan_resources(16, 0, node_cpus=2)
+    assert (plan.num_actors, plan.actor_cpus, plan.actor_threads) == (6, 2.0, 2)
+    # two 1-CPU workers: the actor on one, the I/O tasks on the other; no torch thread on the other node
+    plan = plan_resources(2, 0, node_cpus=1)
+    assert (plan.num_actors, plan.actor_cpus, plan.actor_threads) == (1, 1.0, 1)
+    assert plan_resources(4, 0, node_cpus=4) == plan_resources(4, 0)  # one machine: as before
+
+
+def test_object_store_limit_is_sized_for_the_largest_pool():
+    fixed, growing = plan_resources(8, 1), plan_resources(8, 1, max_workers=4)
+    assert growing.num_actors == 1
+    assert object_store_limit(growing, 8, 1333) == 4 * object_store_limit(fixed, 8, 1333)
+
+
+def test_plan_label_job_reads_the_cluster_and_the_device(ray_session, tmp_path):
+    from hqlabel.jobs.resources import cluster_capacity, plan_label_job
+    from hqlabel.jobs.spec import LabelJobSpec
+    from hqlabel.platform.config import LabelerConfig
+
+    capacity = cluster_capacity()
+    assert (capacity.cpus, capacity.gpus, capacity.node_cpus) == (2, 0, 2)  # the session's 2-CPU Ray
+
+    def spec(device: str, **kwargs) -> LabelJobSpec:
+        labeler = LabelerConfig(classes=["cat"], preset="tiny-random", device=device)
+        return LabelJobSpec(input=str(tmp_path), out=str(tmp_path / "out"), labeler=labeler, **kwargs)
+
+    assert plan_label_job(spec("auto")) == plan_resources(2, 0)
+    with pytest.raises(ValueError, match="no GPUs"):
+        plan_label_job(spec("cuda"))
+    plan = plan_label_job(spec("cuda", max_workers=2))
+    assert (plan.actor_gpus, plan.actor_pool()) == (1.0, {"min_size": 1, "max_size": 2, "initial_size": 1})

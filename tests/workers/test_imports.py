@@ -10,7 +10,7 @@ import pytest
 
 
 @pytest.mark.timeout(60)
-def test_io_steps_do_not_import_torch():
+def test_io_steps_do_not_import_torch_and_workers_not_ray():
     code = (
         "import sys\n"
         "from hqlabel.workers import decode_batch, finalize_shard, write_parts\n"
@@ -18,6 +18,8 @@ def test_io_steps_do_not_import_torch():
         "assert not heavy, heavy\n"
         "from hqlabel.workers import LabelWorker\n"
         "assert 'torch' in sys.modules\n"
+        "from hqlabel.workers.labeler import ray_node_id\n"
+        "assert ray_node_id() is None and 'ray' not in sys.modules  # outside Ray, never imports it\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -110,6 +110,13 @@ def test_label_worker_is_a_plain_callable(config):
     assert rows[1]["error_stage"] == "decode" and rows[1]["instances"] is None
 
 
+def test_label_worker_names_the_ray_node_it_runs_on(config, ray_session):
+    worker = LabelWorker(config)  # in this process, which has joined the session's Ray
+    assert worker.node_id == ray_session.get_runtime_context().get_node_id()
+    out = worker(_decoded([("a", encode(random_image(5, (40, 40))), None)]))
+    assert out["node_id"].to_pylist() == [worker.node_id]
+
+
 def test_label_worker_isolates_an_image_that_fails_in_the_models(config, monkeypatch):
     worker = LabelWorker(config)
     decoded = _decoded([(f"img{i}", encode(random_image(i, (40, 40))), None) for i in range(3)])
@@ -136,7 +143,7 @@ def test_written_parts_merge_into_one_shard_file_once(config, tmp_path):
     first = worker(_decoded([("a", encode(random_image(7)), None), ("b", b"junk", None)]))
     second = worker(_decoded([("c", encode(random_image(8)), None)]))
     stats = write_parts(first, out=out).to_pylist()
-    assert stats == [{"shard": "00000", "images": 2}]
+    assert stats == [{"shard": "00000", "node_id": worker.node_id, "images": 2}]  # None outside Ray
     assert finalize_shard(out, "00000", expected_images=3) is None  # "c" has not arrived yet
     write_parts(first, out=out)  # a retried batch rewrites its own part
     write_parts(second, out=out)
