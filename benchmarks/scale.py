@@ -13,6 +13,9 @@ commit, for a before/after comparison):
 - ``rle_bytes``: bytes of a compressed COCO RLE mask as HQLabel stores it, for smooth objects (filled
   ellipses of 1-30 % of a 1024 x 768 image) and for the fine structures of ``hqlabel synth-data`` (thin lines,
   rings, lattices at 1024 x 1024: the costly kind).
+- ``encoder_flops``: FLOPs of one 1024 x 1024 image through the SAM-HQ image encoder for ViT-B, -L and -H,
+  counted by ``FlopCounterMode`` on the meta device (shapes only, no compute; the same counts as
+  ``benchmarks.compute_limit`` measures on real tensors: 972 and 2,986 GFLOP for ViT-B and ViT-L).
 - ``s3_start``: the start of a job on a Parquet dataset of ``--s3-shards`` one-row files on a loopback S3
   server (moto) behind a proxy that adds ``--latency`` seconds per request (S3's round trips are tens of
   ms, loopback's about one): seconds to list the input and prepare the output, for a fresh run and for a
@@ -36,7 +39,7 @@ from pathlib import Path
 
 from benchmarks.run import machine_info
 
-SECTIONS = ("jobs", "s3_start", "s3_requests", "rle_bytes")
+SECTIONS = ("jobs", "s3_start", "s3_requests", "rle_bytes", "encoder_flops")
 
 
 def make_folder(root: Path, n: int, per_folder: int = 0) -> Path:
@@ -177,6 +180,38 @@ def run_rle_bytes(n: int = 200) -> dict:
         }
         for name, sizes in (("smooth_1024x768", smooth), ("fine_structures_1024", fine))
     }
+
+
+def run_encoder_flops() -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import SamHQConfig, SamHQModel
+
+    from benchmarks.compute_limit import _CUSTOM_FLOPS, VITS
+
+    results = {}
+    for vit, (hidden, depth, heads, global_attn) in VITS.items():
+        vision = dict(
+            hidden_size=hidden,
+            num_hidden_layers=depth,
+            num_attention_heads=heads,
+            global_attn_indexes=global_attn,
+        )
+        config = SamHQConfig(vision_config=vision, mask_decoder_config=dict(vit_dim=hidden))
+        with torch.device("meta"):
+            model = SamHQModel(config)
+            pixels = torch.empty(1, 3, 1024, 1024)
+        counter = FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOPS)
+        with torch.inference_mode(), counter:
+            model.get_image_embeddings(pixels)
+        results[f"vit_{vit}"] = {
+            "encoder_gflops_per_image": {"value": round(counter.get_total_flops() / 1e9, 1), "unit": "GFLOP"},
+            "parameters_m": {
+                "value": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+                "unit": "M",
+            },
+        }
+    return results
 
 
 CHILD = """
@@ -337,6 +372,8 @@ def main(argv: list[str] | None = None) -> dict:
         report["commit"] = commit
     if "jobs" in args.only:
         report["results"]["jobs"] = run_jobs(args.sizes, args.work, code, args.batch_size)
+    if "encoder_flops" in args.only:
+        report["results"]["encoder_flops"] = run_encoder_flops()
     if "rle_bytes" in args.only:
         report["results"]["rle_bytes"] = run_rle_bytes()
     if "s3_requests" in args.only:
