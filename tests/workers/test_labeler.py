@@ -1,12 +1,16 @@
+import math
+
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 from conftest import encode, random_image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hqlabel.platform.config import LabelerConfig
 from hqlabel.platform.rle import decode_mask
 from hqlabel.platform.schema import DECODED_SCHEMA, RESULT_SCHEMA, SOURCE_SCHEMA
+from hqlabel.segmenters.hq_sam import resize_plan
 from hqlabel.workers import Labeler, LabelWorker, decode_batch, finalize_shard, write_parts
 
 CLASSES = ["cat", "traffic light"]
@@ -38,6 +42,43 @@ def test_label_rows_follow_the_contract(labeler):
             x0, y0, x1, y1 = inst["box"]
             assert 0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h
             assert 0.0 <= inst["score"] <= 1.0
+
+
+class UpsampleCalls(TorchDispatchMode):
+    """Counts the bilinear resizes that reach ATen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.upsample_bilinear2d.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_resize_budget_changes_the_chunks_not_the_masks(labeler):
+    """A budget below one mask's float32 size: each mask is upsampled alone, in strips of rows, and the
+    instances (RLE bytes included) are those of the default budget (all of an image's masks at once)."""
+    images = [random_image(0, (48, 64)), random_image(1, (70, 30))]
+    output_sizes = [(192, 256), (140, 60)]  # 4x and 2x downscaled copies of their originals
+    tight = Labeler(labeler.detector, labeler.segmenter, labeler.classes, resize_budget=1)
+    with UpsampleCalls() as default_calls:
+        expected = labeler.label(images, output_sizes)
+    with UpsampleCalls() as tight_calls:
+        got = tight.label(images, output_sizes)
+    assert got == expected
+    counts = [len(r) for r in got]
+    assert sum(counts) > 2, "the tiny detector is expected to fire on random images"
+    # Default: 2 resizes an image. Budget 1: per mask the first resize, the last axis, then each strip.
+    reshaped = labeler.segmenter.embed(images).reshaped_sizes
+    strips = [
+        math.ceil(size[0] / resize_plan(1, r, size, 1)[1])
+        for r, size in zip(reshaped, output_sizes, strict=True)
+    ]
+    assert min(strips) > 1
+    extra = sum(n * (2 + s) - 2 for n, s in zip(counts, strips, strict=True) if n)
+    assert tight_calls.count - default_calls.count == extra
 
 
 def test_encoder_runs_once_per_image_whatever_the_box_count(labeler):
