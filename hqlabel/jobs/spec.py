@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from hqlabel.platform.config import DEFAULT_SEGMENTER, LabelerConfig
-from hqlabel.platform.images import DEFAULT_MAX_PIXELS
+from hqlabel.platform.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from hqlabel.platform.readers import InputColumns
 from hqlabel.platform.storage import StorageOptions
 from hqlabel.workers.decode import DEFAULT_MAX_SIDE
@@ -40,6 +40,12 @@ class LabelJobSpec(BaseModel):
         None, ge=1, description="Labeling actors; default one per GPU, or as many as the CPUs allow."
     )
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Larger images become error rows.")
+    max_bytes: int = Field(
+        DEFAULT_MAX_BYTES,
+        ge=1,
+        description="Larger encoded images become error rows (stage 'read'): files are refused by their "
+        "stated size before they are read, inline bytes before they are decoded.",
+    )
     max_side: int = Field(
         DEFAULT_MAX_SIDE, ge=64, description="Images are downscaled to this longest side before the models."
     )
@@ -54,7 +60,7 @@ class LabelJobSpec(BaseModel):
     # Fields that change what a run writes; a rerun into the same `out` must agree on them to resume.
     OUTPUT_FIELDS: ClassVar[tuple[str, ...]] = (
         "input", "labeler", "id_column", "image_column", "uri_column", "boxes_column", "labels_column",
-        "coco_images", "shard_size", "max_pixels", "max_side",
+        "coco_images", "shard_size", "max_pixels", "max_bytes", "max_side",
     )  # fmt: skip
 
     @property

@@ -110,7 +110,9 @@ def test_images_without_boxes_skip_the_segmenter(config):
     assert calls == []
 
 
-def _decoded(rows: list[tuple[str | None, bytes | None, str | None]], shard: str = "00000") -> pa.Table:
+def _decoded(
+    rows: list[tuple[str | None, bytes | None, str | None]], shard: str = "00000", **kwargs
+) -> pa.Table:
     batch = pa.Table.from_pylist(
         [
             {"shard": shard, "image_id": i, "image": b, "uri": u, "boxes": None, "labels": None}
@@ -118,7 +120,7 @@ def _decoded(rows: list[tuple[str | None, bytes | None, str | None]], shard: str
         ],
         schema=SOURCE_SCHEMA,
     )
-    return decode_batch(batch, max_side=64)
+    return decode_batch(batch, max_side=64, **kwargs)
 
 
 def test_decode_batch_keeps_every_row_and_records_failures(tmp_path):
@@ -137,6 +139,25 @@ def test_decode_batch_keeps_every_row_and_records_failures(tmp_path):
     assert rows[1]["error_stage"] == "decode"
     assert rows[2]["error_stage"] == "read" and "nope.png" in rows[2]["error"]
     assert rows[3]["error_stage"] == "read" and "image id" in rows[3]["error"]
+
+
+def test_decode_batch_refuses_images_over_max_bytes_as_read_errors(tmp_path):
+    big, small = encode(random_image(3, (80, 120))), encode(random_image(4, (20, 30)))
+    assert len(small) < len(big)
+    (tmp_path / "big.png").write_bytes(big)
+    rows = _decoded(
+        [("inline", big, None), ("file", None, str(tmp_path / "big.png")), ("small", small, None)],
+        max_bytes=len(big) - 1,
+    ).to_pylist()
+    for row in rows[:2]:
+        assert row["error_stage"] == "read" and row["pixels"] is None
+        assert row["error"].startswith("TooLargeError: ") and "--max-bytes" in row["error"]
+        assert f"is {len(big)} bytes, over the cap of {len(big) - 1} bytes" in row["error"]
+        assert "PNG" not in row["error"] and "IHDR" not in row["error"]  # names sizes, never content
+    assert "big.png" in rows[1]["error"]
+    assert rows[2]["error"] is None and (rows[2]["orig_height"], rows[2]["orig_width"]) == (20, 30)
+    unlimited = _decoded([("inline", big, None)], max_bytes=None).to_pylist()[0]
+    assert unlimited["error"] is None and (unlimited["orig_height"], unlimited["orig_width"]) == (80, 120)
 
 
 def test_label_worker_is_a_plain_callable(config):
