@@ -89,6 +89,11 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
         "the model's device), auto (torch on CUDA, else processor) (default auto)",
     )
     p.add_argument("--max-pixels", type=int, help="images with more pixels become error rows (100M)")
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        help="image files (or inline bytes) larger than this many bytes become error rows, unread (512 MiB)",
+    )
     p.add_argument("--max-side", type=int, help="downscale longer images to this side first (1333)")
     p.add_argument("--id-column", default="image_id", help="Parquet input: image id column")
     p.add_argument("--image-column", default="image", help="Parquet input: encoded image bytes column")
@@ -137,6 +142,7 @@ def _label(args: argparse.Namespace) -> int:
     )
     optional = {
         "max_pixels": args.max_pixels,
+        "max_bytes": args.max_bytes,
         "max_side": args.max_side,
         "num_workers": args.num_workers,
         "min_workers": args.min_workers,

@@ -15,6 +15,8 @@ def run_export(args: argparse.Namespace) -> ExportSummary:
     Raises:
         ValueError: ``--min-part-area`` is negative, or the format is unknown.
         FileNotFoundError: LABELS is not a labels folder.
+        ValueError: a mask of LABELS declares more pixels than its job's ``--max-pixels`` (yolo-seg,
+            masks-png: refused before decoding).
     """
     if args.min_part_area < 0:
         raise ValueError(f"--min-part-area must be >= 0 pixels, got {args.min_part_area}")

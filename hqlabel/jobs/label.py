@@ -227,7 +227,12 @@ def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan):
         batch_format="pyarrow",
         batch_size=spec.batch_size,
         num_cpus=plan.task_cpus,
-        fn_kwargs={"max_pixels": spec.max_pixels, "max_side": spec.max_side, "options": spec.storage},
+        fn_kwargs={
+            "max_pixels": spec.max_pixels,
+            "max_bytes": spec.max_bytes,
+            "max_side": spec.max_side,
+            "options": spec.storage,
+        },
     )
     ds = ds.map_batches(
         LabelWorker,

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from hqlabel.platform.config import DEFAULT_SEGMENTER, LabelerConfig
-from hqlabel.platform.images import DEFAULT_MAX_PIXELS
+from hqlabel.platform.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from hqlabel.platform.lease import DEFAULT_TTL
 from hqlabel.platform.readers import InputColumns
 from hqlabel.platform.storage import StorageOptions
@@ -52,6 +52,12 @@ class LabelJobSpec(BaseModel):
         "join the cluster (an autoscaler's).",
     )
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Larger images become error rows.")
+    max_bytes: int = Field(
+        DEFAULT_MAX_BYTES,
+        ge=1,
+        description="Larger encoded images become error rows (stage 'read'): files are refused by their "
+        "stated size before they are read, inline bytes before they are decoded.",
+    )
     max_side: int = Field(
         DEFAULT_MAX_SIDE, ge=64, description="Images are downscaled to this longest side before the models."
     )
@@ -73,7 +79,7 @@ class LabelJobSpec(BaseModel):
     # batch size is one: Grounding DINO pads a batch to its largest image, which changes the others' boxes.
     OUTPUT_FIELDS: ClassVar[tuple[str, ...]] = (
         "input", "labeler", "id_column", "image_column", "uri_column", "boxes_column", "labels_column",
-        "coco_images", "shard_size", "max_pixels", "max_side", "batch_size",
+        "coco_images", "shard_size", "max_pixels", "max_bytes", "max_side", "batch_size",
     )  # fmt: skip
 
     @property

@@ -1,8 +1,10 @@
 """Export a labeling job's output folder to COCO instances JSON, YOLO-seg polygons or per-instance mask PNGs.
 
 Everything streams: the masks table is read one shard file (``masks/part-*.parquet``) at a time and, within a
-file, one record batch at a time, so memory holds one batch of masks, never the whole table. Only the images
-table (one small row per image) is held whole.
+file, one record batch at a time, so memory holds one batch of masks (as RLE), never the whole table, and the
+formats that need pixels decode one mask at a time. Only the images table (one small row per image) is held
+whole. RLE read back from a labels folder is untrusted: a mask declaring more pixels than the job's
+``--max-pixels`` is refused (ValueError) before it is decoded.
 
 Format decisions:
 
@@ -45,6 +47,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from hqlabel.platform import storage
+from hqlabel.platform.images import DEFAULT_MAX_PIXELS
 from hqlabel.platform.rle import decode_mask
 from hqlabel.platform.storage import StorageOptions
 
@@ -144,6 +147,8 @@ class LabelsFolder:
                 "has its labeling job finished a shard?"
             )
         self.mask_files = storage.list_files(storage.join(self.uri, "masks"), (".parquet",), options)
+        # No labeled image (so no mask) is larger than the job's --max-pixels.
+        self.max_pixels = int(self.job.get("spec", {}).get("max_pixels") or DEFAULT_MAX_PIXELS)
         incomplete = self.job.get("shards", {}).get("incomplete")
         if incomplete or "summary" not in self.job:
             logger.warning("the labeling job in %s has not finished; exporting the shards done so far", uri)
@@ -154,6 +159,19 @@ class LabelsFolder:
         fs, path = storage.resolve(uri, self.options)
         with fs.open_input_file(path) as f:
             yield pq.ParquetFile(f)
+
+    def decode_mask(self, row: dict[str, Any]) -> np.ndarray:
+        """The H x W bool mask of one masks-table row (``image_id``, ``mask``; ``instance_id`` if read).
+
+        Raises:
+            ValueError: its RLE is malformed or declares more than ``max_pixels`` pixels (refused before
+                decoding); the message names the image.
+        """
+        try:
+            return decode_mask(row["mask"], max_pixels=self.max_pixels)
+        except ValueError as e:
+            instance = f"instance {row['instance_id']} of " if "instance_id" in row else ""
+            raise ValueError(f"{self.uri}/masks: {instance}image {row['image_id']!r}: {e}") from e
 
     def images(self) -> tuple[pa.Table, int, int]:
         """The exportable images and what was left out, as ``(table, failed, repeated)``.
@@ -388,7 +406,7 @@ def export_yolo_seg(labels: LabelsFolder, out: str, min_part_area: float = 4.0) 
                         "(shard files are sorted by image_id); the labels folder is corrupt"
                     )
                 current, lines = image_id, []
-            mask = decode_mask(row["mask"])
+            mask = labels.decode_mask(row)
             height, width = mask.shape
             polygons, dropped = mask_polygons(mask, min_part_area)
             summary.dropped_parts += dropped
@@ -438,7 +456,7 @@ def export_masks_png(labels: LabelsFolder, out: str) -> ExportSummary:
         for row in batch.to_pylist():
             if row["image_id"] not in stems:
                 continue
-            mask = decode_mask(row["mask"])
+            mask = labels.decode_mask(row)
             buf = io.BytesIO()
             Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buf, format="PNG")
             name = f"{row['instance_id']}_{_label_file_name(row['label'])}.png"
@@ -466,8 +484,8 @@ def export_labels(
         min_part_area: yolo-seg: smallest mask part (contour polygon area, pixels) written as a polygon.
 
     Raises:
-        ValueError: unknown format; FileNotFoundError: not a labels folder; ImportError: yolo-seg without
-        OpenCV.
+        ValueError: unknown format, or (yolo-seg, masks-png) a mask declaring more pixels than the job's
+        ``--max-pixels``; FileNotFoundError: not a labels folder; ImportError: yolo-seg without OpenCV.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")

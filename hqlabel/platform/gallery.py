@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,19 +86,30 @@ def safe_name(image_id: str, taken: set[str]) -> str:
     return name
 
 
-def _overlay(image: np.ndarray, instances: list[dict], max_side: int) -> Image.Image:
-    """``instances`` (mask rows) drawn on ``image`` (H x W x 3 uint8), longer side <= ``max_side``."""
+def _overlay(image: np.ndarray, instances: list[dict], max_side: int, max_pixels: int) -> Image.Image:
+    """``instances`` (mask rows) drawn on ``image`` (H x W x 3 uint8), longer side <= ``max_side``.
+
+    Masks are decoded one at a time as they are drawn (and downscaled at once), so one full-size mask is in
+    memory, never all of an image's; a mask declaring more than ``max_pixels`` pixels is refused
+    (ValueError) before it is decoded.
+    """
     height, width = image.shape[:2]
     scale = min(1.0, max_side / max(height, width))
-    masks = [decode_mask(row["mask"]) for row in instances]
-    boxes = [tuple(float(v) for v in row["box"]) for row in instances]
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    boxes = [tuple(float(v) * scale for v in row["box"]) for row in instances]
+
+    def masks() -> Iterator[np.ndarray]:
+        for row in instances:
+            mask = decode_mask(row["mask"], max_pixels=max_pixels)
+            if scale < 1.0:
+                mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
+            yield mask
+            del mask  # before the next one is decoded
+
     if scale < 1.0:
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
         image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
-        masks = [np.asarray(Image.fromarray(m).resize(size, Image.Resampling.NEAREST)) for m in masks]
-        boxes = [tuple(v * scale for v in box) for box in boxes]
     captions = [f"{row['label']} {row['score']:.2f}" for row in instances]
-    return overlay_masks(image, masks, boxes=boxes, captions=captions)
+    return overlay_masks(image, masks(), boxes=boxes, captions=captions)
 
 
 def _contact_sheet(thumbs: list[tuple[str, Image.Image]], tile: int) -> Image.Image:
@@ -141,6 +153,10 @@ def write_gallery(
         tile: contact-sheet cell size, pixels.
         max_side: overlays are downscaled so their longer side is at most this.
 
+    An image's masks are decoded one at a time as they are drawn. Masks (their RLE ``size``, read from the
+    labels folder: untrusted) and images over the job's ``--max-pixels`` are refused before decoding; such
+    an image is listed with the failed ones (stage ``show``).
+
     Raises:
         ValueError: ``limit`` < 1; FileNotFoundError: not a labels folder, or its input is gone.
     """
@@ -180,7 +196,8 @@ def write_gallery(
             try:
                 if data is None:
                     raise ValueError(problem)
-                overlay = _overlay(decode_image(data, max_pixels=max_pixels), instances[image_id], max_side)
+                image = decode_image(data, max_pixels=max_pixels)
+                overlay = _overlay(image, instances[image_id], max_side, max_pixels)
             except ValueError as e:  # gone, unreadable or changed since labeling: listed, not fatal
                 errors.append({"image_id": image_id, "stage": "show", "error": str(e)})
                 continue

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 __all__ = [
+    "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "ImageDecodeError",
@@ -29,6 +30,10 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", "
 
 DEFAULT_MAX_PIXELS = 100_000_000
 """Default upper bound on width * height accepted by :func:`decode_image`."""
+
+DEFAULT_MAX_BYTES = 512 * 2**20
+"""Default upper bound on the size of an encoded image file read by a labeling job (``--max-bytes``): an
+uncompressed 8-bit RGBA image of ``DEFAULT_MAX_PIXELS`` pixels (400 MB) fits under it."""
 
 # Modes that carry an alpha channel; they are composited on white.
 _ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})

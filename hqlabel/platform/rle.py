@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from hqlabel.platform.images import DEFAULT_MAX_PIXELS
+
 __all__ = ["decode_mask", "encode_mask", "encode_masks", "mask_area", "rle_to_bbox"]
 
 
@@ -104,20 +106,31 @@ def _to_pycocotools(rle: dict[str, Any]) -> dict[str, Any]:
     return {"size": [height, width], "counts": counts}
 
 
-def decode_mask(rle: dict[str, Any]) -> np.ndarray:
+def decode_mask(rle: dict[str, Any], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode a COCO RLE dict to a binary mask.
 
     Args:
         rle: ``{"size": [H, W], "counts": ...}``; counts as bytes or str (compressed) or a list of ints
             (uncompressed); size as list, tuple or array.
+        max_pixels: refuse a declared size of more than this many pixels (H * W) before allocating the
+            mask (2 bytes a pixel while decoding): RLE read back from files is untrusted, and a few bytes of
+            counts can declare any size. Default: the labeling default ``--max-pixels``; None: no cap.
 
     Returns:
         H x W bool array, C-contiguous.
 
     Raises:
-        ValueError: the dict is malformed.
+        ValueError: the dict is malformed, or its size is over ``max_pixels``.
     """
-    decoded = _mask_utils().decode(_to_pycocotools(rle))
+    checked = _to_pycocotools(rle)
+    height, width = checked["size"]
+    if max_pixels is not None and height * width > max_pixels:
+        raise ValueError(
+            f'rle["size"] {[height, width]} declares {height * width} pixels, over the cap of {max_pixels} '
+            "pixels (max_pixels, the labeling job's --max-pixels); refused instead of decoded: the RLE is "
+            "corrupt, or comes from a job with a larger --max-pixels"
+        )
+    decoded = _mask_utils().decode(checked)
     return np.ascontiguousarray(decoded, dtype=bool)
 
 

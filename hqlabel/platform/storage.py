@@ -109,12 +109,27 @@ def with_retries(fn, what: str, retries: int = RETRIES):
     raise AssertionError("unreachable")
 
 
-def read_bytes(uri: str, options: StorageOptions = StorageOptions()) -> bytes:
+class TooLargeError(ValueError):
+    """A file or object is larger than the byte cap it was read with (``read_bytes(max_bytes=...)``)."""
+
+
+def read_bytes(
+    uri: str, options: StorageOptions = StorageOptions(), *, max_bytes: int | None = None
+) -> bytes:
     """The whole object / file at ``uri``.
+
+    Args:
+        max_bytes: refuse a file larger than this many bytes. Its stated size (a local ``stat``, an S3
+            ``HEAD``) is checked before a byte is read, and the read stops after ``max_bytes + 1`` bytes,
+            since a file can grow in between (and some, such as ``/proc`` files, state no size). None: no cap.
 
     Raises:
         FileNotFoundError: it does not exist.
+        TooLargeError: it is larger than ``max_bytes`` (the message names both and ``--max-bytes``).
+        ValueError: ``max_bytes`` is negative.
     """
+    if max_bytes is not None and max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0 (or None: no cap), got {max_bytes}")
     fs, path = resolve(uri, options)
 
     def read() -> bytes:
@@ -123,8 +138,24 @@ def read_bytes(uri: str, options: StorageOptions = StorageOptions()) -> bytes:
             raise FileNotFoundError(f"{uri} does not exist")
         if info.type != pafs.FileType.File:
             raise IsADirectoryError(f"{uri} is not a file")
+        if max_bytes is None:
+            with fs.open_input_stream(path) as f:
+                return f.read()
+        size = info.size or 0
+        if size > max_bytes:
+            raise TooLargeError(
+                f"{uri} is {size} bytes, over the cap of {max_bytes} bytes; raise --max-bytes to read it"
+            )
         with fs.open_input_stream(path) as f:
-            return f.read()
+            data = f.read(size + 1)  # one byte more than stated: has it grown?
+            if len(data) > size:
+                data += f.read(max_bytes + 1 - len(data))
+        if len(data) > max_bytes:
+            raise TooLargeError(
+                f"{uri} holds more than the cap of {max_bytes} bytes (it stated {size} bytes); "
+                "raise --max-bytes to read it"
+            )
+        return data
 
     return with_retries(read, f"reading {uri}")
 

@@ -34,6 +34,8 @@ from hqlabel.segmenters.transformers_fixes import fix_sam_hq_mask_decoder
 
 Multimask = Literal["off", "best", "all"]
 MULTIMASK_MODES: tuple[str, ...] = ("off", "best", "all")
+# Float32 working memory of ``iter_masks`` (upsampling masks to the original size): 256 MiB.
+RESIZE_BUDGET_BYTES = 256 * 2**20
 
 
 class HQSamSegmenter:
@@ -352,9 +354,13 @@ class HQSamSegmenter:
         return torch.cat(masks)[inverse], torch.cat(iou)[inverse]
 
     def iter_masks(
-        self, logits: MaskLogits, output_size: tuple[int, int] | None = None, chunk_size: int = 16
+        self,
+        logits: MaskLogits,
+        output_size: tuple[int, int] | None = None,
+        chunk_size: int | None = None,
+        budget_bytes: int = RESIZE_BUDGET_BYTES,
     ) -> Iterator[torch.Tensor]:
-        """Upsample and binarise masks a chunk at a time (full-resolution masks of many prompts are large).
+        """Upsample and binarise masks a chunk at a time, in working memory bounded by ``budget_bytes``.
 
         The same arithmetic as SAM's post-processing (transformers' ``post_process_masks``): bilinear to the
         padded input size, crop the image's part, bilinear to the output size, threshold; the same masks up
@@ -363,17 +369,38 @@ class HQSamSegmenter:
         scale), and the second writes each mask column-major (it resizes the transposed logits), the order
         COCO RLE reads, so that encoding needs no transpose.
 
+        Memory: the float32 intermediates of a chunk (the first resize, rw x rh per mask, and the final
+        one, H x W per mask) stay within ``budget_bytes``: a chunk holds as many prompts as fit. When one
+        prompt's masks alone do not fit, the final resize runs in strips of image rows (``resize_plan``),
+        bit for bit the same masks as one call: it resizes the last axis alone (rw x H per mask, kept for
+        the whole prompt), then each strip's first axis. (ATen's bilinear kernels compute a pixel as the
+        lerp along the first axis of lerps along the last, which the two calls reproduce; tested on the
+        CPU, where small outputs take another path that ``resize_plan`` stays clear of.) Outside the
+        budget: the yielded chunk itself, 1 byte per pixel per mask (a 100 MP image's mask is 95 MiB);
+        and a prompt's first resize and last-axis pass when they alone exceed it (4 x rw x (rh + H) bytes
+        per mask: at most 43 MiB for a 100 MP image at the released models' 1024 x 1024 input). With the
+        default budget (256 MiB) the masks of a 100 MP image take at most 256 MiB of float32 plus the
+        95 MiB mask being yielded.
+
         Args:
             logits: decoder output of one image.
             output_size: (H, W) of the masks; defaults to the embedded image's size. A different size (the
                 image's original resolution, when a downscaled copy was embedded) keeps the same frame.
-            chunk_size: prompts per yielded chunk.
+            chunk_size: at most this many prompts per yielded chunk; default: as many as the budget allows.
+            budget_bytes: float32 working memory of a chunk, bytes.
 
         Yields:
             n x K x H x W bool tensors, in prompt order, on the segmenter's device. Each H x W mask is a
             transposed view of contiguous W x H memory (column-major); call ``.contiguous()`` where
             row-major memory matters.
+
+        Raises:
+            ValueError: ``chunk_size`` or ``budget_bytes`` below 1.
         """
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(
+                f"chunk_size must be >= 1 (or None: as many as the budget allows), got {chunk_size}"
+            )
         height, width = (int(v) for v in (output_size or logits.original_size))
         (rh, rw), (ph, pw) = logits.reshaped_size, self.pad_size
         lh, lw = logits.logits.shape[-2:]
@@ -382,11 +409,68 @@ class HQSamSegmenter:
         crop = logits.logits[
             ..., : min(lh, math.ceil(rh * lh / ph) + 1), : min(lw, math.ceil(rw * lw / pw) + 1)
         ]
+        prompts, rows = resize_plan(crop.shape[1], (rh, rw), (height, width), budget_bytes)
+        if chunk_size is not None:
+            prompts = min(prompts, chunk_size)
         upsample = torch.ops.aten.upsample_bilinear2d.default  # takes both the output size and the scale
-        for chunk in crop.transpose(-1, -2).split(chunk_size):
+        for chunk in crop.transpose(-1, -2).split(prompts):
             x = upsample(chunk.float(), [rw, rh], False, pw / lw, ph / lh)  # = the padded resize, cropped
-            x = upsample(x, [width, height], False)
-            yield (x > self.mask_threshold).transpose(-1, -2)
+            if rows is None:
+                x = upsample(x, [width, height], False)
+                yield (x > self.mask_threshold).transpose(-1, -2)
+            else:
+                x = upsample(x, [rw, height], False)  # the last axis alone: as the 2-D kernel computes it
+                masks = x.new_empty((*x.shape[:-2], width, height), dtype=torch.bool)
+                for start in range(0, height, rows):
+                    strip = upsample(
+                        x[..., start : start + rows].contiguous(), [width, min(rows, height - start)], False
+                    )
+                    torch.gt(strip, self.mask_threshold, out=masks[..., start : start + rows])
+                    del strip
+                del x
+                yield masks.transpose(-1, -2)
+
+
+# ATen's CPU bilinear kernel takes another code path (other rounding) for outputs whose two sides sum to at
+# most this (``_use_vectorized_kernel_cond_2d`` in ATen's UpSampleKernel.cpp); strips stay above it.
+_ATEN_CPU_SMALL_OUTPUT = 128
+
+
+def resize_plan(
+    masks_per_prompt: int, reshaped_size: tuple[int, int], output_size: tuple[int, int], budget_bytes: int
+) -> tuple[int, int | None]:
+    """How ``HQSamSegmenter.iter_masks`` splits its work to keep its float32 intermediates in a budget.
+
+    Args:
+        masks_per_prompt: K (3 for multimask "all", else 1).
+        reshaped_size: (rh, rw), the image's part of the model's input frame.
+        output_size: (H, W) of the masks.
+        budget_bytes: float32 working memory allowed, bytes.
+
+    Returns:
+        ``(prompts, rows)``: prompts per chunk (>= 1), and None when a whole prompt fits, else the image rows
+        per strip of the final resize (one prompt per chunk then). A prompt costs 4 x K x (rw x rh + H x W)
+        bytes whole, 4 x K x (rw x rh + rw x H + (rw + W) x rows) bytes in strips. Strips never go below the
+        rows that keep ATen's CPU kernel on its large-output path, and masks too small for that
+        (H + W <= 128) are never split: both keep the strips bit for bit equal to one call.
+
+    Raises:
+        ValueError: ``budget_bytes`` below 1.
+    """
+    if budget_bytes < 1:
+        raise ValueError(f"the resize budget must be >= 1 byte, got {budget_bytes}")
+    (rh, rw), (height, width) = reshaped_size, output_size
+    k = max(1, masks_per_prompt)
+    whole = 4 * k * (rw * rh + height * width)
+    if (
+        whole <= budget_bytes
+        or width + height <= _ATEN_CPU_SMALL_OUTPUT
+        or rw + height <= _ATEN_CPU_SMALL_OUTPUT
+    ):
+        return max(1, budget_bytes // whole), None
+    left = budget_bytes // (4 * k) - rw * rh - rw * height
+    rows = max(1, left // (rw + width), _ATEN_CPU_SMALL_OUTPUT + 1 - width)
+    return 1, min(rows, height)
 
 
 def _tiny_random(

@@ -6,19 +6,30 @@ import pyarrow as pa
 from PIL import Image
 
 from hqlabel.platform import storage
-from hqlabel.platform.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, resize_longest_side
+from hqlabel.platform.images import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    decode_image,
+    resize_longest_side,
+)
 from hqlabel.platform.schema import DECODED_SCHEMA
-from hqlabel.platform.storage import StorageOptions
+from hqlabel.platform.storage import StorageOptions, TooLargeError
 
 DEFAULT_MAX_SIDE = 1333  # Grounding DINO's longest edge; SAM-HQ resizes to 1024 on top of this
 
 
-def _read(row: dict, options: StorageOptions) -> bytes:
+def _read(row: dict, options: StorageOptions, max_bytes: int | None) -> bytes:
     if row.get("image") is not None:
+        if max_bytes is not None and len(row["image"]) > max_bytes:
+            raise TooLargeError(
+                f"the inline image is {len(row['image'])} bytes, over the cap of {max_bytes} bytes; "
+                "raise --max-bytes to accept it"
+            )
         return bytes(row["image"])
     if row.get("uri") is None:
         raise ValueError("row has neither image bytes nor a uri")
-    return storage.read_bytes(row["uri"], options)
+    return storage.read_bytes(row["uri"], options, max_bytes=max_bytes)
 
 
 def decode_batch(
@@ -27,17 +38,21 @@ def decode_batch(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_side: int = DEFAULT_MAX_SIDE,
     options: StorageOptions = StorageOptions(),
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> pa.Table:
     """Decode a batch of ``SOURCE_SCHEMA`` rows for the labeling actors.
 
     Args:
         max_pixels: images with more pixels are rejected (decompression bombs).
+        max_bytes: encoded images larger than this are rejected: files by their stated size, before they
+            are read (``storage.read_bytes``), inline bytes before they are decoded. None: no cap.
         max_side: images whose longest side is larger are downscaled to it (masks still come out at the
             original resolution).
 
     Returns:
         One ``DECODED_SCHEMA`` row per input row, in order: pixels and sizes, or ``error_stage`` /
-        ``error`` set ("read" when the bytes could not be had, "decode" when they are not a usable image).
+        ``error`` set ("read" when the bytes could not be had or are over ``max_bytes``, "decode" when they
+        are not a usable image).
     """
     if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = max_pixels  # one pixel limit: ours (this runs in pipeline worker processes)
@@ -55,7 +70,7 @@ def decode_batch(
         try:
             if not out["image_id"]:
                 raise ValueError("row has no image id")
-            data = _read(row, options)
+            data = _read(row, options, max_bytes)
             stage = "decode"
             image = decode_image(data, max_pixels=max_pixels)
             work = resize_longest_side(image, max_side)

@@ -15,6 +15,7 @@ from hqlabel.platform.config import LabelerConfig
 from hqlabel.platform.rle import encode_masks, mask_area
 from hqlabel.platform.schema import RESULT_SCHEMA
 from hqlabel.segmenters import HQSamSegmenter, build_segmenter
+from hqlabel.segmenters.hq_sam import RESIZE_BUDGET_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +63,25 @@ def build_models(config: LabelerConfig) -> tuple[GroundingDinoDetector | None, H
 
 class Labeler:
     """Labels images: detect ``classes`` (or take given boxes), then one HQ-SAM mask per box, with one
-    encoder pass per image."""
+    encoder pass per image.
 
-    def __init__(self, detector: Detector | None, segmenter: HQSamSegmenter, classes: list[str]) -> None:
+    Masks are upsampled to the output size and encoded a chunk at a time, as many prompts per chunk as
+    ``resize_budget`` bytes of float32 working memory allow, in strips when one mask alone is larger
+    (``HQSamSegmenter.iter_masks``); the budget changes the memory, never the masks.
+    """
+
+    def __init__(
+        self,
+        detector: Detector | None,
+        segmenter: HQSamSegmenter,
+        classes: list[str],
+        *,
+        resize_budget: int = RESIZE_BUDGET_BYTES,
+    ) -> None:
         self.detector = detector
         self.segmenter = segmenter
         self.classes = list(classes)
+        self.resize_budget = resize_budget
 
     @classmethod
     def from_config(cls, config: LabelerConfig) -> Labeler:
@@ -127,7 +141,9 @@ class Labeler:
             work_boxes, scores, names = prompts[i]
             out_boxes = work_boxes * scales[i]
             rles = []
-            for chunk in self.segmenter.iter_masks(mask_logits, output_sizes[i]):
+            for chunk in self.segmenter.iter_masks(
+                mask_logits, output_sizes[i], budget_bytes=self.resize_budget
+            ):
                 rles += encode_masks(chunk[:, 0].cpu().numpy())
             iou = mask_logits.iou_scores[:, 0].float().cpu().tolist()
             for k, rle in enumerate(rles):

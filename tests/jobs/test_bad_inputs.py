@@ -25,6 +25,7 @@ from hqlabel.workers import Labeler
 pytestmark = pytest.mark.timeout(240)
 
 MAX_PIXELS = 2000  # every good case is smaller; the "too big" one is 100 x 100
+MAX_BYTES = 32_768  # every other case is smaller (the "too big" one: 24 kB); the "too many bytes" ones 43 kB
 
 
 def _save(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -72,6 +73,8 @@ def run(ray_session, tmp_path_factory) -> Run:
     files.mkdir(parents=True)
     (files / "png-named.jpg").write_bytes(encode(random_image(1, (36, 52)), "PNG"))
     (files / "zero-size.jpg").write_bytes(b"")
+    many_bytes = encode(np.random.default_rng(9).integers(0, 256, (120, 120, 3), np.uint8))  # noise: 43 kB
+    (files / "many-bytes.png").write_bytes(many_bytes)
     cases: dict[str, tuple[bytes | None, str | None]] = {  # id -> (inline bytes, uri)
         "plain.png": (encode(random_image(0, (40, 48))), None),
         "truncated.jpg": (encode(random_image(2, (40, 48)), "JPEG")[:200], None),
@@ -85,6 +88,8 @@ def run(ray_session, tmp_path_factory) -> Run:
         "null-bytes": (None, None),
         "zero-size.jpg": (None, "files/zero-size.jpg"),
         "exif-rotated.jpg": (_exif_rotated_jpeg(), None),
+        "many-bytes-inline.png": (many_bytes, None),
+        "many-bytes-file.png": (None, "files/many-bytes.png"),
     }
     table = pa.table(
         {
@@ -100,6 +105,7 @@ def run(ray_session, tmp_path_factory) -> Run:
         out=str(out),
         labeler=LabelerConfig(classes=["cat", "dog"], preset="tiny-random", box_threshold=0.3),
         max_pixels=MAX_PIXELS,
+        max_bytes=MAX_BYTES,
         batch_size=4,
     )
     run_label_job(spec, progress=False)
@@ -164,6 +170,14 @@ def test_three_pixel_high_image_is_labeled(results):
 def test_image_over_max_pixels_is_a_decode_error_naming_the_option(results):
     result = results["too-big.png"]
     assert result.stage == "decode" and "--max-pixels" in result.error and "10000 pixels" in result.error
+
+
+@pytest.mark.parametrize("image_id", ["many-bytes-inline.png", "many-bytes-file.png"])
+def test_image_over_max_bytes_is_a_read_error_naming_the_option(results, image_id):
+    """Over --max-bytes (and over --max-pixels too: the byte cap comes first, before any decoding)."""
+    result = results[image_id]
+    assert (result.stage, result.rows) == ("read", 1)
+    assert "--max-bytes" in result.error and f"over the cap of {MAX_BYTES} bytes" in result.error
 
 
 def test_missing_file_is_a_read_error_naming_it(results):

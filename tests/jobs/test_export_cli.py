@@ -11,7 +11,8 @@ from PIL import Image
 
 from hqlabel.jobs.cli import main
 from hqlabel.platform import storage
-from tests.platform.test_export import CLASSES, write_labels_folder
+from tests.platform.test_export import CLASSES, add_shard_with_mask, write_labels_folder
+from tests.platform.test_rle import huge_rle
 
 
 @pytest.fixture
@@ -71,6 +72,15 @@ def test_export_of_a_folder_that_is_not_a_labels_folder_is_one_line(tmp_path, ca
     assert err.startswith("hqlabel: error:") and "not a labels folder" in err
     assert len(err.splitlines()) == 1
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_mask_over_the_pixel_cap_is_one_line(labels, tmp_path, capsys):
+    folder, _ = labels
+    add_shard_with_mask(folder, huge_rle(50_000, 50_000), (50_000, 50_000))
+    assert main(["export", str(folder), "--format", "masks-png", "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hqlabel: error:") and len(err.splitlines()) == 1
+    assert "c/huge.png" in err and "over the cap of 100000000 pixels" in err and "--max-pixels" in err
 
 
 def test_yolo_seg_without_opencv_names_the_extra(labels, tmp_path, capsys, monkeypatch):

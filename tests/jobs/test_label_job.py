@@ -156,6 +156,7 @@ def test_cli_label_runs_and_summarises(ray_session, image_folder, tmp_path, caps
                 "tiny-random",
             ],
             *["--box-threshold", "0.3", "--hq-token-only", "--batch-size", "3", "--no-progress"],
+            *["--max-bytes", "1000000"],  # every image is far smaller
         ]
     )
     captured = capsys.readouterr()
@@ -164,6 +165,7 @@ def test_cli_label_runs_and_summarises(ray_session, image_folder, tmp_path, caps
     assert "meaningless" in captured.err  # the random-weights warning
     job = json.loads((out / "job.json").read_text())
     assert job["spec"]["labeler"]["hq_token_only"] is True
+    assert job["spec"]["max_bytes"] == 1_000_000
     assert pq.read_table(out / "masks").num_rows == job["summary"]["instances"]
 
 

@@ -19,6 +19,7 @@ from hqlabel.platform.export import (
 )
 from hqlabel.platform.rle import encode_masks, rle_to_bbox
 from hqlabel.platform.schema import ERRORS_SCHEMA, IMAGES_SCHEMA, MASKS_SCHEMA
+from tests.platform.test_rle import huge_rle
 
 CLASSES = ["square", "circle", "ring", "blob"]
 
@@ -274,3 +275,47 @@ def test_not_a_labels_folder(tmp_path):
         export_labels(str(tmp_path / "photos"), str(tmp_path / "x.json"), "coco")
     with pytest.raises(ValueError, match="unknown export format"):
         export_labels(str(tmp_path / "photos"), str(tmp_path / "x"), "voc")
+
+
+def add_shard_with_mask(out: Path, rle: dict, size: tuple[int, int]) -> None:
+    """A third shard: one labeled image ``c/huge.png`` of ``size`` with one mask of RLE ``rle``."""
+    mask_row = {"image_id": "c/huge.png", "instance_id": 0, "label": "blob", "score": 0.9,
+                "box": [0.0, 0.0, 1.0, 1.0], "mask": rle, "area": 0, "pred_iou": 0.8}  # fmt: skip
+    image_row = {"image_id": "c/huge.png", "height": size[0], "width": size[1], "num_instances": 1}
+    storage.write_parquet(
+        pa.Table.from_pylist([mask_row], schema=MASKS_SCHEMA), str(out / "masks" / "part-c.parquet")
+    )
+    storage.write_parquet(
+        pa.Table.from_pylist([image_row], schema=IMAGES_SCHEMA), str(out / "images" / "part-c.parquet")
+    )
+
+
+@pytest.mark.parametrize("fmt", ["masks-png", "yolo-seg"])
+def test_a_mask_declaring_a_huge_size_is_refused_not_decoded(tmp_path, fmt):
+    """A few bytes of RLE declaring 50000 x 50000 pixels (5 GB to decode) in an untrusted labels folder."""
+    if fmt == "yolo-seg":
+        pytest.importorskip("cv2")
+    out = tmp_path / "labels"
+    write_labels_folder(str(out))
+    add_shard_with_mask(out, huge_rle(50_000, 50_000), (50_000, 50_000))
+    with pytest.raises(
+        ValueError, match=r"image 'c/huge\.png': .* declares 2500000000 pixels, over the cap of 100000000"
+    ):
+        export_labels(str(out), str(tmp_path / "x"), fmt)
+    summary = export_labels(str(out), str(tmp_path / "x.json"), "coco")  # copies RLE: decodes nothing
+    assert summary.instances == 7
+
+
+def test_the_mask_cap_is_the_labeling_job_max_pixels(tmp_path):
+    out = tmp_path / "labels"
+    write_labels_folder(str(out))
+    job = json.loads((out / "job.json").read_text())
+    job["spec"]["max_pixels"] = 60 * 64 - 1  # one pixel less than b.jpg, the largest image
+    (out / "job.json").write_text(json.dumps(job))
+    with pytest.raises(
+        ValueError, match=rf"instance 0 of image 'b\.jpg': .* over the cap of {60 * 64 - 1} pixels"
+    ):
+        export_labels(str(out), str(tmp_path / "x"), "masks-png")
+    job["spec"]["max_pixels"] = 60 * 64
+    (out / "job.json").write_text(json.dumps(job))
+    assert export_labels(str(out), str(tmp_path / "y"), "masks-png").instances == 6

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -15,8 +18,12 @@ from PIL import Image
 from hqlabel.jobs.cli import main
 from hqlabel.jobs.label import run_label_job
 from hqlabel.jobs.spec import LabelJobSpec
+from hqlabel.platform import storage
 from hqlabel.platform.config import LabelerConfig
 from hqlabel.platform.gallery import safe_name, write_gallery
+from hqlabel.platform.rle import encode_mask
+from hqlabel.platform.schema import IMAGES_SCHEMA, MASKS_SCHEMA
+from tests.platform.test_rle import huge_rle
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -98,3 +105,56 @@ def test_safe_names_are_flat_and_unique():
     assert safe_name("sub/a b.jpg", taken) == "sub__a_b.jpg"
     assert safe_name("sub/a?b.jpg", taken) == "sub__a_b.jpg-1"
     assert safe_name("../x", taken) == "__x"
+
+
+def hand_made_labels(root: Path, rles: list[dict], size: tuple[int, int]) -> Path:
+    """A labels folder (no job run) of one image, ``big.png`` in ``root/images``, with these mask RLEs."""
+    images, labels = root / "images", root / "labels"
+    images.mkdir(parents=True)
+    (images / "big.png").write_bytes(encode(random_image(0, size)))
+    rows = [
+        {"image_id": "big.png", "instance_id": k, "label": "blob", "score": 0.9, "box": [10, 10, 90, 90],
+         "mask": rle, "area": 0, "pred_iou": 0.8}
+        for k, rle in enumerate(rles)
+    ]  # fmt: skip
+    storage.write_parquet(
+        pa.Table.from_pylist(rows, schema=MASKS_SCHEMA), str(labels / "masks" / "part-00000.parquet")
+    )
+    image_row = {"image_id": "big.png", "height": size[0], "width": size[1], "num_instances": len(rles)}
+    storage.write_parquet(
+        pa.Table.from_pylist([image_row], schema=IMAGES_SCHEMA), str(labels / "images" / "part-00000.parquet")
+    )
+    job = {"job": "label", "spec": {"input": str(images), "labeler": {"classes": ["blob"]}}, "summary": {}}
+    (labels / "job.json").write_text(json.dumps(job))
+    return labels
+
+
+def test_masks_are_decoded_one_at_a_time(tmp_path):
+    """40 masks of one image cost no more memory than 2: each is decoded when drawn, then let go
+    (tracemalloc sees numpy's allocations; decoding all at once would hold 38 x 240 kB more)."""
+    height, width = 400, 600
+    mask = np.zeros((height, width), bool)
+    mask[50:350, 100:500] = True
+    peaks = {}
+    warm_up = hand_made_labels(tmp_path / "warm-up", [encode_mask(mask)], (height, width))
+    write_gallery(str(warm_up), str(tmp_path / "show-warm-up"))  # first-call caches (fonts, imports)
+    for count in (2, 40):
+        labels = hand_made_labels(tmp_path / str(count), [encode_mask(mask)] * count, (height, width))
+        tracemalloc.start()
+        try:
+            summary = write_gallery(str(labels), str(tmp_path / f"show-{count}"))
+            peaks[count] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert (summary.overlays, summary.errors) == (1, 0)
+    assert peaks[40] - peaks[2] < 2 * height * width  # under two masks' worth of bool pixels
+
+
+def test_a_mask_declaring_a_huge_size_is_listed_not_decoded(tmp_path):
+    """A few bytes of RLE declaring 50000 x 50000 pixels (5 GB to decode): the image is listed as failed."""
+    labels = hand_made_labels(tmp_path, [huge_rle(50_000, 50_000)], (40, 60))
+    summary = write_gallery(str(labels), str(tmp_path / "show"))
+    assert (summary.overlays, summary.errors) == (0, 1)
+    page = (tmp_path / "show" / "index.html").read_text()
+    assert "big.png</td><td>show</td>" in page
+    assert "declares 2500000000 pixels, over the cap of 100000000 pixels" in page

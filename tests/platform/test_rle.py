@@ -87,6 +87,27 @@ def test_malformed_rle_raises() -> None:
         decode_mask({"counts": b"0"})
 
 
+def huge_rle(height: int = 50_000, width: int = 50_000) -> dict:
+    """A valid compressed RLE of an empty height x width mask: a few bytes declaring 2.5 G pixels."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.frPyObjects({"size": [height, width], "counts": [height * width]}, height, width)
+    return {"size": [height, width], "counts": bytes(rle["counts"])}
+
+
+def test_decode_refuses_a_declared_size_over_max_pixels_before_allocating() -> None:
+    rle = huge_rle()
+    assert len(rle["counts"]) < 16 and mask_area(rle) == 0  # well formed: decoding would take 5 GB
+    with pytest.raises(
+        ValueError, match=r"\[50000, 50000\] declares 2500000000 pixels, over the cap of 100000000"
+    ):
+        decode_mask(rle)  # the default cap: the labeling default --max-pixels
+    with pytest.raises(ValueError, match="over the cap of 99 pixels"):
+        decode_mask(encode_mask(np.ones((10, 10), bool)), max_pixels=99)
+    assert decode_mask(encode_mask(np.ones((10, 10), bool)), max_pixels=100).all()  # at the cap
+    assert decode_mask(encode_mask(np.ones((10, 10), bool)), max_pixels=None).shape == (10, 10)
+
+
 def test_column_major_bool_masks_encode_like_row_major_ones():
     """``iter_masks`` yields column-major masks, which ``encode_masks`` reads without copying."""
     masks = np.random.default_rng(1).random((3, 37, 53)) > 0.6

@@ -99,6 +99,46 @@ def test_reading_a_folder_as_bytes_is_an_error(root):
         storage.read_bytes(storage.join(base, "folder"), options)
 
 
+def test_read_bytes_refuses_a_file_over_the_cap_by_its_stated_size(root):
+    base, options = root
+    uri = storage.join(base, "blob.bin")
+    storage.write_bytes(uri, b"x" * 1000, options)
+    with pytest.raises(
+        storage.TooLargeError, match=r"is 1000 bytes, over the cap of 999 bytes; raise --max-bytes"
+    ):
+        storage.read_bytes(uri, options, max_bytes=999)
+    assert issubclass(storage.TooLargeError, ValueError)
+    assert storage.read_bytes(uri, options, max_bytes=1000) == b"x" * 1000  # at the cap: read
+    assert storage.read_bytes(uri, options, max_bytes=10**9) == b"x" * 1000
+    with pytest.raises(ValueError, match="max_bytes must be >= 0"):
+        storage.read_bytes(uri, options, max_bytes=-1)
+
+
+def test_read_bytes_refuses_a_huge_file_without_reading_it(tmp_path: Path):
+    """A sparse 1 TiB file is refused by its stated size, before a byte is read (the message names that
+    size; the guard on the read itself would say "holds more than")."""
+    path = tmp_path / "huge.bin"
+    with open(path, "wb") as f:
+        f.truncate(2**40)
+    with pytest.raises(
+        storage.TooLargeError, match=rf"huge\.bin is {2**40} bytes, over the cap of 1024 bytes"
+    ):
+        storage.read_bytes(str(path), max_bytes=1024)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_read_bytes_stops_at_the_cap_when_a_file_holds_more_than_it_states():
+    """/proc files state a size of 0 bytes: the read itself must stop one byte past the cap."""
+    uri = "/proc/self/status"
+    assert pafs.LocalFileSystem().get_file_info(uri).size == 0
+    with pytest.raises(
+        storage.TooLargeError, match=r"holds more than the cap of 10 bytes \(it stated 0 bytes\)"
+    ):
+        storage.read_bytes(uri, max_bytes=10)
+    data = storage.read_bytes(uri, max_bytes=2**20)
+    assert data.startswith(b"Name:") and len(data) > 10
+
+
 def test_join():
     assert storage.join("s3://bucket/data/", "a", "/b/", "c.png") == "s3://bucket/data/a/b/c.png"
     assert storage.join("/", "tmp", "x") == "/tmp/x"

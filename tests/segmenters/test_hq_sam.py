@@ -10,8 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from hqlabel.segmenters.hq_sam import HQSamSegmenter, ImageEmbeddings, MaskLogits, tiny_random_sam_hq
+from hqlabel.segmenters.hq_sam import (
+    HQSamSegmenter,
+    ImageEmbeddings,
+    MaskLogits,
+    resize_plan,
+    tiny_random_sam_hq,
+)
 
 
 @pytest.fixture(scope="module")
@@ -268,6 +275,94 @@ def test_iter_masks_keeps_the_three_masks_of_multimask_all(
     assert masks.any() and not masks.all()
     assert not torch.equal(masks[:, 0], masks[:, 1])
     assert torch.equal(masks, reference_masks(seg, logits, (90, 45)))
+
+
+class UpsampleCalls(TorchDispatchMode):
+    """Counts the bilinear resizes that reach ATen (``iter_masks`` calls the op directly)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.upsample_bilinear2d.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("size", "budget"),
+    [
+        ((200, 300), 1),  # below the floor: strips of one row
+        ((300, 40), 1),  # a narrow mask: strips of 89 rows, the fewest that keep ATen on one code path
+        ((1000, 1500), 1_200_000),  # ~100 rows a strip
+    ],
+)
+def test_iter_masks_in_strips_equals_one_resize_bit_for_bit(
+    segmenter: HQSamSegmenter, mask_logits: MaskLogits, size: tuple[int, int], budget: int
+) -> None:
+    """A budget below one mask's float32 size: one prompt per chunk, the final resize in strips of rows,
+    and exactly the masks of one resize per chunk (the default budget: one chunk of all 20 here)."""
+    with UpsampleCalls() as whole_calls:
+        whole = list(segmenter.iter_masks(mask_logits, size))
+    assert [len(c) for c in whole] == [20] and whole_calls.count == 2
+    prompts, rows = resize_plan(1, mask_logits.reshaped_size, size, budget)
+    strips = math.ceil(size[0] / rows)
+    assert prompts == 1 and strips >= 3
+    with UpsampleCalls() as calls:
+        chunks = list(segmenter.iter_masks(mask_logits, size, budget_bytes=budget))
+    assert calls.count == 20 * (2 + strips)  # per prompt: the first resize, the last axis, then each strip
+    assert [c.shape for c in chunks] == [(1, 1, *size)] * 20
+    assert all(c.dtype == torch.bool and c.transpose(-1, -2).is_contiguous() for c in chunks)  # column-major
+    masks = torch.cat(chunks)
+    assert masks.any() and not masks.all()
+    assert torch.equal(masks, whole[0])
+
+
+def test_iter_masks_in_strips_keeps_the_three_masks_of_multimask_all(
+    segmenter: HQSamSegmenter, images: list[np.ndarray]
+) -> None:
+    seg = with_settings(segmenter, multimask="all")
+    logits = seg.predict_boxes(seg.embed(images[1:]), [random_boxes(5, 180, 90)])[0]
+    size = (360, 180)
+    assert resize_plan(3, logits.reshaped_size, size, 100_000)[1] is not None
+    chunks = list(seg.iter_masks(logits, output_size=size, budget_bytes=100_000))
+    assert [c.shape for c in chunks] == [(1, 3, *size)] * 5
+    assert torch.equal(torch.cat(chunks), torch.cat(list(seg.iter_masks(logits, output_size=size))))
+
+
+def test_iter_masks_chunks_hold_as_many_prompts_as_the_budget_allows(
+    segmenter: HQSamSegmenter, mask_logits: MaskLogits
+) -> None:
+    (rh, rw), (h, w) = mask_logits.reshaped_size, (200, 300)
+    per_prompt = 4 * (rw * rh + h * w)  # float32: the first resize and the final one
+    chunks = list(segmenter.iter_masks(mask_logits, (h, w), budget_bytes=6 * per_prompt))
+    assert [len(c) for c in chunks] == [6, 6, 6, 2]
+    chunks = list(segmenter.iter_masks(mask_logits, (h, w), chunk_size=4, budget_bytes=6 * per_prompt))
+    assert [len(c) for c in chunks] == [4] * 5
+    assert [len(c) for c in segmenter.iter_masks(mask_logits, (h, w), budget_bytes=per_prompt - 1)] == [
+        1
+    ] * 20
+
+
+def test_iter_masks_never_splits_a_mask_too_small_for_one_code_path(
+    segmenter: HQSamSegmenter, mask_logits: MaskLogits
+) -> None:
+    """37 + 41 <= 128: ATen's CPU kernel rounds such outputs differently, so a strip would not be exact."""
+    assert resize_plan(1, mask_logits.reshaped_size, (37, 41), 1) == (1, None)
+    with UpsampleCalls() as calls:
+        masks = torch.cat(list(segmenter.iter_masks(mask_logits, (37, 41), budget_bytes=1)))
+    assert calls.count == 2 * 20
+    assert torch.equal(masks, reference_masks(segmenter, mask_logits, (37, 41)))
+
+
+def test_iter_masks_bad_arguments_are_value_errors(
+    segmenter: HQSamSegmenter, mask_logits: MaskLogits
+) -> None:
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        next(segmenter.iter_masks(mask_logits, chunk_size=0))
+    with pytest.raises(ValueError, match="budget must be >= 1 byte, got 0"):
+        next(segmenter.iter_masks(mask_logits, budget_bytes=0))
 
 
 def test_mask_threshold_is_applied(segmenter: HQSamSegmenter, mask_logits: MaskLogits) -> None:

@@ -1,4 +1,5 @@
 """Many prompts on one image with a real-size decoder: chunked decoding is exact and bounds peak memory.
+The last test: upsampling masks to a large image stays within ``iter_masks``' float32 budget.
 
 The model is ``tiny_random_sam_hq(image_size=1024, patch_size=16, decoder_hidden=256)``: a tiny encoder but
 the released models' decoder shapes (256 x 64 x 64 image embeddings, 256 x 256 low-res masks), so decoder
@@ -95,3 +96,71 @@ def test_peak_memory_is_bounded_by_the_chunk_size(run: dict) -> None:
     assert run["count"] == BOXES and run["mask_shapes"] == [[1, 1024, 1024]]
     assert 0.01 < run["foreground"] < 0.99
     assert run["delta"] < BOUND, f"peak RSS grew {run['delta'] / MIB:.0f} MiB, bound {BOUND / MIB:.0f} MiB"
+
+
+# --- iter_masks: a float32 budget, not the image size, bounds upsampling ----------------------------------
+#
+# 16 prompts of a 2000 x 3000 image (the released models' frame: 683 x 1024 of 1024 x 1024). Per prompt the
+# old path (one resize per 16-prompt chunk, kept here as the unbounded budget) holds the first resize
+# (2.7 MiB), the full-size float32 logits (22.9 MiB) and the bool mask (5.7 MiB): ~490 MiB a chunk. A 12 MiB
+# budget gives one prompt per chunk and strips of 98 rows (21 strips a mask): the first resize, the last-axis
+# pass (7.8 MiB) and a strip stay within the budget; the yielded bool mask (5.7 MiB) comes on top. The bound
+# adds 32 MiB for the allocator (measured: 27 MB of growth budgeted, 475 MB unbudgeted). The masks are hashed
+# in place (their column-major memory), so consuming them allocates nothing.
+RESIZE_BUDGET = 12 * MIB
+RESIZE_SIZE = (2000, 3000)
+RESIZE_BOUND = RESIZE_BUDGET + RESIZE_SIZE[0] * RESIZE_SIZE[1] + 32 * MIB
+
+RESIZE_SCRIPT = """
+import hashlib, json, resource, sys
+
+import torch
+
+from hqlabel.segmenters import tiny_random_sam_hq
+from hqlabel.segmenters.structures import MaskLogits
+
+
+def peak():  # bytes (Linux reports KiB)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+budget = int(sys.argv[1])
+seg = tiny_random_sam_hq(0, image_size=1024, patch_size=16)
+low = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+logits = torch.nn.functional.interpolate(low, size=(256, 256), mode="bilinear")  # smooth blobs
+small = MaskLogits(logits[:2], torch.zeros(2, 1), (200, 300), (683, 1024))
+for _ in seg.iter_masks(small, budget_bytes=budget):  # warm-up (kernels, thread pool), not measured
+    pass
+masks = MaskLogits(logits, torch.zeros(16, 1), (2000, 3000), (683, 1024))
+before = peak()
+sizes, foreground, digest = [], 0, hashlib.sha256()
+for chunk in seg.iter_masks(masks, chunk_size=16, budget_bytes=budget):
+    sizes.append(len(chunk))
+    foreground += int(chunk[..., ::10, ::10].sum())
+    digest.update(chunk.transpose(-1, -2).numpy().data)  # contiguous W x H memory: no copy
+    del chunk
+print(json.dumps(dict(delta=peak() - before, sizes=sizes, foreground=foreground, digest=digest.hexdigest())))
+"""
+
+
+def resize_run(budget: int) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", RESIZE_SCRIPT, str(budget)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_upsampling_memory_is_bounded_by_the_budget_not_the_image_size() -> None:
+    from hqlabel.segmenters.hq_sam import resize_plan
+
+    prompts, rows = resize_plan(1, (683, 1024), RESIZE_SIZE, RESIZE_BUDGET)
+    assert prompts == 1 and -(-RESIZE_SIZE[0] // rows) >= 20  # many strips a mask
+    budgeted, unbounded = resize_run(RESIZE_BUDGET), resize_run(2**40)
+    assert budgeted["sizes"] == [1] * 16 and unbounded["sizes"] == [16]
+    assert budgeted["digest"] == unbounded["digest"]  # the same masks, bit for bit
+    assert 0.1 < budgeted["foreground"] / (16 * 200 * 300) < 0.9
+    assert budgeted["delta"] < RESIZE_BOUND, (
+        f"peak RSS grew {budgeted['delta'] / MIB:.0f} MiB, bound {RESIZE_BOUND / MIB:.0f} MiB"
+    )
+    assert unbounded["delta"] > 4 * RESIZE_BOUND  # the bound is far below what the old path needs

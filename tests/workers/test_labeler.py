@@ -1,12 +1,16 @@
+import math
+
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 from conftest import encode, random_image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hqlabel.platform.config import LabelerConfig
 from hqlabel.platform.rle import decode_mask
 from hqlabel.platform.schema import DECODED_SCHEMA, RESULT_SCHEMA, SOURCE_SCHEMA
+from hqlabel.segmenters.hq_sam import resize_plan
 from hqlabel.workers import Labeler, LabelWorker, decode_batch, finalize_shard, write_parts
 
 CLASSES = ["cat", "traffic light"]
@@ -40,6 +44,43 @@ def test_label_rows_follow_the_contract(labeler):
             assert 0.0 <= inst["score"] <= 1.0
 
 
+class UpsampleCalls(TorchDispatchMode):
+    """Counts the bilinear resizes that reach ATen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.upsample_bilinear2d.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_resize_budget_changes_the_chunks_not_the_masks(labeler):
+    """A budget below one mask's float32 size: each mask is upsampled alone, in strips of rows, and the
+    instances (RLE bytes included) are those of the default budget (all of an image's masks at once)."""
+    images = [random_image(0, (48, 64)), random_image(1, (70, 30))]
+    output_sizes = [(192, 256), (140, 60)]  # 4x and 2x downscaled copies of their originals
+    tight = Labeler(labeler.detector, labeler.segmenter, labeler.classes, resize_budget=1)
+    with UpsampleCalls() as default_calls:
+        expected = labeler.label(images, output_sizes)
+    with UpsampleCalls() as tight_calls:
+        got = tight.label(images, output_sizes)
+    assert got == expected
+    counts = [len(r) for r in got]
+    assert sum(counts) > 2, "the tiny detector is expected to fire on random images"
+    # Default: 2 resizes an image. Budget 1: per mask the first resize, the last axis, then each strip.
+    reshaped = labeler.segmenter.embed(images).reshaped_sizes
+    strips = [
+        math.ceil(size[0] / resize_plan(1, r, size, 1)[1])
+        for r, size in zip(reshaped, output_sizes, strict=True)
+    ]
+    assert min(strips) > 1
+    extra = sum(n * (2 + s) - 2 for n, s in zip(counts, strips, strict=True) if n)
+    assert tight_calls.count - default_calls.count == extra
+
+
 def test_encoder_runs_once_per_image_whatever_the_box_count(labeler):
     calls = []
 
@@ -69,7 +110,9 @@ def test_images_without_boxes_skip_the_segmenter(config):
     assert calls == []
 
 
-def _decoded(rows: list[tuple[str | None, bytes | None, str | None]], shard: str = "00000") -> pa.Table:
+def _decoded(
+    rows: list[tuple[str | None, bytes | None, str | None]], shard: str = "00000", **kwargs
+) -> pa.Table:
     batch = pa.Table.from_pylist(
         [
             {"shard": shard, "image_id": i, "image": b, "uri": u, "boxes": None, "labels": None}
@@ -77,7 +120,7 @@ def _decoded(rows: list[tuple[str | None, bytes | None, str | None]], shard: str
         ],
         schema=SOURCE_SCHEMA,
     )
-    return decode_batch(batch, max_side=64)
+    return decode_batch(batch, max_side=64, **kwargs)
 
 
 def test_decode_batch_keeps_every_row_and_records_failures(tmp_path):
@@ -96,6 +139,25 @@ def test_decode_batch_keeps_every_row_and_records_failures(tmp_path):
     assert rows[1]["error_stage"] == "decode"
     assert rows[2]["error_stage"] == "read" and "nope.png" in rows[2]["error"]
     assert rows[3]["error_stage"] == "read" and "image id" in rows[3]["error"]
+
+
+def test_decode_batch_refuses_images_over_max_bytes_as_read_errors(tmp_path):
+    big, small = encode(random_image(3, (80, 120))), encode(random_image(4, (20, 30)))
+    assert len(small) < len(big)
+    (tmp_path / "big.png").write_bytes(big)
+    rows = _decoded(
+        [("inline", big, None), ("file", None, str(tmp_path / "big.png")), ("small", small, None)],
+        max_bytes=len(big) - 1,
+    ).to_pylist()
+    for row in rows[:2]:
+        assert row["error_stage"] == "read" and row["pixels"] is None
+        assert row["error"].startswith("TooLargeError: ") and "--max-bytes" in row["error"]
+        assert f"is {len(big)} bytes, over the cap of {len(big) - 1} bytes" in row["error"]
+        assert "PNG" not in row["error"] and "IHDR" not in row["error"]  # names sizes, never content
+    assert "big.png" in rows[1]["error"]
+    assert rows[2]["error"] is None and (rows[2]["orig_height"], rows[2]["orig_width"]) == (20, 30)
+    unlimited = _decoded([("inline", big, None)], max_bytes=None).to_pylist()[0]
+    assert unlimited["error"] is None and (unlimited["orig_height"], unlimited["orig_width"]) == (80, 120)
 
 
 def test_label_worker_is_a_plain_callable(config):
