@@ -130,6 +130,8 @@ def read_bytes(
     """
     if max_bytes is not None and max_bytes < 0:
         raise ValueError(f"max_bytes must be >= 0 (or None: no cap), got {max_bytes}")
+    if is_s3(uri):
+        return with_retries(lambda: _get_object(uri, options, max_bytes), f"reading {uri}")
     fs, path = resolve(uri, options)
 
     def read() -> bytes:
@@ -158,6 +160,46 @@ def read_bytes(
         return data
 
     return with_retries(read, f"reading {uri}")
+
+
+def _get_object(uri: str, options: StorageOptions, max_bytes: int | None) -> bytes:
+    """``read_bytes`` on S3 in one GET (pyarrow's streams send two HEADs first): the size comes with the
+    answer's headers, so an object over ``max_bytes`` is refused before its body is read. Errors become the
+    ``OSError`` kinds ``with_retries`` understands (the client has retried transient ones already)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    try:
+        answer = _s3_client(options).get_object(Bucket=bucket, Key=key)
+    except ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        if code in ("NoSuchKey", "404", "NotFound"):
+            if is_dir(uri, options):  # a prefix with objects under it (only asked on this error path)
+                raise IsADirectoryError(f"{uri} is not a file") from None
+            raise FileNotFoundError(f"{uri} does not exist") from None
+        if code in ("AccessDenied", "403"):
+            raise PermissionError(f"{uri}: access denied") from None
+        raise OSError(f"{uri}: {code or e}") from None
+    except BotoCoreError as e:
+        raise OSError(f"{uri}: {e}") from None
+    body = answer["Body"]
+    try:
+        size = int(answer.get("ContentLength") or 0)
+        if max_bytes is not None and size > max_bytes:
+            raise TooLargeError(
+                f"{uri} is {size} bytes, over the cap of {max_bytes} bytes; raise --max-bytes to read it"
+            )
+        data = body.read() if max_bytes is None else body.read(max_bytes + 1)
+    except BotoCoreError as e:
+        raise OSError(f"{uri}: {e}") from None
+    finally:
+        body.close()
+    if max_bytes is not None and len(data) > max_bytes:
+        raise TooLargeError(
+            f"{uri} holds more than the cap of {max_bytes} bytes (it stated {size} bytes); "
+            "raise --max-bytes to read it"
+        )
+    return data
 
 
 def _temporary_path(path: str) -> str:

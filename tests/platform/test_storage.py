@@ -229,3 +229,20 @@ def test_file_uris_reach_local_files(tmp_path: Path):
     storage.write_bytes(f"file://{tmp_path}/x.bin", b"x")
     assert (tmp_path / "x.bin").read_bytes() == b"x"
     assert storage.read_bytes(f"file://{tmp_path}/x.bin") == b"x"
+
+
+def test_an_s3_read_is_one_request(s3_endpoint, s3_client, s3_bucket):
+    """``read_bytes`` on S3 is one GET (size cap included), counted at a proxy in front of the server; a
+    missing object is ``FileNotFoundError``."""
+    from benchmarks.s3proxy import S3Proxy
+
+    s3_client.put_object(Bucket=s3_bucket, Key="a/image.png", Body=b"x" * 100)
+    proxy = S3Proxy(s3_endpoint)
+    try:
+        options = StorageOptions(s3_endpoint=proxy.endpoint)
+        assert storage.read_bytes(f"s3://{s3_bucket}/a/image.png", options, max_bytes=100) == b"x" * 100
+        assert proxy.requests == [("GET", f"/{s3_bucket}/a/image.png")]
+        with pytest.raises(FileNotFoundError):
+            storage.read_bytes(f"s3://{s3_bucket}/a/missing.png", options)
+    finally:
+        proxy.close()
