@@ -96,3 +96,22 @@ def image_folder(tmp_path: Path) -> Path:
         fmt, ext = [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp")][i % 3]
         (folder / f"img_{i}.{ext}").write_bytes(encode(random_image(i, size), fmt))
     return root
+
+
+def upsample_calls():
+    """A torch dispatch mode (use as ``with upsample_calls() as calls``) counting the bilinear resizes that
+    reach ATen in ``calls.count`` (``iter_masks`` calls the op directly)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class UpsampleCalls(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.upsample_bilinear2d.default:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    return UpsampleCalls()

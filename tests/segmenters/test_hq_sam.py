@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import upsample_calls
 
 from hqlabel.segmenters.hq_sam import (
     HQSamSegmenter,
@@ -277,19 +277,6 @@ def test_iter_masks_keeps_the_three_masks_of_multimask_all(
     assert torch.equal(masks, reference_masks(seg, logits, (90, 45)))
 
 
-class UpsampleCalls(TorchDispatchMode):
-    """Counts the bilinear resizes that reach ATen (``iter_masks`` calls the op directly)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.upsample_bilinear2d.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize(
     ("size", "budget"),
     [
@@ -303,13 +290,13 @@ def test_iter_masks_in_strips_equals_one_resize_bit_for_bit(
 ) -> None:
     """A budget below one mask's float32 size: one prompt per chunk, the final resize in strips of rows,
     and exactly the masks of one resize per chunk (the default budget: one chunk of all 20 here)."""
-    with UpsampleCalls() as whole_calls:
+    with upsample_calls() as whole_calls:
         whole = list(segmenter.iter_masks(mask_logits, size))
     assert [len(c) for c in whole] == [20] and whole_calls.count == 2
     prompts, rows = resize_plan(1, mask_logits.reshaped_size, size, budget)
     strips = math.ceil(size[0] / rows)
     assert prompts == 1 and strips >= 3
-    with UpsampleCalls() as calls:
+    with upsample_calls() as calls:
         chunks = list(segmenter.iter_masks(mask_logits, size, budget_bytes=budget))
     assert calls.count == 20 * (2 + strips)  # per prompt: the first resize, the last axis, then each strip
     assert [c.shape for c in chunks] == [(1, 1, *size)] * 20
@@ -350,7 +337,7 @@ def test_iter_masks_never_splits_a_mask_too_small_for_one_code_path(
 ) -> None:
     """37 + 41 <= 128: ATen's CPU kernel rounds such outputs differently, so a strip would not be exact."""
     assert resize_plan(1, mask_logits.reshaped_size, (37, 41), 1) == (1, None)
-    with UpsampleCalls() as calls:
+    with upsample_calls() as calls:
         masks = torch.cat(list(segmenter.iter_masks(mask_logits, (37, 41), budget_bytes=1)))
     assert calls.count == 2 * 20
     assert torch.equal(masks, reference_masks(segmenter, mask_logits, (37, 41)))

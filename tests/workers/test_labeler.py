@@ -4,8 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import encode, random_image
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import encode, random_image, upsample_calls
 
 from hqlabel.platform.config import LabelerConfig
 from hqlabel.platform.rle import decode_mask
@@ -44,28 +43,15 @@ def test_label_rows_follow_the_contract(labeler):
             assert 0.0 <= inst["score"] <= 1.0
 
 
-class UpsampleCalls(TorchDispatchMode):
-    """Counts the bilinear resizes that reach ATen."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.upsample_bilinear2d.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_the_resize_budget_changes_the_chunks_not_the_masks(labeler):
     """A budget below one mask's float32 size: each mask is upsampled alone, in strips of rows, and the
     instances (RLE bytes included) are those of the default budget (all of an image's masks at once)."""
     images = [random_image(0, (48, 64)), random_image(1, (70, 30))]
     output_sizes = [(192, 256), (140, 60)]  # 4x and 2x downscaled copies of their originals
     tight = Labeler(labeler.detector, labeler.segmenter, labeler.classes, resize_budget=1)
-    with UpsampleCalls() as default_calls:
+    with upsample_calls() as default_calls:
         expected = labeler.label(images, output_sizes)
-    with UpsampleCalls() as tight_calls:
+    with upsample_calls() as tight_calls:
         got = tight.label(images, output_sizes)
     assert got == expected
     counts = [len(r) for r in got]
