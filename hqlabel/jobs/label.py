@@ -307,7 +307,7 @@ def _label(spec: LabelJobSpec, lease: OutputLease, progress: bool) -> LabelSumma
         context.execution_options.resource_limits = limits
 
 
-MERGES_IN_FLIGHT = 8  # shard merges running at once; the stream waits for one to end beyond that
+MERGES_IN_FLIGHT = 8  # shard merges running at once (at least; 2 per labeling actor on large clusters)
 
 
 def _run_pipeline(
@@ -362,7 +362,7 @@ def _run_pipeline(
                 if shard not in tried and arrived[shard] >= expected[shard]:
                     tried.add(shard)
                     running[merge.remote(spec.out, shard, expected[shard], spec.storage)] = shard
-                collect(wait_for=MERGES_IN_FLIGHT - 1)
+                collect(wait_for=max(MERGES_IN_FLIGHT, 2 * plan.max_actors) - 1)  # beyond: the stream waits
         collect(wait_for=0)
         # Shards whose count was off (retried batches counted twice, or a merge that found images missing):
         # everything has been written now, so one more merge each decides.

@@ -13,7 +13,9 @@ machines never both hold it:
 - renew (a daemon thread, every ``ttl / 3``) and release: only while the lease is still the one this run
   wrote (local: read, compare, replace; S3: ``If-Match`` on the ETag of its last write).
 
-Expiry is judged by each host's clock; hosts whose clocks differ by ``d`` shorten the lease by ``d``.
+Expiry is judged by each host's clock; hosts whose clocks differ by ``d`` shorten the lease by ``d``. A lease
+whose run was on this host (same host name) and whose process no longer exists is stale at once: a run that
+crashed is resumed without waiting for its lease to expire.
 """
 
 from __future__ import annotations
@@ -57,6 +59,22 @@ def _now() -> datetime:
 
 def _iso(t: datetime) -> str:
     return t.isoformat(timespec="microseconds")
+
+
+def _holder_is_dead(record: dict) -> bool:
+    """The lease's run was on this host and its process is gone (it died without releasing the lease): the
+    lease is stale before it expires. Another host's run can only be judged by expiry."""
+    if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
+        return False
+    if record["pid"] == os.getpid():
+        return False
+    try:
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def _describe(record: dict) -> str:
@@ -274,7 +292,8 @@ class OutputLease:
             if record.get("run_id") == self.run_id:  # our own create, retried after a lost response
                 self.record, self._version = record, version
                 break
-            if _now() <= datetime.fromisoformat(record["expires_at"]):
+            dead = _holder_is_dead(record)
+            if not dead and _now() <= datetime.fromisoformat(record["expires_at"]):
                 raise LeaseHeldError(
                     f"{self.out} is in use by {_describe(record)}, last renewed {record.get('renewed_at')}, "
                     f"expires {record['expires_at']}; wait for it to finish, or if it died, rerun after "
@@ -283,8 +302,9 @@ class OutputLease:
                 )
             if self._write(self._store.take_over, version) is not None:
                 logger.warning(
-                    "took over the lease of %s from %s, which expired %s",
-                    self.out, _describe(record), record["expires_at"],
+                    "took over the lease of %s from %s, which %s",
+                    self.out, _describe(record),
+                    "is no longer running on this host" if dead else f"expired {record['expires_at']}",
                 )  # fmt: skip
                 break
         else:
