@@ -101,6 +101,15 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--boxes-column", default="boxes", help="Parquet input: XYXY boxes for --prompts boxes")
     p.add_argument("--labels-column", default="labels", help="Parquet input: class names of those boxes")
     p.add_argument("--coco-images", help="COCO input: image folder (default: the JSON's folder)")
+    p.add_argument(
+        "--allow-prefix",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="let image references (a Parquet uri, a COCO file_name, a symlink) read under PREFIX (a local "
+        "folder, file:// or s3:// prefix) although it is outside the dataset; repeatable (default: only "
+        "inside the dataset; others become error rows)",
+    )
     p.add_argument("--shard-size", type=int, help="folder/COCO input: images per shard (1000)")
     add_storage_args(p)
     p.add_argument(
@@ -161,6 +170,7 @@ def _label(args: argparse.Namespace) -> int:
         boxes_column=args.boxes_column,
         labels_column=args.labels_column,
         coco_images=args.coco_images,
+        allow_prefix=args.allow_prefix,
         s3_endpoint=args.s3_endpoint,
         s3_region=args.s3_region,
         batch_size=args.batch_size,

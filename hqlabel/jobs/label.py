@@ -33,6 +33,7 @@ from hqlabel.platform.readers import (
     list_input,
     read_parquet_shards,
 )
+from hqlabel.platform.references import ReferencePolicy
 from hqlabel.workers.writer import done_shards, finalize_shard, read_markers, reset_shards, write_parts
 
 logger = logging.getLogger(__name__)
@@ -216,8 +217,10 @@ def init_ray(spec: LabelJobSpec) -> None:
     ray_init(**kwargs)  # joining a cluster: with its token
 
 
-def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan):
-    """Chain the steps after ``ds`` (from ``input_dataset``); placement and resources are set here alone."""
+def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan, root: str):
+    """Chain the steps after ``ds`` (from ``input_dataset``); placement and resources are set here alone.
+    ``root``: the dataset root (``DatasetInput.root``), inside which image references must stay (with
+    ``spec.allow_prefix``)."""
     import ray
 
     from hqlabel.workers import LabelWorker, decode_batch
@@ -232,6 +235,7 @@ def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan):
             "max_bytes": spec.max_bytes,
             "max_side": spec.max_side,
             "options": spec.storage,
+            "references": ReferencePolicy(root, tuple(spec.allow_prefix)),
         },
     )
     ds = ds.map_batches(
@@ -352,7 +356,7 @@ def _run_pipeline(
     todo_images = sum(expected.values())
     with tqdm(total=todo_images, unit="img", desc="labeling", disable=not progress, file=sys.stderr) as bar:
         if pending:
-            ds = build_pipeline(input_dataset(pending, source, spec), spec, plan)
+            ds = build_pipeline(input_dataset(pending, source, spec), spec, plan, source.root)
             for stats in ds.iter_rows():
                 lease.check()  # stop writing at once if another run has taken the output over
                 shard = stats["shard"]

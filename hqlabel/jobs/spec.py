@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hqlabel.platform.config import DEFAULT_SEGMENTER, LabelerConfig
 from hqlabel.platform.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from hqlabel.platform.lease import DEFAULT_TTL
 from hqlabel.platform.readers import InputColumns
+from hqlabel.platform.references import normalise
 from hqlabel.platform.storage import StorageOptions
 from hqlabel.workers.decode import DEFAULT_MAX_SIDE
 
@@ -33,6 +34,12 @@ class LabelJobSpec(BaseModel):
     boxes_column: str = Field("boxes", description="Parquet input: existing XYXY boxes for --prompts boxes.")
     labels_column: str = Field("labels", description="Parquet input: the class names of those boxes.")
     coco_images: str | None = Field(None, description="COCO input: the image folder (default: the JSON's).")
+    allow_prefix: list[str] = Field(
+        default_factory=list,
+        description="Places outside the dataset that image references (a Parquet uri, a COCO file_name, a "
+        "symlink) may read: local folders, file:// or s3:// prefixes; others become error rows (stage "
+        "'read').",
+    )
     shard_size: int = Field(1000, ge=1, description="Folder / COCO input: images per shard (unit of resume).")
     s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL (e.g. http://host:9000).")
     s3_region: str | None = Field(None, description="S3 region (default: AWS_REGION, then us-east-1).")
@@ -79,8 +86,17 @@ class LabelJobSpec(BaseModel):
     # batch size is one: Grounding DINO pads a batch to its largest image, which changes the others' boxes.
     OUTPUT_FIELDS: ClassVar[tuple[str, ...]] = (
         "input", "labeler", "id_column", "image_column", "uri_column", "boxes_column", "labels_column",
-        "coco_images", "shard_size", "max_pixels", "max_bytes", "max_side", "batch_size",
+        "coco_images", "allow_prefix", "shard_size", "max_pixels", "max_bytes", "max_side", "batch_size",
     )  # fmt: skip
+
+    @field_validator("allow_prefix")
+    @classmethod
+    def _check_prefixes(cls, prefixes: list[str]) -> list[str]:
+        for prefix in prefixes:
+            if not prefix:
+                raise ValueError("--allow-prefix '' would allow the working directory; give a folder or URI")
+            normalise(prefix)  # a scheme other than s3:// or file://, or an S3 prefix without a bucket
+        return prefixes
 
     @property
     def storage(self) -> StorageOptions:

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 
 from hqlabel.platform import storage
 from hqlabel.platform.readers import DatasetInput, InputColumns, list_input, read_parquet_shards
+from hqlabel.platform.references import ReferencePolicy, RefusedReference
 from hqlabel.platform.storage import StorageOptions
 
 __all__ = ["ImageSource", "files_by_shard", "job_columns", "job_images", "list_job_source"]
@@ -58,20 +59,22 @@ def job_images(labels: str, spec: dict[str, Any], images: str | None, options: S
     The job's own listing is used when it recorded one (``_manifest.json``). ``images`` says where the input
     is now, if it has moved: a folder or COCO input keeps its listing, each image looked up at the same
     relative path (its id) under the new root; a Parquet input is listed again there (one entry per file).
-    A labels folder from a version without listings is listed again too.
+    A labels folder from a version without listings is listed again too. References are read only inside
+    the input's root or under the job's ``allow_prefix`` (``ReferencePolicy``), as the job read them.
 
     Raises:
         ValueError: the spec names no input and ``images`` is None.
         FileNotFoundError: the input is gone (the message suggests ``--images``).
     """
     columns = job_columns(spec)
+    allow = tuple(spec.get("allow_prefix") or ())
     try:
         manifest = json.loads(storage.read_bytes(storage.join(labels, "_manifest.json"), options))
         source = DatasetInput.from_manifest(manifest)
     except (FileNotFoundError, ValueError, KeyError):
         source = None  # no usable manifest: list the input again
     if source is not None and images is None:
-        return ImageSource(source, options, columns)
+        return ImageSource(source, options, columns, allow=allow)
     if source is not None and source.kind != "parquet":
         assert images is not None
         if not storage.exists(images, options):
@@ -81,8 +84,8 @@ def job_images(labels: str, spec: dict[str, Any], images: str | None, options: S
             root = spec.get("coco_images") or images.rsplit("/", 1)[0]
         else:
             root = images.rstrip("/")
-        return ImageSource(source, options, columns, root=root)
-    return ImageSource(list_job_source(spec, images, options), options, columns)
+        return ImageSource(source, options, columns, root=root, allow=allow)
+    return ImageSource(list_job_source(spec, images, options), options, columns, allow=allow)
 
 
 def list_job_source(spec: dict[str, Any], images: str | None, options: StorageOptions) -> DatasetInput:
@@ -120,12 +123,20 @@ class ImageSource:
     """Encoded image bytes by ``image_id``, one shard at a time, from a job's input (``job_images``).
 
     ``root``: a folder or COCO input that has moved there; each image is read from ``root/image_id``.
+    ``allow``: the job's ``allow_prefix``: references are read only under the input's root (``root`` when
+    given) or these prefixes (``ReferencePolicy``); others are refused, unread.
     """
 
     def __init__(
-        self, source: DatasetInput, options: StorageOptions, columns: InputColumns, root: str | None = None
+        self,
+        source: DatasetInput,
+        options: StorageOptions,
+        columns: InputColumns,
+        root: str | None = None,
+        allow: tuple[str, ...] = (),
     ):
         self.source, self.options, self.root = source, options, root
+        self.references = ReferencePolicy(root or source.root, allow)
         self.columns = source.columns_override or columns
         self.sources = {shard.shard_id: shard.source for shard in source.shards}
 
@@ -162,7 +173,9 @@ class ImageSource:
 
     def _bytes(self, uri: str) -> tuple[bytes | None, str]:
         try:
-            return storage.read_bytes(uri, self.options), ""
+            return storage.read_bytes(self.references.check(uri), self.options), ""
+        except RefusedReference as e:
+            return None, f"refused: {e}"
         except FileNotFoundError:
             return None, f"not found in the job's input: {uri}"
         except OSError as e:

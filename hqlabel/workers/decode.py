@@ -13,13 +13,16 @@ from hqlabel.platform.images import (
     decode_image,
     resize_longest_side,
 )
+from hqlabel.platform.references import ReferencePolicy
 from hqlabel.platform.schema import DECODED_SCHEMA
 from hqlabel.platform.storage import StorageOptions, TooLargeError
 
 DEFAULT_MAX_SIDE = 1333  # Grounding DINO's longest edge; SAM-HQ resizes to 1024 on top of this
 
 
-def _read(row: dict, options: StorageOptions, max_bytes: int | None) -> bytes:
+def _read(
+    row: dict, options: StorageOptions, max_bytes: int | None, references: ReferencePolicy | None
+) -> bytes:
     if row.get("image") is not None:
         if max_bytes is not None and len(row["image"]) > max_bytes:
             raise TooLargeError(
@@ -29,7 +32,8 @@ def _read(row: dict, options: StorageOptions, max_bytes: int | None) -> bytes:
         return bytes(row["image"])
     if row.get("uri") is None:
         raise ValueError("row has neither image bytes nor a uri")
-    return storage.read_bytes(row["uri"], options, max_bytes=max_bytes)
+    uri = row["uri"] if references is None else references.check(row["uri"])
+    return storage.read_bytes(uri, options, max_bytes=max_bytes)
 
 
 def decode_batch(
@@ -39,6 +43,7 @@ def decode_batch(
     max_side: int = DEFAULT_MAX_SIDE,
     options: StorageOptions = StorageOptions(),
     max_bytes: int | None = DEFAULT_MAX_BYTES,
+    references: ReferencePolicy | None = None,
 ) -> pa.Table:
     """Decode a batch of ``SOURCE_SCHEMA`` rows for the labeling actors.
 
@@ -48,11 +53,13 @@ def decode_batch(
             are read (``storage.read_bytes``), inline bytes before they are decoded. None: no cap.
         max_side: images whose longest side is larger are downscaled to it (masks still come out at the
             original resolution).
+        references: the references (``uri``) rows may read: a refused one is not read and becomes an error
+            row (stage "read", the reason). None: any (only for rows from a trusted source).
 
     Returns:
         One ``DECODED_SCHEMA`` row per input row, in order: pixels and sizes, or ``error_stage`` /
-        ``error`` set ("read" when the bytes could not be had or are over ``max_bytes``, "decode" when they
-        are not a usable image).
+        ``error`` set ("read" when the bytes could not be had, are over ``max_bytes`` or their reference is
+        refused, "decode" when they are not a usable image).
     """
     if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = max_pixels  # one pixel limit: ours (this runs in pipeline worker processes)
@@ -70,7 +77,7 @@ def decode_batch(
         try:
             if not out["image_id"]:
                 raise ValueError("row has no image id")
-            data = _read(row, options, max_bytes)
+            data = _read(row, options, max_bytes, references)
             stage = "decode"
             image = decode_image(data, max_pixels=max_pixels)
             work = resize_longest_side(image, max_side)

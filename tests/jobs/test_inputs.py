@@ -17,8 +17,11 @@ from hqlabel.jobs.label import LabelSummary, run_label_job
 from hqlabel.jobs.spec import LabelJobSpec
 from hqlabel.platform.config import LabelerConfig
 from hqlabel.platform.readers import InputColumns, list_input, read_parquet_shards
+from hqlabel.platform.references import ReferencePolicy
 from hqlabel.platform.rle import decode_mask
+from hqlabel.platform.sources import ImageSource
 from hqlabel.platform.storage import StorageOptions
+from hqlabel.workers.decode import decode_batch
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -148,7 +151,8 @@ def test_parquet_uri_column_relative_file_uri_and_absolute(ray_session, referenc
     sizes = {"rel": (48, 64), "uri": (40, 56), "abs": (36, 30)}
     out = tmp_path / "out"
     labeler = LabelerConfig(classes="cat, dog", preset="tiny-random", box_threshold=0.3)
-    spec = LabelJobSpec(input=str(referenced), out=str(out), labeler=labeler)
+    allow = [str(tmp_path / "elsewhere.png")]  # the absolute reference is outside the dataset
+    spec = LabelJobSpec(input=str(referenced), out=str(out), labeler=labeler, allow_prefix=allow)
     summary = run_label_job(spec, progress=False)
     tables = _tables(out)
     assert tables["errors"] == [] and summary.errors == 0
@@ -156,6 +160,37 @@ def test_parquet_uri_column_relative_file_uri_and_absolute(ray_session, referenc
     assert {m["image_id"] for m in tables["masks"]} == set(sizes)
     for m in tables["masks"]:
         assert decode_mask(m["mask"]).shape == sizes[m["image_id"]]
+
+
+def _decoded(referenced: Path, tmp_path: Path, allow: tuple[str, ...] = ()) -> dict[str, str | None]:
+    """``{image id: error}`` of the ``referenced`` rows read and decoded as the job does, in one task."""
+    source = list_input(str(referenced), listing=str(tmp_path / "listing"))
+    batch = pa.Table.from_pylist([{"shard": s.shard_id, "source": s.source} for s in source.shards])
+    (rows,) = read_parquet_shards(batch, root=source.root, columns=InputColumns(), options=StorageOptions())
+    decoded = decode_batch(rows, references=ReferencePolicy(source.root, allow))
+    return dict(zip(decoded["image_id"].to_pylist(), decoded["error"].to_pylist(), strict=True))
+
+
+def test_parquet_uri_outside_the_dataset_is_refused_unread(referenced, tmp_path):
+    assert _decoded(referenced, tmp_path) == {
+        "rel": None,
+        "uri": None,
+        "abs": f"RefusedReference: {str(tmp_path / 'elsewhere.png')!r} is outside the dataset root "
+        f"{str(referenced.parent)!r}; references must stay inside the dataset, or pass --allow-prefix to "
+        "allow another place",
+    }
+
+
+def test_parquet_uri_outside_under_allow_prefix_is_read(referenced, tmp_path):
+    assert _decoded(referenced, tmp_path, (str(tmp_path / "elsewhere.png"),))["abs"] is None
+
+
+def test_show_and_curate_refuse_a_reference_outside_the_dataset(referenced, tmp_path):
+    """``ImageSource`` (``hqlabel show``, ``hqlabel curate``) reads with the job's policy too."""
+    source = list_input(str(referenced), listing=str(tmp_path / "listing"))
+    reader = ImageSource(source, StorageOptions(), InputColumns())
+    found = {image_id: problem for image_id, _, problem in reader.read("00000", {"rel", "abs"})}
+    assert (found["rel"], found["abs"].startswith("refused: ")) == ("", True)
 
 
 @pytest.mark.parametrize("given", ["index.parquet", ".", "./index.parquet"])

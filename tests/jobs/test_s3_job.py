@@ -16,8 +16,11 @@ from hqlabel.jobs.label import run_label_job
 from hqlabel.jobs.spec import LabelJobSpec
 from hqlabel.platform import storage
 from hqlabel.platform.config import LabelerConfig
+from hqlabel.platform.readers import InputColumns, list_input, read_parquet_shards
+from hqlabel.platform.references import ReferencePolicy
 from hqlabel.platform.rle import decode_mask
 from hqlabel.platform.storage import StorageOptions
+from hqlabel.workers.decode import decode_batch
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -76,6 +79,7 @@ def test_s3_parquet_dataset_to_s3_output(ray_session, s3_endpoint, s3_client, s3
         labeler=LabelerConfig(classes=["cat", "dog"], preset="tiny-random", box_threshold=0.3),
         s3_endpoint=s3_endpoint,
         batch_size=2,
+        allow_prefix=[f"s3://{s3_bucket}/elsewhere"],  # part-2's absolute references are outside the dataset
     )
     summary = run_label_job(spec, progress=False)
     options = StorageOptions(s3_endpoint=s3_endpoint)
@@ -122,6 +126,19 @@ def test_s3_parquet_dataset_to_s3_output(ray_session, s3_endpoint, s3_client, s3
 
     again = run_label_job(spec, progress=False)  # every shard has its marker: nothing to redo
     assert (again.images_this_run, again.instances) == (0, summary.instances)
+
+
+def test_s3_reference_outside_the_dataset_is_refused_unread(s3_endpoint, s3_bucket, s3_dataset):
+    """Without ``--allow-prefix``, part-2's ``s3://BUCKET/elsewhere/...`` objects are not read."""
+    options = StorageOptions(s3_endpoint=s3_endpoint)
+    source = list_input(s3_dataset, listing=f"{s3_dataset}/_listing", options=options)
+    batch = pa.table({"shard": ["00002"], "source": [source.shards[2].source]})
+    (rows,) = read_parquet_shards(batch, root=source.root, columns=InputColumns(), options=options)
+    decoded = decode_batch(rows, options=options, references=ReferencePolicy(source.root))
+    assert [(e or "").split(" is outside")[0] for e in decoded["error"].to_pylist()] == [
+        f"RefusedReference: 's3://{s3_bucket}/elsewhere/a0.png'",
+        f"RefusedReference: 's3://{s3_bucket}/{MISSING_KEY}'",
+    ]
 
 
 def test_s3_image_folder_to_local_output(ray_session, s3_endpoint, s3_client, s3_bucket, tmp_path):
