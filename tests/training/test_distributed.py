@@ -93,7 +93,7 @@ def test_two_workers_sum_on_their_device_and_resume_only_with_two(tmp_path):
         "batch_size_per_worker": 2,
         "images_per_worker": 3,
         "steps_per_epoch": 2,
-    }  # fmt: skip  (6 training images of 8, 3 per worker)
+    }  # 6 training images of 8: 3 per worker
 
     refused = r"trained with 2 worker\(s\), this run has 1; rerun with --workers 2"
     with pytest.raises(ValueError, match=refused):
