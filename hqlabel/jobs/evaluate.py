@@ -40,7 +40,8 @@ def run_eval(
         hq_token_only: HQ rows use the HQ logits alone (default SAM + HQ logits, as labeling does).
 
     Returns:
-        ``{"data", "base", "rows": [{"model", "miou", "mbiou", "count"}], "table"}``.
+        ``{"data", "base", "rows": [{"model", "miou", "mbiou", "count", "empty"}], "table"}``; ``empty``: the
+        instances left out of the means (empty prediction of an empty ground truth).
     """
     from hqlabel.segmenters import build_segmenter
     from hqlabel.training.evaluate import evaluate_segmenter, metrics_table

@@ -55,7 +55,7 @@ def run_train_job(
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from hqlabel.training.checkpoint import check_run_folder
+    from hqlabel.training.checkpoint import check_run_folder, check_workers
     from hqlabel.training.recipe import train_worker
 
     config = config.with_absolute_paths()
@@ -71,6 +71,8 @@ def run_train_job(
         ray_init(**kwargs)  # joining a cluster: with its token
     resources = ray.cluster_resources()
     plan = plan_training(resources.get("CPU", 0), resources.get("GPU", 0), workers, gpus_per_worker)
+    if resume:  # before Ray Train starts its workers
+        check_workers(config.out, plan.workers, options)
     per_worker = {"CPU": plan.cpus} | ({"GPU": plan.gpus} if plan.gpus else {})
     # Ray Train's own run folder (logs, no checkpoints: HQLabel writes those to --out itself).
     ray_storage = None if storage.is_s3(config.out) else os.path.abspath(storage.join(config.out, "ray"))
@@ -139,6 +141,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="images per step per worker (4)")
     p.add_argument("--max-instances", type=int, default=8, help="objects per image per step (8)")
     p.add_argument("--jitter", type=_range, default=(0.1, 2.0), help="large-scale jitter range (0.1,2.0)")
+    p.add_argument(
+        "--val-mask",
+        choices=["hq", "sam+hq"],
+        default="hq",
+        help="mask that validation scores to pick the best epoch: the HQ token's alone, as sam-hq (hq), "
+        "or SAM + HQ logits, as labeling (sam+hq)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     p.add_argument("--workers", type=int, help="Ray Train workers (default: one per GPU, else 1)")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 1 with GPUs, else 0)")
@@ -167,6 +176,7 @@ def _train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_instances=args.max_instances,
         jitter=args.jitter,
+        val_mask=args.val_mask,
         seed=args.seed,
         s3_endpoint=args.s3_endpoint,
         s3_region=args.s3_region,
@@ -197,6 +207,11 @@ def _train(args: argparse.Namespace) -> int:
             f"best (epoch {best['epoch']}) {scores(best)}\n"
             if best["epoch"]
             else "no epoch beat the untrained HQ token: best/ holds the base's HQ weights\n"
+        )
+        + (
+            f"validation left out {first['val_empty']} empty prediction(s) of empty ground truth\n"
+            if first.get("val_empty")
+            else ""
         )
         + f"relabel with: hqlabel label ... --hq-weights {storage.join(summary['out'], 'best')}"
     )

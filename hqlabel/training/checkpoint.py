@@ -3,20 +3,24 @@
     RUN/config.json                             the resolved TrainConfig
     RUN/checkpoints/epoch-0003/hq_weights.safetensors   HQ modules only (``save_hq_weights`` format)
     RUN/checkpoints/epoch-0003/trainer.pt       optimizer + lr scheduler state
-    RUN/checkpoints/epoch-0003/state.json       epoch, metrics history, best so far, config
+    RUN/checkpoints/epoch-0003/state.json       epoch, metrics history, best so far, config (+ "world")
     RUN/checkpoints/latest.json                 {"epoch": 3, "path": ...}, written after the epoch folder
     RUN/best/hq_weights.safetensors             the best validation mBIoU so far (``--hq-weights RUN/best``)
     RUN/best/metrics.json
     RUN/metrics.json                            per-epoch history
 
 Randomness is reseeded from (seed, epoch, rank) at every epoch start, so resuming from the end of epoch k
-reproduces the uninterrupted run; no RNG state needs saving.
+reproduces the uninterrupted run; no RNG state needs saving. That holds for the same number of workers only
+(each worker's share of an epoch, its seed and the gradient average depend on it), so the checkpoint's config
+records the world (``config["world"]``: workers, per-worker batch and share) and ``--resume`` with another
+``--workers`` is refused.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,16 +67,22 @@ def save_checkpoint(
     history: list[dict[str, Any]],
     best: dict[str, Any] | None,
     config: dict[str, Any],
+    world: dict[str, int],
     base: str,
     options: StorageOptions = StorageOptions(),
 ) -> str:
-    """Write the checkpoint of a finished ``epoch``, then point ``latest.json`` at it. Returns its folder."""
+    """Write the checkpoint of a finished ``epoch``, then point ``latest.json`` at it. Returns its folder.
+
+    ``world``: ``{"workers": N, ...}`` (``world_layout``), saved as the config's ``"world"``.
+    """
+    if "workers" not in world:
+        raise ValueError(f"world must name the number of workers, got {world}; build it with world_layout()")
     folder = epoch_dir(out, epoch)
     _write_weights(model, storage.join(folder, HQ_WEIGHTS_FILE), base, {"epoch": epoch}, options)
     buffer = io.BytesIO()
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buffer)
     storage.write_bytes(storage.join(folder, "trainer.pt"), buffer.getvalue(), options)
-    state = {"epoch": epoch, "history": history, "best": best, "config": config}
+    state = {"epoch": epoch, "history": history, "best": best, "config": {**config, "world": world}}
     _write_json(storage.join(folder, "state.json"), state, options)
     _write_json(storage.join(out, "checkpoints", "latest.json"), {"epoch": epoch, "path": folder}, options)
     _write_json(storage.join(out, "metrics.json"), history, options)
@@ -111,6 +121,38 @@ def check_run_folder(out: str, *, resume: bool, options: StorageOptions = Storag
         )
     if not resume and has_run:
         raise ValueError(f"{out} already holds a training run; pass --resume, or choose a new --out")
+
+
+def world_layout(workers: int, batch_size: int, images: int) -> dict[str, int]:
+    """How an epoch of ``images`` training images is split: ``workers``, each taking ``images_per_worker``
+    (padded to equal shares) in ``steps_per_epoch`` steps of ``batch_size_per_worker`` images."""
+    per_worker = math.ceil(images / workers)
+    return {
+        "workers": workers,
+        "batch_size_per_worker": batch_size,
+        "images_per_worker": per_worker,
+        "steps_per_epoch": math.ceil(per_worker / batch_size),
+    }
+
+
+def check_workers(out: str, workers: int, options: StorageOptions = StorageOptions()) -> None:
+    """Refuse to resume the run at ``out`` with another number of workers than its latest checkpoint's.
+
+    A checkpoint without ``"world"`` (written before it was recorded) is accepted.
+
+    Raises:
+        ValueError: the counts differ; the message names both and the fix.
+    """
+    epoch = latest_epoch(out, options)
+    if epoch is None:
+        return
+    state = json.loads(storage.read_bytes(storage.join(epoch_dir(out, epoch), "state.json"), options))
+    saved = state["config"].get("world", {}).get("workers")
+    if saved is not None and saved != workers:
+        raise ValueError(
+            f"--resume: {out} was trained with {saved} worker(s), this run has {workers}; rerun with "
+            f"--workers {saved}, or start a new run (a new --out)"
+        )
 
 
 def load_checkpoint(

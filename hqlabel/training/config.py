@@ -46,8 +46,10 @@ class TrainConfig(BaseModel):
     num_prompt_points: int = Field(10, ge=1, description="Positive points of a point prompt.")
     jitter: tuple[float, float] = Field((0.1, 2.0), description="Large-scale jitter scale range.")
     flip: bool = Field(True, description="Random horizontal flips.")
-    eval_hq_token_only: bool = Field(
-        False, description="Validation masks from the HQ logits alone (default: SAM + HQ, as labeling does)."
+    val_mask: Literal["hq", "sam+hq"] = Field(
+        "hq",
+        description="Validation (model selection) scores the HQ token's mask alone, as sam-hq's training "
+        "code does ('hq'), or the SAM + HQ logits that labeling uses ('sam+hq').",
     )
     seed: int = Field(0, description="Seeds shuffling, augmentation, prompts and loss points.")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'; Ray Train workers use their GPU.")

@@ -73,11 +73,12 @@ def shard(items: list, rank: int, world_size: int) -> list:
 
 
 def metrics_table(rows: list[tuple[str, dict]]) -> str:
-    """A Markdown table of ``(model name, MaskMetrics.summary())`` rows."""
-    lines = ["| model | mIoU | mBIoU | instances |", "|---|---:|---:|---:|"]
+    """A Markdown table of ``(model name, MaskMetrics.summary())`` rows; "empty/empty" counts the instances
+    left out of the means (empty prediction of an empty ground truth)."""
+    lines = ["| model | mIoU | mBIoU | instances | empty/empty |", "|---|---:|---:|---:|---:|"]
     for name, summary in rows:
         miou, mbiou = format_percent(summary["miou"]), format_percent(summary["mbiou"])
-        lines.append(f"| {name} | {miou} | {mbiou} | {summary['count']} |")
+        lines.append(f"| {name} | {miou} | {mbiou} | {summary['count']} | {summary.get('empty', 0)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,7 +5,9 @@ rewards the fine structures that plain mask IoU barely sees. ``mask_to_boundary`
 OpenCV definition (pad by one zero pixel, ``cv2.erode`` with a 3 x 3 kernel ``d`` times, crop) with torch
 running sums, so it needs no OpenCV, runs on the GPU, and costs the same for any ``d``.
 
-``MaskMetrics`` keeps sums and a count only, so workers can all-reduce or pickle their state and merge it.
+``MaskMetrics`` keeps sums and counts only, so workers can all-reduce or pickle their state and merge it. Like
+sam-hq's evaluation (whose IoU of an empty prediction against an empty ground truth is 0 / 0 = NaN), it leaves
+such pairs out of the means, and counts them (``empty``).
 """
 
 from __future__ import annotations
@@ -115,7 +117,10 @@ def boundary_iou(gt: Mask, pred: Mask, dilation_ratio: float = 0.02) -> float:
 class MaskMetrics:
     """Running mean mask IoU (mIoU) and Boundary IoU (mBIoU) over instances.
 
-    Holds plain sums and a count: ``state()`` is a dict of Python numbers that can be all-reduced (sum each
+    An instance whose prediction and ground truth are both empty has no IoU (sam-hq computes NaN): it is
+    left out of the means and counted in ``empty`` instead (``mask_iou`` alone would score it 1.0).
+
+    Holds plain sums and counts: ``state()`` is a dict of Python numbers that can be all-reduced (sum each
     value) or sent to another process, and ``from_state`` / ``merge`` combine them.
 
     Args:
@@ -129,9 +134,11 @@ class MaskMetrics:
         self.iou_sum = 0.0
         self.biou_sum = 0.0
         self.count = 0
+        self.empty = 0
 
     def update(self, pred: Mask, gt: Mask) -> None:
-        """Add instances: ``pred`` and ``gt`` are H x W (one instance) or N x H x W (N instances), bool."""
+        """Add instances: ``pred`` and ``gt`` are H x W (one instance) or N x H x W (N instances), bool.
+        An empty/empty pair is counted in ``empty``, not scored."""
         pred_t, gt_t = torch.as_tensor(pred), torch.as_tensor(gt)
         if pred_t.ndim == 2:
             pred_t, gt_t = pred_t[None], gt_t[None]
@@ -139,6 +146,9 @@ class MaskMetrics:
         gt_t = _as_bool_mask(gt_t, "gt", ndim=3).to(pred_t.device)
         _check_same_shape(pred_t, gt_t)
         for p, g in zip(pred_t, gt_t, strict=True):
+            if not p.any() and not g.any():
+                self.empty += 1
+                continue
             self.iou_sum += _iou(p, g)
             self.biou_sum += boundary_iou(g, p, self.dilation_ratio)
             self.count += 1
@@ -152,25 +162,39 @@ class MaskMetrics:
         self.iou_sum += other.iou_sum
         self.biou_sum += other.biou_sum
         self.count += other.count
+        self.empty += other.empty
 
     def state(self) -> dict[str, float | int]:
-        """``{"iou_sum": float, "biou_sum": float, "count": int}``: sum these across workers to combine."""
-        return {"iou_sum": float(self.iou_sum), "biou_sum": float(self.biou_sum), "count": int(self.count)}
+        """``{"iou_sum": float, "biou_sum": float, "count": int, "empty": int}``: sum these across workers to
+        combine."""
+        return {
+            "iou_sum": float(self.iou_sum),
+            "biou_sum": float(self.biou_sum),
+            "count": int(self.count),
+            "empty": int(self.empty),
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, float | int], dilation_ratio: float = 0.02) -> MaskMetrics:
-        """Rebuild from ``state()`` (or from element-wise sums of several states)."""
+        """Rebuild from ``state()`` (or from element-wise sums of several states); ``empty`` defaults to 0."""
         missing = {"iou_sum", "biou_sum", "count"} - set(state)
         if missing:
             raise ValueError(f"metrics state lacks {sorted(missing)}; build it with MaskMetrics.state()")
         metrics = cls(dilation_ratio)
         metrics.iou_sum = float(state["iou_sum"])
         metrics.biou_sum = float(state["biou_sum"])
-        metrics.count = round(float(state["count"]))  # all-reduce may hand the count back as a float
+        metrics.count = round(float(state["count"]))  # all-reduce may hand the counts back as floats
+        metrics.empty = round(float(state.get("empty", 0)))
         return metrics
 
     def summary(self) -> dict[str, float | int]:
-        """``{"miou": float, "mbiou": float, "count": int}``, means over instances; NaN means if none."""
+        """``{"miou": float, "mbiou": float, "count": int, "empty": int}``: means over the ``count`` scored
+        instances (NaN if none) and the number of empty/empty pairs left out."""
         if self.count == 0:
-            return {"miou": float("nan"), "mbiou": float("nan"), "count": 0}
-        return {"miou": self.iou_sum / self.count, "mbiou": self.biou_sum / self.count, "count": self.count}
+            return {"miou": float("nan"), "mbiou": float("nan"), "count": 0, "empty": self.empty}
+        return {
+            "miou": self.iou_sum / self.count,
+            "mbiou": self.biou_sum / self.count,
+            "count": self.count,
+            "empty": self.empty,
+        }

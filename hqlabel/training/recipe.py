@@ -149,27 +149,41 @@ def _distributed(step: TrainStep, device: torch.device) -> torch.nn.Module:
     return DistributedDataParallel(step, device_ids=device_ids, find_unused_parameters=True)
 
 
-def _all_sum(values: list[float], world_size: int) -> list[float]:
+def _all_sum(values: list[float], world_size: int, device: torch.device) -> list[float]:
+    """Element-wise sums of ``values`` across the workers. The tensor lives on the worker's ``device`` (the
+    model's): NCCL, the process group of GPU workers, rejects CPU tensors."""
     if world_size == 1:
         return values
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def _barrier(device: torch.device) -> None:
+    """Wait for every worker. On GPU workers NCCL's barrier is an all-reduce on a GPU: name the worker's."""
+    if device.type == "cuda":
+        dist.barrier(device_ids=[device.index if device.index is not None else torch.cuda.current_device()])
+    else:
+        dist.barrier()
 
 
 def validate(
     segmenter: HQSamSegmenter, val: list[ImageInstances], config: TrainConfig, rank: int, world_size: int
 ) -> dict[str, Any]:
-    """mIoU / mBIoU with GT-box prompts on the validation images, each worker a share, summed across."""
+    """mIoU / mBIoU with GT-box prompts on the validation images, each worker a share, summed across.
+
+    The masks scored are ``config.val_mask``'s: the HQ logits alone ("hq", sam-hq's validation) or SAM + HQ
+    logits ("sam+hq"). Returns ``MaskMetrics.summary()``: ``empty`` counts the empty/empty pairs left out.
+    """
     hq_token_only = segmenter.hq_token_only
-    segmenter.hq_token_only = config.eval_hq_token_only
+    segmenter.hq_token_only = config.val_mask == "hq"
     try:
         metrics = evaluate_segmenter(segmenter, shard(val, rank, world_size))
     finally:
         segmenter.hq_token_only = hq_token_only
     state = metrics.state()
     keys = sorted(state)
-    summed = _all_sum([float(state[k]) for k in keys], world_size)
+    summed = _all_sum([float(state[k]) for k in keys], world_size, segmenter.device)
     return MaskMetrics.from_state(dict(zip(keys, summed, strict=True))).summary()
 
 
@@ -188,7 +202,8 @@ def run_training(
         rank, world_size: this worker's place (torch.distributed must be initialised when world_size > 1).
         device: default ``config.device``.
         resume: continue from the run's latest checkpoint (refused when its config differs in anything but
-            ``TrainConfig.RESUMABLE_CHANGES``); without it, a run folder that has checkpoints is refused.
+            ``TrainConfig.RESUMABLE_CHANGES``, or was trained with another ``world_size``); without it, a
+            run folder that has checkpoints is refused.
         report: called on every worker with each epoch's metrics (Ray Train's ``ray.train.report``).
 
     Returns:
@@ -209,6 +224,7 @@ def run_training(
     size = segmenter.pad_size[0]
     start, history, best = 1, [], None
     if resume:
+        checkpoint.check_workers(config.out, world_size, options)
         state, saved = checkpoint.load_checkpoint(config.out, segmenter.model, options)
         changed = sorted(k for k, v in config.result_fields().items() if saved.get(k) != v)
         if changed:
@@ -239,11 +255,12 @@ def run_training(
     step_module = TrainStep(segmenter, config)
     if world_size > 1:
         step_module = _distributed(step_module, device)
-    steps = math.ceil(len(train) / world_size / config.batch_size)
+    world = checkpoint.world_layout(world_size, config.batch_size, len(train))
+    steps = world["steps_per_epoch"]
     for epoch in range(start, config.epochs + 1):
         # Reseeded every epoch: resuming after epoch k replays epoch k+1 exactly.
         order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
-        padded = np.resize(order, math.ceil(len(train) / world_size) * world_size)  # equal shares
+        padded = np.resize(order, world["images_per_worker"] * world_size)  # equal shares
         mine = padded[rank::world_size]
         rng = np.random.default_rng([config.seed, epoch, rank])
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
@@ -259,7 +276,7 @@ def run_training(
             mask_count += count
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        loss_sum, mask_count = _all_sum([loss_sum, float(mask_count)], world_size)
+        loss_sum, mask_count = _all_sum([loss_sum, float(mask_count)], world_size, device)
         record = {
             "epoch": epoch,
             "lr": lr,
@@ -278,14 +295,14 @@ def run_training(
                 )
             checkpoint.save_checkpoint(
                 config.out, epoch, segmenter.model, optimizer, scheduler,
-                history=history, best=best, config=config.result_fields(), base=config.base_name,
+                history=history, best=best, config=config.result_fields(), world=world, base=config.base_name,
                 options=options,
             )  # fmt: skip
             logger.info("epoch %d: %s", epoch, record)
         if report is not None:
             report(record)
         if world_size > 1:
-            dist.barrier()  # the checkpoint is written before any worker goes on
+            _barrier(device)  # the checkpoint is written before any worker goes on
     return {"history": history, "best": best, "out": config.out}
 
 

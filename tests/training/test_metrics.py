@@ -165,3 +165,28 @@ def test_mask_metrics_empty_summary_is_nan():
     summary = MaskMetrics().summary()
     assert summary["count"] == 0
     assert math.isnan(summary["miou"]) and math.isnan(summary["mbiou"])
+
+
+def test_an_empty_pred_on_an_empty_gt_is_left_out_and_counted():
+    """sam-hq's IoU of two empty masks is 0 / 0 = NaN; the means leave such a pair out and count it."""
+    preds, gts = random_blobs(3, seed=4)
+    scored = MaskMetrics()
+    scored.update(preds, gts)
+    empty = np.zeros((2, *gts.shape[1:]), dtype=bool)
+    metrics = MaskMetrics()
+    metrics.update(np.concatenate([preds, empty]), np.concatenate([gts, empty]))
+    summary = metrics.summary()
+    assert summary["count"] == 3 and summary["empty"] == 2
+    assert summary["miou"] == pytest.approx(scored.summary()["miou"])
+    assert summary["mbiou"] == pytest.approx(scored.summary()["mbiou"])
+    # An empty prediction of a non-empty object (or the reverse) is scored: IoU 0.
+    metrics.update(empty[0], gts[0])
+    metrics.update(preds[0], empty[0])
+    assert metrics.summary()["count"] == 5 and metrics.summary()["empty"] == 2
+    # The count survives the state round trip that an all-reduce makes.
+    summed = {k: float(v) for k, v in metrics.state().items()}
+    assert MaskMetrics.from_state(summed).summary() == pytest.approx(metrics.summary())
+    only_empty = MaskMetrics()
+    only_empty.update(empty, empty)
+    assert only_empty.summary()["count"] == 0 and only_empty.summary()["empty"] == 2
+    assert math.isnan(only_empty.summary()["miou"])

@@ -88,10 +88,12 @@ def test_a_run_writes_checkpoints_best_and_the_untrained_baseline(dataset, tmp_p
     history = result["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2]
     assert history[0]["val_count"] > 0 and "train_loss" not in history[0]
+    assert history[0]["val_empty"] == 0  # empty/empty pairs left out of the means, counted
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(history))
     assert json.loads((out / "checkpoints" / "latest.json").read_text())["epoch"] == 2
     state = json.loads((out / "checkpoints" / "epoch-0002" / "state.json").read_text())
     assert state["config"]["preset"] == "tiny-random" and "out" not in state["config"]
+    assert state["config"]["world"]["workers"] == 1
     assert resolve_hq_weights(out) == out / "best" / "hq_weights.safetensors"
     best = json.loads((out / "best" / "metrics.json").read_text())
     assert best["epoch"] == result["best"]["epoch"]
@@ -193,3 +195,22 @@ def test_trains_straight_from_a_mask_folder_and_a_coco_json(tmp_path):
         result = run_training(config)
         assert [h["epoch"] for h in result["history"]] == [0, 1]
         assert result["history"][1]["train_masks"] == len(train)  # every object once (no crop at scale 1)
+
+
+def test_validation_scores_the_hq_mask_by_default(dataset, tmp_path):
+    """sam-hq's validation scores the HQ token's mask alone; ``val_mask="sam+hq"`` scores SAM + HQ logits."""
+    from hqlabel.training.evaluate import evaluate_segmenter
+    from hqlabel.training.recipe import validate
+
+    config = _config(dataset, tmp_path / "run", val_fraction=0.5)
+    assert config.val_mask == "hq"
+    _, val = load_splits(config)
+    segmenter = tiny_random_sam_hq(hq_token_only=False)
+    hq_only = evaluate_segmenter(tiny_random_sam_hq(hq_token_only=True), val).summary()
+    sam_plus_hq = evaluate_segmenter(tiny_random_sam_hq(hq_token_only=False), val).summary()
+    assert hq_only != sam_plus_hq  # the two masks differ on this model, so the check below tells them apart
+    assert validate(segmenter, val, config, 0, 1) == pytest.approx(hq_only, nan_ok=True)
+    assert segmenter.hq_token_only is False  # restored
+    both = config.model_copy(update={"val_mask": "sam+hq"})
+    assert validate(segmenter, val, both, 0, 1) == pytest.approx(sam_plus_hq, nan_ok=True)
+    assert "empty" in hq_only  # the left-out empty/empty pairs are counted (history: val_empty)
