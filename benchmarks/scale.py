@@ -7,6 +7,9 @@ commit, for a before/after comparison):
   decode-error row: the models never run, so the job is all listing, reading, bookkeeping and writing), each
   in a fresh process with its own local Ray (2 CPUs); the driver process's peak RSS (``ru_maxrss``: Ray's
   own processes not counted) and the wall time.
+- ``s3_listing``: listing an S3 prefix of N zero-byte ``.png`` keys (``--s3-sizes``) on the loopback server
+  into per-shard listing files, in a fresh process: its RSS before (imports done) and its peak RSS during the
+  listing (Linux: the peak is reset first through ``/proc/self/clear_refs``), and the wall time.
 - ``s3_requests``: a whole job from an S3 folder of ``--request-images`` 8 x 8 PNGs to an S3 output, through
   the counting proxy: storage requests per image and per shard, by kind (input reads, temporary parts, merged
   outputs, bookkeeping).
@@ -39,7 +42,7 @@ from pathlib import Path
 
 from benchmarks.run import machine_info
 
-SECTIONS = ("jobs", "s3_start", "s3_requests", "rle_bytes", "encoder_flops")
+SECTIONS = ("jobs", "s3_listing", "s3_start", "s3_requests", "rle_bytes", "encoder_flops")
 
 
 def make_folder(root: Path, n: int, per_folder: int = 0) -> Path:
@@ -309,6 +312,63 @@ print("RESULT " + json.dumps({"fresh_s": fresh, "resume_s": resumed, "shards": l
 """
 
 
+S3_LISTING_CHILD = """
+import json, resource, sys, tempfile, time
+from hqlabel.platform.readers import list_input
+from hqlabel.platform.storage import StorageOptions
+
+def status(field):  # kB in /proc/self/status
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+endpoint, uri = sys.argv[1:3]
+import boto3, botocore  # imported before the peak is reset: the listing's cost only
+before = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current RSS
+start = time.perf_counter()
+source = list_input(uri, listing=tempfile.mkdtemp(), options=StorageOptions(s3_endpoint=endpoint))
+wall = time.perf_counter() - start
+peak = status("VmHWM")
+print("RESULT " + json.dumps({"wall_s": wall, "peak_rss": peak, "rss_before": before,
+                              "images": source.num_images, "shards": len(source.shards)}))
+"""
+
+
+def run_s3_listing(sizes: list[int], code: Path | None) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    results = {}
+    with s3_server() as (client, proxy):
+        client.create_bucket(Bucket="listing")
+        done = 0
+        for n in sorted(sizes):
+            with ThreadPoolExecutor(16) as pool:
+                keys = [f"data/image-{i:08d}.png" for i in range(done, n)]
+                list(pool.map(lambda key: client.put_object(Bucket="listing", Key=key, Body=b""), keys))
+            done = n
+            proc = subprocess.run(
+                [sys.executable, "-c", S3_LISTING_CHILD, proxy.endpoint, "s3://listing/data"],
+                capture_output=True,
+                text=True,
+                env=_child_env(code),
+                cwd=code or Path.cwd(),
+            )
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                raise RuntimeError(f"s3_listing child failed: {proc.stderr[-2000:]}")
+            got = json.loads(lines[-1][len("RESULT ") :])
+            results[str(n)] = {
+                "wall_s": {"value": round(got["wall_s"], 2), "unit": "s"},
+                "peak_rss_mib": {"value": round(got["peak_rss"] / 2**20, 1), "unit": "MiB"},
+                "rss_before_mib": {"value": round(got["rss_before"] / 2**20, 1), "unit": "MiB"},
+                "images": {"value": got["images"], "unit": "images"},
+                "shards": {"value": got["shards"], "unit": "shards"},
+            }
+            print(f"s3_listing {n}: {results[str(n)]}", file=sys.stderr)
+    return results
+
+
 def run_s3_start(shards: int, latency: float, code: Path | None) -> dict:
     with s3_server(latency) as (client, proxy):
         client.create_bucket(Bucket="scale")
@@ -356,6 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "hqlabel-scale")
     parser.add_argument("--batch-size", type=int, default=64, help="jobs: images per batch")
     parser.add_argument("--s3-shards", type=int, default=2000)
+    parser.add_argument("--s3-sizes", type=int, nargs="+", default=[10_000, 100_000], help="s3_listing")
     parser.add_argument("--latency", type=float, default=0.02, help="seconds added per S3 request")
     parser.add_argument("--request-images", type=int, default=2000, help="s3_requests: images in the job")
     parser.add_argument("--request-shard-size", type=int, default=1000)
@@ -376,6 +437,8 @@ def main(argv: list[str] | None = None) -> dict:
         report["results"]["encoder_flops"] = run_encoder_flops()
     if "rle_bytes" in args.only:
         report["results"]["rle_bytes"] = run_rle_bytes()
+    if "s3_listing" in args.only:
+        report["results"]["s3_listing"] = run_s3_listing(args.s3_sizes, code)
     if "s3_requests" in args.only:
         report["results"]["s3_requests"] = run_s3_requests(args.request_images, args.request_shard_size, code)
     if "s3_start" in args.only:
