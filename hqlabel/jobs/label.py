@@ -245,6 +245,7 @@ def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan, root: str):
         compute=ray.data.ActorPoolStrategy(**plan.actor_pool()),
         num_cpus=plan.actor_cpus,
         num_gpus=plan.actor_gpus,
+        scheduling_strategy="SPREAD",  # the actors over the nodes, not packed onto the first that fits
         fn_constructor_kwargs={"config": spec.labeler, "num_threads": plan.actor_threads},
     )
     return ds.map_batches(
