@@ -124,8 +124,11 @@ def listing_uri(listing: str, shard: str) -> str:
 
 
 def check_input_exists(uri: str, options: StorageOptions = StorageOptions()) -> None:
-    """Raises:
-    FileNotFoundError: ``uri`` does not exist (the message says what an input can be)."""
+    """Fail fast when the input is missing, before anything is listed or written.
+
+    Raises:
+        FileNotFoundError: ``uri`` does not exist (the message says what an input can be).
+    """
     if not storage.exists(uri, options):
         raise FileNotFoundError(
             f"input {uri!r} does not exist; pass a folder of images, Parquet or COCO JSON"
@@ -168,7 +171,7 @@ def list_input(
     uri = uri if storage.is_s3(uri) else storage.resolve(uri, options)[1]
     if coco_images is not None and not storage.is_s3(coco_images):
         coco_images = storage.resolve(coco_images, options)[1]
-    writer = _ListingWriter(listing if write_listing else None, listing, shard_size, options)
+    writer = _ListingWriter(listing, shard_size, options, write=write_listing)
     if uri.lower().endswith(".json"):
         return _list_coco(uri, coco_images, writer, options)
     if not storage.is_dir(uri, options):
@@ -197,11 +200,11 @@ def list_input(
 
 
 class _ListingWriter:
-    """Cuts a stream of listed images into shards of ``shard_size``; writes each shard's listing file (when
-    ``folder`` is set) and keeps only its ``Shard``."""
+    """Cuts a stream of listed images into shards of ``shard_size``; writes each shard's listing file into
+    ``listing`` (when ``write``) and keeps only its ``Shard``."""
 
-    def __init__(self, folder: str | None, listing: str, shard_size: int, options: StorageOptions):
-        self.folder, self.listing, self.shard_size, self.options = folder, listing, shard_size, options
+    def __init__(self, listing: str, shard_size: int, options: StorageOptions, *, write: bool = True):
+        self.listing, self.shard_size, self.options, self.write = listing, shard_size, options, write
         self.rows: list[dict[str, Any]] = []
         self.shards: list[Shard] = []
 
@@ -225,7 +228,7 @@ class _ListingWriter:
         for row in self.rows:
             digest.update(repr(tuple(row.values())).encode())
         source = listing_uri(self.listing, shard_id)
-        if self.folder is not None:
+        if self.write:
             buf = io.BytesIO()
             pq.write_table(pa.Table.from_pylist(self.rows, schema=LISTING_SCHEMA), buf, compression="zstd")
             storage.write_bytes(source, buf.getvalue(), self.options)

@@ -383,8 +383,8 @@ def walk(
     uri: str, suffixes: tuple[str, ...], options: StorageOptions = StorageOptions()
 ) -> Iterator[FileEntry]:
     """Stream the files under ``uri`` (recursive) whose lower-cased name ends in one of ``suffixes``, sorted
-    by path, as ``list_files`` would list them (names and folders starting with ``.`` or ``_`` skipped),
-    without holding the listing: S3 one page of 1,000 keys at a time, local folders a directory at a time."""
+    by path (names and folders starting with ``.`` or ``_`` skipped), without holding the listing: S3 one
+    page of 1,000 keys at a time, local folders a directory at a time."""
     if is_s3(uri):
         yield from _walk_s3(uri, suffixes, options)
         return
@@ -395,19 +395,8 @@ def walk(
 
 def list_files(uri: str, suffixes: tuple[str, ...], options: StorageOptions = StorageOptions()) -> list[str]:
     """Files under ``uri`` (recursive) whose lower-cased name ends in one of ``suffixes``, as URIs sorted by
-    path; names (and folders) starting with ``.`` or ``_`` are skipped."""
-    fs, path = resolve(uri, options)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    prefix = "s3://" if is_s3(uri) else ""
-    found = []
-    for info in infos:
-        if info.type != pafs.FileType.File or not info.path.lower().endswith(suffixes):
-            continue
-        relative = info.path[len(path) :].strip("/")
-        if any(part.startswith((".", "_")) for part in relative.split("/")):
-            continue
-        found.append(prefix + info.path)
-    return sorted(found)
+    path; names (and folders) starting with ``.`` or ``_`` are skipped. ``walk``, held as a list."""
+    return [entry.uri for entry in walk(uri, suffixes, options)]
 
 
 def delete(uri: str, options: StorageOptions = StorageOptions()) -> None:

@@ -3,8 +3,7 @@
 While a shard is in flight its batches land under ``OUT/_tmp/shard-ID/{masks,errors,images}/part-HASH``
 (names derived from the batch's row positions in the shard, so a retried batch overwrites itself), each
 sorted by image id and split into row groups of about ``PART_ROW_GROUP_BYTES``. When every image of the
-shard has arrived,
-``finalize_shard`` merges the parts, drops any row seen twice, writes
+shard has arrived, ``finalize_shard`` merges the parts, drops any row seen twice, writes
 ``OUT/{masks,errors,images}/part-ID.parquet`` (each atomically, sorted by image id) and then the marker
 ``OUT/_done/ID.json``. Readers of ``OUT/masks`` see only finished shards (names starting with ``_`` are
 skipped); a rerun skips shards that have a marker and redoes the rest from scratch.
@@ -33,6 +32,7 @@ import pyarrow.parquet as pq
 
 from hqlabel.platform import storage
 from hqlabel.platform.schema import ERRORS_SCHEMA, IMAGES_SCHEMA, MASKS_SCHEMA, results_to_tables
+from hqlabel.platform.sources import files_by_shard
 from hqlabel.platform.storage import StorageOptions
 
 STATS_SCHEMA = pa.schema([("shard", pa.string()), ("node_id", pa.string()), ("images", pa.int64())])
@@ -316,8 +316,9 @@ def read_markers(out: str, shards: list[str], options: StorageOptions = StorageO
 
 
 def reset_shards(out: str, shards: list[str], options: StorageOptions = StorageOptions()) -> int:
-    """``reset_shard`` for each of ``shards``, but only where something is left: one listing of ``_tmp`` and
-    of each output table finds the leftovers, which are deleted ``BOOKKEEPING_THREADS`` at a time.
+    """Forget the partial work of the unfinished ``shards`` (temporary parts, output files without a marker):
+    one listing of ``_tmp`` and of each output table finds the leftovers, which are deleted
+    ``BOOKKEEPING_THREADS`` at a time.
 
     Returns:
         How many leftovers (temporary folders, output files) were deleted.
@@ -330,25 +331,12 @@ def reset_shards(out: str, shards: list[str], options: StorageOptions = StorageO
         if info.base_name.startswith("shard-") and info.base_name[len("shard-") :] in wanted
     ]
     for name in TABLES:
-        for shard, uri in _parts_by_shard(storage.join(out, name), options).items():
-            if shard in wanted:
-                leftovers.append(uri)
+        parts = files_by_shard(storage.list_files(storage.join(out, name), (".parquet",), options))
+        leftovers += [uri for shard, uri in parts.items() if shard in wanted]
     if leftovers:
         with ThreadPoolExecutor(min(BOOKKEEPING_THREADS, len(leftovers))) as pool:
             list(pool.map(lambda uri: storage.delete(uri, options), leftovers))
     return len(leftovers)
-
-
-def _parts_by_shard(folder: str, options: StorageOptions) -> dict[str, str]:
-    """``{shard: uri}`` of the ``part-SHARD.parquet`` files directly in ``folder``."""
-    fs, path = storage.resolve(folder, options)
-    prefix = "s3://" if storage.is_s3(folder) else ""
-    found = {}
-    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-        name = info.base_name
-        if info.type == pafs.FileType.File and name.startswith("part-") and name.endswith(".parquet"):
-            found[name[len("part-") : -len(".parquet")]] = prefix + info.path
-    return found
 
 
 def read_marker(out: str, shard: str, options: StorageOptions = StorageOptions()) -> dict | None:
@@ -357,10 +345,3 @@ def read_marker(out: str, shard: str, options: StorageOptions = StorageOptions()
         return json.loads(storage.read_bytes(marker_uri(out, shard), options))
     except FileNotFoundError:
         return None
-
-
-def reset_shard(out: str, shard: str, options: StorageOptions = StorageOptions()) -> None:
-    """Forget an unfinished shard's partial work (its temporary parts and any output file without marker)."""
-    storage.delete(tmp_dir(out, shard), options)
-    for name in TABLES:
-        storage.delete(storage.join(out, name, f"part-{shard}.parquet"), options)
