@@ -55,11 +55,9 @@ def normalise(uri: str) -> str:
     """
     if storage.is_s3(uri):
         return _normalise_s3(uri)
-    if uri.startswith("file://"):
-        uri = uri[len("file://") :]
-    elif "://" in uri:
+    if "://" in uri and not uri.startswith("file://"):
         raise RefusedReference(f"{uri!r}: only s3://, file:// and local paths can be read")
-    return os.path.abspath(os.path.expanduser(uri))
+    return os.path.normpath(storage.resolve(uri)[1])  # the path storage reads, with ``..`` resolved
 
 
 def _under(uri: str, root: str) -> bool:
