@@ -116,6 +116,18 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
         "--overwrite", action="store_true", help="start over in --out (default: resume an earlier run there)"
     )
     p.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="also relabel the images with retryable error rows (transient storage errors, a broken device, "
+        "an actor that died on them) of the finished shards in --out, with the same settings",
+    )
+    p.add_argument(
+        "--max-actor-restarts",
+        type=int,
+        help="times one labeling actor that died (crash, OOM kill, broken device) is restarted before the "
+        "job stops; a rerun resumes (default 16)",
+    )
+    p.add_argument(
         "--lease-ttl",
         type=float,
         help=f"seconds this run's lease on --out (OUT/_lease.json) outlives it if it dies; another run into "
@@ -159,6 +171,7 @@ def _label(args: argparse.Namespace) -> int:
         "num_cpus": args.num_cpus,
         "shard_size": args.shard_size,
         "lease_ttl": args.lease_ttl,
+        "max_actor_restarts": args.max_actor_restarts,
     }
     spec = LabelJobSpec(
         input=args.input,
@@ -175,6 +188,7 @@ def _label(args: argparse.Namespace) -> int:
         s3_region=args.s3_region,
         batch_size=args.batch_size,
         overwrite=args.overwrite,
+        retry_errors=args.retry_errors,
         ray_address=args.address,
         **{k: v for k, v in optional.items() if v is not None},
     )

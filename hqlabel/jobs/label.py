@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,7 +36,17 @@ from hqlabel.platform.readers import (
     read_parquet_shards,
 )
 from hqlabel.platform.references import ReferencePolicy
-from hqlabel.workers.writer import done_shards, finalize_shard, read_markers, reset_shards, write_parts
+from hqlabel.workers.faults import ATTEMPTS, FAILPOINTS_ENV, AttemptLog, max_attempts
+from hqlabel.workers.writer import (
+    BOOKKEEPING_THREADS,
+    carry_over,
+    done_shards,
+    finalize_shard,
+    read_markers,
+    reset_shards,
+    retryable_error_ids,
+    write_parts,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +64,21 @@ class LabelSummary:
     seconds: float
     out: str
     images_this_run: int = 0
+    retryable_errors: int = 0  # of ``errors``: those ``--retry-errors`` relabels
 
     def __str__(self) -> str:
         rate = self.images_this_run / self.seconds if self.seconds > 0 else 0.0
         resumed = self.images - self.images_this_run
         earlier = f" ({resumed} from an earlier run)" if resumed else ""
+        retry = (
+            f" ({self.retryable_errors} retryable: rerun with --retry-errors)"
+            if self.retryable_errors
+            else ""
+        )
         return (
-            f"labeled {self.images} images{earlier}: {self.instances} instances, {self.errors} errors; "
-            f"{self.images_this_run} images in {self.seconds:.1f} s ({rate:.2f} images/s) -> {self.out}"
+            f"labeled {self.images} images{earlier}: {self.instances} instances, {self.errors} errors"
+            f"{retry}; {self.images_this_run} images in {self.seconds:.1f} s ({rate:.2f} images/s) -> "
+            f"{self.out}"
         )
 
 
@@ -170,6 +189,35 @@ def prepare_output(spec: LabelJobSpec) -> tuple[DatasetInput, list[Shard]]:
     return source, pending
 
 
+def prepare_retry(
+    spec: LabelJobSpec, source: DatasetInput, pending: list[Shard]
+) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """``--retry-errors``: reopen the finished shards that have retryable error rows (``carry_over``: their
+    other rows become a temporary part, their marker goes), after ``prepare_output``.
+
+    Only the shards whose markers count retryable errors are read (markers of older versions count none).
+
+    Returns:
+        ``(ids, todo)``: per reopened shard, the image ids to relabel, and how many of its input rows that is
+        (rows with those ids: an id may repeat within a shard).
+    """
+    waiting = {shard.shard_id for shard in pending}
+    finished = [shard for shard in source.shards if shard.shard_id not in waiting]
+    markers = read_markers(spec.out, [shard.shard_id for shard in finished], spec.storage)
+    reopen = [shard for shard in finished if markers.get(shard.shard_id, {}).get("retryable_errors")]
+    if not reopen:
+        return {}, {}
+    with ThreadPoolExecutor(min(BOOKKEEPING_THREADS, len(reopen))) as pool:
+        found = list(pool.map(lambda s: retryable_error_ids(spec.out, s.shard_id, spec.storage), reopen))
+        reopen = [(shard, ids) for shard, ids in zip(reopen, found, strict=True) if ids]
+        carried = list(
+            pool.map(lambda item: carry_over(spec.out, item[0].shard_id, item[1], spec.storage), reopen)
+        )
+    ids = {shard.shard_id: sorted(found) for shard, found in reopen}
+    todo = {shard.shard_id: shard.num_images - kept for (shard, _), kept in zip(reopen, carried, strict=True)}
+    return ids, todo
+
+
 def check_models(spec: LabelJobSpec) -> None:
     """Fail fast in the driver, with an actionable message, when a model cannot be loaded."""
     if spec.labeler.preset is not None:
@@ -186,13 +234,30 @@ def check_models(spec: LabelJobSpec) -> None:
         )
 
 
-def input_dataset(shards: list[Shard], source: DatasetInput, spec: LabelJobSpec):
+def only_images(batch, *, only: dict[str, list[str]]):
+    """Ray Data UDF: the ``SOURCE_SCHEMA`` rows of ``batch`` to label, for ``--retry-errors``: of a shard in
+    ``only``, the rows whose image id it lists; of any other shard, all. Positions (``row``) stay as read."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    keep = pa.array([True] * batch.num_rows, pa.bool_())
+    for shard, ids in only.items():
+        in_shard = pc.equal(batch["shard"], shard)
+        wanted = pc.is_in(batch["image_id"], pa.array(ids, pa.string()))
+        keep = pc.and_(keep, pc.or_(pc.invert(in_shard), pc.fill_null(wanted, False)))
+    return batch.filter(keep)
+
+
+def input_dataset(
+    shards: list[Shard], source: DatasetInput, spec: LabelJobSpec, only: dict[str, list[str]] | None = None
+):
     """``SOURCE_SCHEMA`` rows of ``shards``, read in tasks from their Parquet sources (the dataset's own
-    files, or the listing files of a folder or COCO input): the driver hands out one small row per shard."""
+    files, or the listing files of a folder or COCO input): the driver hands out one small row per shard.
+    ``only``: per shard, the image ids to keep (``only_images``); other shards' rows are all kept."""
     import ray
 
     ds = ray.data.from_items([{"shard": s.shard_id, "source": s.source} for s in shards])
-    return ds.map_batches(
+    ds = ds.map_batches(
         read_parquet_shards,
         batch_format="pyarrow",
         batch_size=1,
@@ -203,6 +268,9 @@ def input_dataset(shards: list[Shard], source: DatasetInput, spec: LabelJobSpec)
             "options": spec.storage,
         },
     )
+    if only:
+        ds = ds.map_batches(only_images, batch_format="pyarrow", num_cpus=0.25, fn_kwargs={"only": only})
+    return ds
 
 
 def init_ray(spec: LabelJobSpec) -> None:
@@ -238,6 +306,11 @@ def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan, root: str):
             "references": ReferencePolicy(root, tuple(spec.allow_prefix)),
         },
     )
+    # Crashes are bounded (Ray Data's default is to restart actors and retry their tasks forever): a batch
+    # that kills its actor is retried until its attempt record (hqlabel.workers.faults) isolates the image
+    # at fault, within max_attempts(batch_size) attempts, so Ray's task retries are set above that; an actor
+    # is restarted at most spec.max_actor_restarts times over the job, after which the job stops.
+    attempts = AttemptLog(storage.join(spec.out, "_tmp", ATTEMPTS), spec.batch_size, spec.storage)
     ds = ds.map_batches(
         LabelWorker,
         batch_format="pyarrow",
@@ -246,7 +319,14 @@ def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan, root: str):
         num_cpus=plan.actor_cpus,
         num_gpus=plan.actor_gpus,
         scheduling_strategy="SPREAD",  # the actors over the nodes, not packed onto the first that fits
-        fn_constructor_kwargs={"config": spec.labeler, "num_threads": plan.actor_threads},
+        max_restarts=spec.max_actor_restarts,
+        max_task_retries=max_attempts(spec.batch_size) + 1,
+        fn_constructor_kwargs={
+            "config": spec.labeler,
+            "num_threads": plan.actor_threads,
+            "attempts": attempts,
+            "failpoints": os.environ.get(FAILPOINTS_ENV),  # a test hook (faults.Failpoints); normally unset
+        },
     )
     return ds.map_batches(
         write_parts,
@@ -280,6 +360,7 @@ def _label(spec: LabelJobSpec, lease: OutputLease, progress: bool) -> LabelSumma
     import ray
 
     source, pending = prepare_output(spec)
+    retry, retry_todo = prepare_retry(spec, source, pending) if spec.retry_errors else ({}, {})
     init_ray(spec)
     plan = plan_label_job(spec)
     record = {
@@ -296,7 +377,12 @@ def _label(spec: LabelJobSpec, lease: OutputLease, progress: bool) -> LabelSumma
         "resources": asdict(plan),
         "versions": _versions(),
         "started_at": datetime.now(timezone.utc).isoformat(),
-        "shards": {"total": len(source.shards), "resumed_done": len(source.shards) - len(pending)},
+        "shards": {
+            "total": len(source.shards),
+            "resumed_done": len(source.shards) - len(pending) - len(retry),
+            "retried": len(retry),  # finished shards reopened by --retry-errors
+        },
+        "retried_images": sum(retry_todo.values()),
     }
     _write_json(storage.join(spec.out, "job.json"), record, spec)
 
@@ -307,7 +393,7 @@ def _label(spec: LabelJobSpec, lease: OutputLease, progress: bool) -> LabelSumma
         object_store_memory=object_store_limit(plan, spec.batch_size, spec.max_side)
     )
     try:
-        return _run_pipeline(spec, source, pending, plan, record, progress, lease)
+        return _run_pipeline(spec, source, pending, plan, record, progress, lease, retry, retry_todo)
     finally:
         context.execution_options.resource_limits = limits
 
@@ -323,8 +409,11 @@ def _run_pipeline(
     record: dict,
     progress: bool,
     lease: OutputLease,
+    retry: dict[str, list[str]],
+    retry_todo: dict[str, int],
 ) -> LabelSummary:
-    """The labeling itself: ``run_label_job`` after its checks and set-up.
+    """The labeling itself: ``run_label_job`` after its checks and set-up. ``retry`` / ``retry_todo``: the
+    finished shards reopened by ``--retry-errors`` (``prepare_retry``), whose listed images are labeled too.
 
     The driver only counts: each stats row says how many images of a shard were written. Once a shard's
     images have all arrived its merge (``finalize_shard``) runs as a Ray task, next to the stream, so no mask
@@ -335,7 +424,9 @@ def _run_pipeline(
 
     merge = ray.remote(finalize_shard).options(num_cpus=plan.task_cpus, max_retries=3)
     start = time.perf_counter()
-    expected = {shard.shard_id: shard.num_images for shard in pending}
+    reopened = [shard for shard in source.shards if shard.shard_id in retry]
+    totals = {shard.shard_id: shard.num_images for shard in [*pending, *reopened]}  # images once merged
+    expected = {shard.shard_id: shard.num_images for shard in pending} | retry_todo  # to arrive this run
     arrived = dict.fromkeys(expected, 0)
     running: dict[ray.ObjectRef, str] = {}
     finished: dict[str, dict] = {}
@@ -351,13 +442,14 @@ def _run_pipeline(
             marker = ray.get(done[0])
             if marker is not None:
                 finished[shard] = marker
-                bar.set_postfix(shards=f"{len(finished)}/{len(pending)}")
+                bar.set_postfix(shards=f"{len(finished)}/{len(expected)}")
 
     nodes: Counter[str | None] = Counter()  # images labeled per Ray node
     todo_images = sum(expected.values())
     with tqdm(total=todo_images, unit="img", desc="labeling", disable=not progress, file=sys.stderr) as bar:
-        if pending:
-            ds = build_pipeline(input_dataset(pending, source, spec), spec, plan, source.root)
+        if pending or reopened:
+            ds = input_dataset([*pending, *reopened], source, spec, only=retry)
+            ds = build_pipeline(ds, spec, plan, source.root)
             for stats in ds.iter_rows():
                 lease.check()  # stop writing at once if another run has taken the output over
                 shard = stats["shard"]
@@ -366,14 +458,14 @@ def _run_pipeline(
                 bar.update(stats["images"])
                 if shard not in tried and arrived[shard] >= expected[shard]:
                     tried.add(shard)
-                    running[merge.remote(spec.out, shard, expected[shard], spec.storage)] = shard
+                    running[merge.remote(spec.out, shard, totals[shard], spec.storage)] = shard
                 collect(wait_for=max(MERGES_IN_FLIGHT, 2 * plan.max_actors) - 1)  # beyond: the stream waits
         collect(wait_for=0)
         # Shards whose count was off (retried batches counted twice, or a merge that found images missing):
         # everything has been written now, so one more merge each decides.
         for shard in expected:
             if shard not in finished:
-                running[merge.remote(spec.out, shard, expected[shard], spec.storage)] = shard
+                running[merge.remote(spec.out, shard, totals[shard], spec.storage)] = shard
         collect(wait_for=0)
     earlier = read_markers(
         spec.out, [s.shard_id for s in source.shards if s.shard_id not in finished], spec.storage
@@ -387,7 +479,8 @@ def _run_pipeline(
         errors=sum(m["errors"] for m in done),
         seconds=time.perf_counter() - start,
         out=spec.out,
-        images_this_run=sum(m["images"] for m in finished.values()),
+        images_this_run=sum(expected[shard] for shard in finished),
+        retryable_errors=sum(m.get("retryable_errors", 0) for m in done),
     )
     if not incomplete:
         storage.delete(storage.join(spec.out, "_tmp"), spec.storage)

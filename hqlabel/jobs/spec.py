@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hqlabel.platform.config import DEFAULT_SEGMENTER, LabelerConfig
 from hqlabel.platform.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
@@ -71,6 +71,18 @@ class LabelJobSpec(BaseModel):
     overwrite: bool = Field(
         False, description="Start over, deleting an earlier run's outputs in `out` (default: resume it)."
     )
+    retry_errors: bool = Field(
+        False,
+        description="Also relabel the images of finished shards that have retryable error rows (a transient "
+        "storage error, a broken device, an actor that died labeling them); their shards are rewritten with "
+        "the new rows in place of those error rows.",
+    )
+    max_actor_restarts: int = Field(
+        16,
+        ge=0,
+        description="Times Ray restarts one labeling actor that died (a crash, the OOM killer, a broken "
+        "device) before the job stops; a rerun resumes it.",
+    )
     ray_address: str | None = Field(
         None, description="Ray cluster to join ('auto', 'ray://...'); default local."
     )
@@ -88,6 +100,15 @@ class LabelJobSpec(BaseModel):
         "input", "labeler", "id_column", "image_column", "uri_column", "boxes_column", "labels_column",
         "coco_images", "allow_prefix", "shard_size", "max_pixels", "max_bytes", "max_side", "batch_size",
     )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _check_retry(self) -> LabelJobSpec:
+        if self.retry_errors and self.overwrite:
+            raise ValueError(
+                "--retry-errors relabels the failed images of an earlier run, --overwrite deletes that run; "
+                "pass one of them"
+            )
+        return self
 
     @field_validator("allow_prefix")
     @classmethod

@@ -37,6 +37,10 @@ ERRORS_SCHEMA = pa.schema(
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("stage", pa.string(), nullable=False),
         pa.field("error", pa.string(), nullable=False),
+        # True when the error may go away on a retry (storage after its retries, a broken device, an actor
+        # that died labeling the image): `hqlabel label ... --retry-errors` relabels these. Outputs written
+        # before this column existed lack it: read it as False.
+        pa.field("retryable", pa.bool_(), nullable=False),
     ]
 )
 
@@ -80,6 +84,7 @@ DECODED_SCHEMA = pa.schema(
         pa.field("labels", pa.list_(pa.string())),
         pa.field("error_stage", pa.string()),
         pa.field("error", pa.string()),
+        pa.field("retryable", pa.bool_()),  # with an error: may a retry succeed (see ERRORS_SCHEMA)
     ]
 )
 RESULT_SCHEMA = pa.schema(
@@ -90,6 +95,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("instances", pa.list_(INSTANCE_TYPE)),
         pa.field("error_stage", pa.string()),
         pa.field("error", pa.string()),
+        pa.field("retryable", pa.bool_()),
         # The Ray node that labeled the image (null outside Ray): the job records where it ran; not written.
         pa.field("node_id", pa.string()),
     ]
@@ -109,8 +115,15 @@ def results_to_tables(results: pa.Table, *, with_row: bool = False) -> tuple[pa.
     """
     results = results.cast(RESULT_SCHEMA)
     failed = pc.is_valid(results["error"])
-    errors = results.filter(failed).select(["image_id", "error_stage", "error"])
-    errors = errors.rename_columns(["image_id", "stage", "error"]).cast(ERRORS_SCHEMA)
+    errors = results.filter(failed)
+    errors = pa.table(
+        {
+            "image_id": errors["image_id"],
+            "stage": errors["error_stage"],
+            "error": errors["error"],
+            "retryable": pc.fill_null(errors["retryable"], False),
+        }
+    ).cast(ERRORS_SCHEMA)
     if with_row:
         errors = errors.append_column("_row", results.filter(failed)["row"])
 

@@ -91,8 +91,13 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
-def _transient(error: OSError) -> bool:
-    return not isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError))
+def is_transient(error: BaseException) -> bool:
+    """Whether a storage error may go away when the request is repeated: any ``OSError`` but a missing file,
+    a folder where a file was expected (or the reverse) and a refused permission. ``TooLargeError`` is a
+    ``ValueError``, never transient."""
+    return isinstance(error, OSError) and not isinstance(
+        error, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+    )
 
 
 def with_retries(fn, what: str, retries: int = RETRIES):
@@ -101,7 +106,7 @@ def with_retries(fn, what: str, retries: int = RETRIES):
         try:
             return fn()
         except OSError as e:
-            if not _transient(e) or attempt == retries - 1:
+            if not is_transient(e) or attempt == retries - 1:
                 raise
             delay = 0.25 * 2**attempt
             logger.warning("%s failed (%s); retrying in %.2f s", what, e, delay)

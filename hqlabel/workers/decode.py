@@ -59,7 +59,9 @@ def decode_batch(
     Returns:
         One ``DECODED_SCHEMA`` row per input row, in order: pixels and sizes, or ``error_stage`` /
         ``error`` set ("read" when the bytes could not be had, are over ``max_bytes`` or their reference is
-        refused, "decode" when they are not a usable image).
+        refused, "decode" when they are not a usable image) and ``retryable``: True only for a read that
+        failed with a transient storage error (``storage.is_transient``) after ``storage.read_bytes``'s own
+        retries, which ``hqlabel label --retry-errors`` tries again.
     """
     if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = max_pixels  # one pixel limit: ours (this runs in pipeline worker processes)
@@ -82,7 +84,10 @@ def decode_batch(
             image = decode_image(data, max_pixels=max_pixels)
             work = resize_longest_side(image, max_side)
         except (OSError, ValueError, ImageDecodeError) as e:
-            out.update(error_stage=stage, error=f"{type(e).__name__}: {e}")
+            # A read that failed after the storage layer's retries (a timeout, a 5xx, a dropped connection)
+            # may succeed later; a missing, refused, oversized or undecodable image will not.
+            retryable = stage == "read" and storage.is_transient(e)
+            out.update(error_stage=stage, error=f"{type(e).__name__}: {e}", retryable=retryable)
         else:
             out.update(
                 pixels=work.tobytes(),

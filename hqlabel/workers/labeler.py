@@ -4,6 +4,7 @@ the callable class that Ray Data instantiates once per actor (it loads the model
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import numpy as np
@@ -16,8 +17,20 @@ from hqlabel.platform.rle import encode_masks, mask_area
 from hqlabel.platform.schema import RESULT_SCHEMA
 from hqlabel.segmenters import HQSamSegmenter, build_segmenter
 from hqlabel.segmenters.hq_sam import RESIZE_BUDGET_BYTES
+from hqlabel.workers.faults import (
+    IMAGE_DEATHS,
+    AttemptLog,
+    BatchAttempt,
+    Failpoints,
+    image_key,
+    in_ray_actor,
+    is_device_error,
+    is_transient_label_error,
+)
 
 logger = logging.getLogger(__name__)
+
+DEVICE_ERROR_EXIT_CODE = 70  # the labeling actor's process ends with it after a sticky device error
 
 
 def resolve_device(device: str) -> torch.device:
@@ -176,17 +189,59 @@ def ray_node_id() -> str | None:
 class LabelWorker:
     """Ray Data actor UDF: ``DECODED_SCHEMA`` batch in, ``RESULT_SCHEMA`` batch out (one row per image).
 
-    Rows that arrive with an error pass through. If labeling a batch fails, each image is retried alone so
-    that only the image at fault becomes an error row (stage ``"label"``). Every row names the Ray node that
-    labeled it (``node_id``), so that a job can tell where it ran.
+    Rows that arrive with an error pass through. If labeling a batch raises, each image is retried alone so
+    that only the image at fault becomes an error row (stage ``"label"``; ``retryable`` when a retry may
+    cure it: ``faults.is_transient_label_error``). A sticky device error ends the actor's process instead,
+    so that Ray replaces it and retries the batch. With ``attempts``, every batch is labeled under an
+    attempt record that bounds how often it may kill the actor (``hqlabel.workers.faults``). Every row names
+    the Ray node that labeled it (``node_id``), so that a job can tell where it ran.
+
+    Args:
+        attempts: the job's attempt records (``OUT/_tmp/attempts``); None: no bound on crashes (tests,
+            benchmarks, anything outside a job).
+        failpoints: fault injection for tests (``faults.Failpoints``, the value of ``HQLABEL_FAILPOINTS``).
     """
 
-    def __init__(self, config: LabelerConfig, num_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        config: LabelerConfig,
+        num_threads: int | None = None,
+        *,
+        attempts: AttemptLog | None = None,
+        failpoints: str | None = None,
+    ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.labeler = Labeler.from_config(config)
         self.given_boxes = config.prompts == "boxes"
         self.node_id = ray_node_id()
+        self.attempts = attempts
+        self.failpoints = Failpoints(failpoints)
+
+    def _label(self, ids: list[str], images, sizes, given) -> list[list[dict]]:
+        try:
+            self.failpoints.check(ids)
+            return self.labeler.label(images, sizes, given)
+        except Exception as e:
+            if is_device_error(e):
+                self._replace_actor(e)  # in a Ray actor; elsewhere the error goes to the caller
+                raise
+            raise
+
+    def _replace_actor(self, error: BaseException) -> None:
+        """End this process after a sticky device error: Ray sees the actor die, starts a fresh one (within
+        the job's ``max_restarts``) and retries the batch there. Exiting by hand (``ray.actor.exit_actor``)
+        would tell Ray not to restart it. Outside a Ray actor (a test, a benchmark) this returns and the
+        caller gets the error."""
+        if not in_ray_actor():
+            return
+        logger.error(
+            "the device of this labeling actor is broken (%s); exiting so that Ray replaces it", error
+        )
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stderr.flush()
+        os._exit(DEVICE_ERROR_EXIT_CODE)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -200,6 +255,7 @@ class LabelWorker:
                 "instances": None,
                 "error_stage": r["error_stage"],
                 "error": r["error"],
+                "retryable": r.get("retryable"),
                 "node_id": self.node_id,
             }
             for r in rows
@@ -207,8 +263,14 @@ class LabelWorker:
         if self.given_boxes:
             for r, o in zip(rows, out, strict=True):
                 if r["error"] is None and r["boxes"] is None:
-                    o.update(error_stage="read", error="ValueError: no boxes for --prompts boxes")
+                    o.update(
+                        error_stage="read", error="ValueError: no boxes for --prompts boxes", retryable=False
+                    )
         todo = [i for i, o in enumerate(out) if o["error"] is None]
+        if not todo:
+            return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
+        keys = [image_key(rows[i]["shard"], rows[i]["row"], rows[i]["image_id"]) for i in todo]
+        ids = [rows[i]["image_id"] for i in todo]
         images = [
             np.frombuffer(rows[i]["pixels"], np.uint8).reshape(rows[i]["height"], rows[i]["width"], 3)
             for i in todo
@@ -219,21 +281,56 @@ class LabelWorker:
             given = [
                 (rows[i]["boxes"], rows[i]["labels"] or ["object"] * len(rows[i]["boxes"])) for i in todo
             ]
-        try:
-            labeled = self.labeler.label(images, sizes, given)
-        except Exception:  # isolate the image at fault; each failure is recorded as an error row below
-            logger.warning("labeling a batch of %d images failed; retrying them one by one", len(todo))
-            labeled = []
-            for k, i in enumerate(todo):
-                try:
-                    labeled += self.labeler.label(
-                        [images[k]], [sizes[k]], None if given is None else [given[k]]
-                    )
-                except Exception as e:
-                    logger.warning("labeling %s failed: %s", rows[i]["image_id"], e)
-                    out[i].update(error_stage="label", error=f"{type(e).__name__}: {e}")
-                    labeled.append(None)
+        attempt = None if self.attempts is None else self.attempts.start(keys)
+        labeled = None
+        if attempt is None or not attempt.isolating:
+            try:
+                labeled = self._label(ids, images, sizes, given)
+            except Exception:  # isolate the image at fault; each failure is recorded as an error row below
+                logger.warning("labeling a batch of %d images failed; retrying them one by one", len(todo))
+        if labeled is None:
+            labeled = [
+                self._label_alone(
+                    out[i], attempt, key, image_id, image, size, None if given is None else given[k]
+                )
+                for k, (i, key, image_id, image, size) in enumerate(
+                    zip(todo, keys, ids, images, sizes, strict=True)
+                )
+            ]
+        if attempt is not None:
+            attempt.finish()
         for i, instances in zip(todo, labeled, strict=True):
             if instances is not None:
                 out[i]["instances"] = instances
         return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
+
+    def _label_alone(
+        self, out: dict, attempt: BatchAttempt | None, key: str, image_id: str, image, size, given
+    ) -> list[dict] | None:
+        """Label one image of a batch on its own: its instances, or None with the error recorded in ``out``.
+
+        Under an isolating ``attempt`` the record names the image first, and an image that already killed
+        the actor ``IMAGE_DEATHS`` times is not labeled again; on the last attempt allowed none is."""
+        if attempt is not None and attempt.isolating:
+            died = attempt.killed_by(key)
+            if died >= IMAGE_DEATHS or attempt.giving_up:
+                why = (
+                    f"the labeling actor died {died} time(s) labeling this image alone"
+                    if died
+                    else f"the labeling actor died {attempt.deaths} times on this image's batch"
+                )
+                out.update(
+                    error_stage="label",
+                    error=f"ActorDiedError: {why} (a native crash or out of memory)",
+                    retryable=True,
+                )
+                return None
+            attempt.labeling(key)
+        try:
+            return self._label([image_id], [image], [size], None if given is None else [given])[0]
+        except Exception as e:
+            logger.warning("labeling %s failed: %s", image_id, e)
+            out.update(
+                error_stage="label", error=f"{type(e).__name__}: {e}", retryable=is_transient_label_error(e)
+            )
+            return None

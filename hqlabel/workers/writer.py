@@ -39,6 +39,7 @@ STATS_SCHEMA = pa.schema([("shard", pa.string()), ("node_id", pa.string()), ("im
 TABLES = {"masks": MASKS_SCHEMA, "errors": ERRORS_SCHEMA, "images": IMAGES_SCHEMA}
 # What tells two rows of one image apart, per table (images are told apart by ``_row``, else by image id).
 ROW_KEYS = {"masks": ["instance_id"], "errors": [], "images": []}
+RETRYABLE = "_retryable"  # ``_merge``'s count of retryable error rows (beside the counts per stage)
 PART_ROW_GROUP_BYTES = 1 << 20  # row groups of a temporary part: the unit ``finalize_shard`` reads
 FINALIZE_MEMORY_BYTES = 64 << 20  # about the most row data ``finalize_shard`` holds at once, per table
 
@@ -141,6 +142,36 @@ class _Parts:
         return storage.with_retries(read, f"reading {path}")
 
 
+def _image_keys(table: pa.Table) -> pa.Array:
+    """What tells the images of a shard apart, per row of a ``read_keys`` table: ``r:POSITION`` where the
+    row's position in the shard is known, else ``i:IMAGE_ID``."""
+    by_row = pc.binary_join_element_wise("r:", pc.cast(table["_row"], pa.string()), "")
+    by_id = pc.binary_join_element_wise("i:", table["image_id"], "")
+    return pc.if_else(pc.is_null(table["_row"]), by_id, by_row).combine_chunks()
+
+
+def _owned_rows(keys_table: pa.Table, parts: _Parts, owners: pa.Table) -> pa.Table:
+    """The rows of ``keys_table`` (``parts.read_keys``) from the part that ``owners`` chose for their image
+    (``_key`` -> ``_owner``, a part's file name): a retried batch may have written an image into more than
+    one part, maybe with other instances, and its rows are all taken from one attempt, never mixed.
+    Rows carried over from a finished output (``_row`` < 0, see ``carry_over``) are kept as they are."""
+    names = pa.array([path.rsplit("/", 1)[-1] for path in parts.paths], pa.string())
+    n = keys_table.num_rows
+    table = keys_table.append_column("_key", _image_keys(keys_table))
+    table = table.append_column("_name", pc.take(names, keys_table["_part"]))
+    table = table.append_column("_seq", pa.array(np.arange(n, dtype=np.int64)))
+    joined = table.join(owners, keys="_key", join_type="left outer").sort_by("_seq")
+    carried = pc.fill_null(pc.less(joined["_row"], 0), False)
+    keep = pc.or_(carried, pc.fill_null(pc.equal(joined["_name"], joined["_owner"]), False))
+    return joined.filter(keep).select(keys_table.column_names)
+
+
+def _owners(images: pa.Table, parts: _Parts) -> pa.Table:
+    """``_key`` (``_image_keys``) -> ``_owner``: the file name of the part each kept image row comes from."""
+    names = pa.array([path.rsplit("/", 1)[-1] for path in parts.paths], pa.string())
+    return pa.table({"_key": _image_keys(images), "_owner": pc.take(names, images["_part"])})
+
+
 def _unique_rows(keys_table: pa.Table, keys: list[str]) -> pa.Table:
     """The rows of ``_Parts.read_keys`` to keep, in output order: the first occurrence of each image (and of
     ``keys`` within it), sorted by image id then ``keys``, ties in first-occurrence order; parts of a retried
@@ -225,7 +256,8 @@ def _merge(
     """Write the rows ``kept`` of ``parts`` to one Parquet file at ``uri`` in ``schema``, atomically.
 
     Returns:
-        Rows written per ``stage`` (for the errors table; empty for tables without that column).
+        Rows written per ``stage`` and, under ``RETRYABLE``, how many are retryable (for the errors table;
+        empty for tables without those columns).
     """
 
     def write() -> Counter:
@@ -235,6 +267,7 @@ def _merge(
                 writer.write_table(chunk.cast(schema), row_group_size=chunk.num_rows)
                 if "stage" in chunk.column_names:
                     stages.update(chunk["stage"].to_pylist())
+                    stages[RETRYABLE] += int(pc.sum(chunk["retryable"]).as_py() or 0)
                 del chunk  # its row groups go before the next chunk's are read
         return stages
 
@@ -274,27 +307,80 @@ def finalize_shard(
             "listed with; the input changed during the job. Rerun with --overwrite"
         )
     counts = {"images": images.num_rows}
+    owners = _owners(images, image_parts)
     errors_by_stage: Counter = Counter()
     for name, schema in TABLES.items():
-        parts = image_parts if name == "images" else _Parts(storage.join(tmp, name), options)
-        kept = images if name == "images" else _unique_rows(parts.read_keys(ROW_KEYS[name]), ROW_KEYS[name])
+        if name == "images":
+            parts, kept = image_parts, images
+        else:
+            parts = _Parts(storage.join(tmp, name), options)
+            owned = _owned_rows(parts.read_keys(ROW_KEYS[name]), parts, owners)
+            kept = _unique_rows(owned, ROW_KEYS[name])
         uri = storage.join(out, name, f"part-{shard}.parquet")
         stages = _merge(parts, kept, uri, schema, options, memory_budget)
         counts[name] = kept.num_rows
         if name == "errors":
             errors_by_stage = stages
+    retryable = errors_by_stage.pop(RETRYABLE, 0)
     marker = {
         "shard": shard,
         "images": counts["images"],
         "instances": counts["masks"],
         "errors": counts["errors"],
         "errors_by_stage": dict(errors_by_stage),
+        "retryable_errors": retryable,
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "merged_by": {"host": socket.gethostname(), "pid": os.getpid()},  # which process merged it
     }
     storage.write_bytes(marker_uri(out, shard), json.dumps(marker, indent=2).encode(), options)
     storage.delete(tmp, options)
     return marker
+
+
+CARRIED_PART = "part-carried.parquet"  # a finished shard's rows that ``--retry-errors`` keeps
+
+
+def retryable_error_ids(out: str, shard: str, options: StorageOptions = StorageOptions()) -> set[str]:
+    """The image ids of a finished shard's retryable error rows (none in outputs written before the
+    ``retryable`` column existed)."""
+    uri = storage.join(out, "errors", f"part-{shard}.parquet")
+    fs, path = storage.resolve(uri, options)
+    with fs.open_input_file(path) as f:
+        errors = pq.ParquetFile(f)
+        if "retryable" not in errors.schema_arrow.names:
+            return set()
+        table = errors.read(columns=["image_id", "retryable"])
+    return set(table.filter(pc.fill_null(table["retryable"], False))["image_id"].to_pylist())
+
+
+def carry_over(out: str, shard: str, replaced: set[str], options: StorageOptions = StorageOptions()) -> int:
+    """Start a finished shard over for ``--retry-errors``: its output rows, except those of the images
+    ``replaced`` (which are labeled again), become a temporary part ``CARRIED_PART`` of each table, and its
+    marker is deleted; ``finalize_shard`` then merges them with the new rows, as for any shard.
+
+    The carried rows get ``_row`` -1, -2, ...: unique, so that none is dropped as a repeat (a finished output
+    holds each row once, and ids may repeat within a shard), and apart from the new rows' positions (>= 0).
+    The parts are written before the marker goes, so a crash in between leaves the shard finished as it
+    was; after it, the shard is unfinished and a rerun redoes it whole.
+
+    Returns:
+        How many images are carried over (the shard's images minus those to relabel).
+    """
+    tmp = tmp_dir(out, shard)
+    storage.delete(tmp, options)  # what an earlier, interrupted retry left
+    carried = 0
+    for name, schema in TABLES.items():
+        table = storage.read_parquet(storage.join(out, name, f"part-{shard}.parquet"), options)
+        if name == "errors" and "retryable" not in table.column_names:  # written before the column existed
+            table = table.append_column("retryable", pa.array([False] * table.num_rows, pa.bool_()))
+        table = table.filter(pc.invert(pc.is_in(table["image_id"], pa.array(sorted(replaced), pa.string()))))
+        table = table.select(schema.names).cast(schema)
+        table = table.append_column("_row", pa.array(-np.arange(1, table.num_rows + 1), pa.int64()))
+        _write_part(table, storage.join(tmp, name, CARRIED_PART), ROW_KEYS[name], options)
+        if name == "images":
+            carried = table.num_rows
+    storage.delete(marker_uri(out, shard), options)
+    return carried
 
 
 BOOKKEEPING_THREADS = 32  # concurrent per-shard storage requests (marker reads, resets) at job start and end

@@ -7,6 +7,7 @@ and an interrupted job can be compared row for row with an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -289,3 +290,109 @@ def test_c_status_of_a_folder_without_a_job_is_a_one_line_error(tmp_path, capsys
     err = captured.err.strip()
     assert err.startswith("hqlabel: error:") and "\n" not in err and str(tmp_path) in err
     assert "Traceback" not in err
+
+
+# Faults inside the labeling actor, made for real by fault points (HQLABEL_FAILPOINTS, read by the driver and
+# handed to the actors: hqlabel.workers.faults.Failpoints): a process that kills itself on one image, and a
+# sticky CUDA error. A small dataset of its own: 8 images, 2 shards, batch size 1 (results comparable).
+
+FAULT_IMAGES = 8
+FAULT_SHARD_SIZE = 4
+POISON = "img_002.png"  # in shard 00000
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("actor-faults") / "images"
+    root.mkdir()
+    for i in range(FAULT_IMAGES):
+        (root / f"img_{i:03d}.png").write_bytes(encode(random_image(100 + i)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def small_reference(ray_session, small_dataset) -> dict[str, list[dict]]:
+    """The tables a fault-free run writes."""
+    out = small_dataset.parent / "reference"
+    run_label_job(_spec(small_dataset, out, shard_size=FAULT_SHARD_SIZE), progress=False)
+    results = _results(out)
+    assert len(results["images"]) == FAULT_IMAGES and not results["errors"]
+    assert any(m["image_id"] == POISON for m in results["masks"]), "the random models find instances"
+    return results
+
+
+def _without(results: dict[str, list[dict]], image_id: str) -> dict[str, list[dict]]:
+    return {name: [r for r in rows if r["image_id"] != image_id] for name, rows in results.items()}
+
+
+def _label_workers() -> dict[str, dict]:
+    """GCS records of every labeling actor of the session, alive or dead, by actor id."""
+    from ray._private.state import actors
+
+    return {k: a for k, a in actors().items() if "LabelWorker" in a["ActorClassName"]}
+
+
+def test_d_an_image_that_kills_its_actor_ends_as_a_retryable_error_row_then_retry_errors_labels_it(
+    ray_session, small_dataset, small_reference, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "out"
+    monkeypatch.setenv("HQLABEL_FAILPOINTS", f"exit:{POISON}")  # SIGKILL whenever the models see it
+    summary = run_label_job(_spec(small_dataset, out, shard_size=FAULT_SHARD_SIZE), progress=False)
+
+    # The job ended: the image is an error row marked retryable, every other image is labeled as in a
+    # fault-free run, and both shards are finished.
+    assert (summary.images, summary.errors, summary.retryable_errors) == (FAULT_IMAGES, 1, 1)
+    results = _results(out)
+    [error] = results["errors"]
+    assert (error["image_id"], error["stage"], error["retryable"]) == (POISON, "label", True)
+    assert "the labeling actor died" in error["error"]
+    assert _without(results, POISON) == _without(small_reference, POISON)
+    markers = {p.stem: json.loads(p.read_text()) for p in (out / "_done").glob("*.json")}
+    assert sorted(markers) == ["00000", "00001"]
+    assert markers["00000"]["retryable_errors"] == 1 and markers["00001"]["retryable_errors"] == 0
+    untouched = {p: p.stat().st_mtime_ns for p in out.glob("*/part-00001.parquet")}
+    assert len(untouched) == 3
+
+    # The same command with --retry-errors, without the fault: only that image is labeled again.
+    monkeypatch.delenv("HQLABEL_FAILPOINTS")
+    argv = [
+        *["label", str(small_dataset), "--classes", CLASSES, "--out", str(out), "--preset", "tiny-random"],
+        *["--box-threshold", str(BOX_THRESHOLD), "--shard-size", str(FAULT_SHARD_SIZE), "--batch-size", "1"],
+        *["--no-progress", "--retry-errors"],
+    ]
+    assert main(argv) == 0
+    assert f"labeled {FAULT_IMAGES} images" in capsys.readouterr().out
+
+    assert _results(out) == small_reference, "every image once, as in a fault-free run"
+    _assert_every_image_once_of(out, FAULT_IMAGES)
+    job = json.loads((out / "job.json").read_text())
+    assert job["shards"]["retried"] == 1 and job["retried_images"] == 1
+    assert job["summary"]["images_this_run"] == 1 and job["summary"]["errors"] == 0
+    marker = json.loads((out / "_done" / "00000.json").read_text())
+    assert (marker["images"], marker["errors"], marker["retryable_errors"]) == (FAULT_SHARD_SIZE, 0, 0)
+    assert {p: p.stat().st_mtime_ns for p in untouched} == untouched, "a shard without retryable errors stays"
+    assert not (out / "_tmp").exists()
+
+
+def _assert_every_image_once_of(out: Path, count: int) -> None:
+    images = pq.read_table(out / "images")["image_id"].to_pylist()
+    assert sorted(images) == [f"img_{i:03d}.png" for i in range(count)]
+    masks = pq.read_table(out / "masks", columns=["image_id", "instance_id"]).to_pylist()
+    pairs = [(m["image_id"], m["instance_id"]) for m in masks]
+    assert len(pairs) == len(set(pairs)), "an instance was written twice"
+
+
+def test_e_an_actor_with_a_broken_device_is_replaced_and_the_new_one_labels_its_images(
+    ray_session, small_dataset, small_reference, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    before = set(_label_workers())
+    # The first actor raises torch.AcceleratorError (CUDA illegal memory access) on img_001, and every call
+    # after it too, as a sticky CUDA error does; a restarted actor does not.
+    monkeypatch.setenv("HQLABEL_FAILPOINTS", "device:img_001.png")
+    summary = run_label_job(_spec(small_dataset, out, shard_size=FAULT_SHARD_SIZE), progress=False)
+
+    assert (summary.images, summary.errors) == (FAULT_IMAGES, 0), "no error rows for the rest of its images"
+    assert _results(out) == small_reference
+    new = [a for k, a in _label_workers().items() if k not in before]
+    assert new and max(a["NumRestarts"] for a in new) >= 1, "Ray replaced the actor"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from hqlabel.platform import storage
@@ -144,6 +145,40 @@ def test_merge_drops_repeated_rows_like_the_whole_shard_merge(tmp_path: Path, me
     assert leftovers == [f"part-{SHARD}.parquet"] * 3  # no temporary file left next to them
 
 
+def _part_name(rows: list[int]) -> str:
+    """The temporary part ``write_parts`` names after these row positions."""
+    return hashlib.sha1("\n".join(map(str, rows)).encode()).hexdigest()[:20]
+
+
+def test_an_image_written_by_two_attempts_takes_all_its_rows_from_one(tmp_path: Path):
+    """A retried batch, batched otherwise, labels image "a" again with another instance count (Grounding
+    DINO's boxes depend on the batch): the merge keeps one attempt's rows for it, never instances of both."""
+    two, three = (
+        _batch([_result(0, "a", 2), _result(1, "b", 1)]),
+        _batch([_result(0, "a", 3), _result(2, "c")]),
+    )
+    if _part_name([0, 1]) > _part_name([0, 2]):  # the attempt with fewer instances is read first
+        two, three = (
+            _batch([_result(0, "a", 2), _result(2, "c")]),
+            _batch([_result(0, "a", 3), _result(1, "b")]),
+        )
+    out = str(tmp_path / "out")
+    write_parts(two, out=out)
+    write_parts(three, out=out)
+    marker = finalize_shard(out, SHARD, 3)
+
+    outputs = _outputs(out)
+    a = outputs["masks"].filter(pc.equal(outputs["masks"]["image_id"], "a"))
+    image = outputs["images"].filter(pc.equal(outputs["images"]["image_id"], "a")).to_pylist()
+    assert image[0]["num_instances"] == 2 == a.num_rows, "a's instances all come from the attempt it counts"
+    assert a["instance_id"].to_pylist() == [0, 1]
+    assert (
+        marker["instances"]
+        == outputs["masks"].num_rows
+        == sum(outputs["images"]["num_instances"].to_pylist())
+    )
+
+
 def test_incomplete_shard_writes_nothing_and_an_overfull_one_fails(tmp_path: Path):
     batches, _ = _retried_shard(blob=16)
     out = tmp_path / "out"
@@ -177,6 +212,7 @@ def test_merge_on_s3(s3_endpoint, s3_client, s3_bucket):
 _MEASURE = """
 import json, sys
 import pyarrow as pa
+import pyarrow.compute as pc
 from hqlabel.workers.writer import finalize_shard
 marker = finalize_shard(sys.argv[1], "00000", int(sys.argv[2]), memory_budget=int(sys.argv[3]))
 print(json.dumps({"peak": pa.default_memory_pool().max_memory(), "instances": marker["instances"]}))
