@@ -36,7 +36,7 @@ from hqlabel.platform.readers import (
     read_parquet_shards,
 )
 from hqlabel.platform.references import ReferencePolicy
-from hqlabel.workers.faults import ATTEMPTS, FAILPOINTS_ENV, AttemptLog, max_attempts
+from hqlabel.workers.faults import ATTEMPTS, FAILPOINTS_ENV, AttemptLog, Failpoints, max_attempts
 from hqlabel.workers.writer import (
     BOOKKEEPING_THREADS,
     carry_over,
@@ -311,6 +311,8 @@ def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan, root: str):
     # at fault, within max_attempts(batch_size) attempts, so Ray's task retries are set above that; an actor
     # is restarted at most spec.max_actor_restarts times over the job, after which the job stops.
     attempts = AttemptLog(storage.join(spec.out, "_tmp", ATTEMPTS), spec.batch_size, spec.storage)
+    failpoints = os.environ.get(FAILPOINTS_ENV)  # a test hook (faults.Failpoints); normally unset
+    Failpoints(failpoints)  # a malformed value fails here, in the driver, not in every actor
     ds = ds.map_batches(
         LabelWorker,
         batch_format="pyarrow",
@@ -325,7 +327,7 @@ def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan, root: str):
             "config": spec.labeler,
             "num_threads": plan.actor_threads,
             "attempts": attempts,
-            "failpoints": os.environ.get(FAILPOINTS_ENV),  # a test hook (faults.Failpoints); normally unset
+            "failpoints": failpoints,
         },
     )
     return ds.map_batches(

@@ -20,6 +20,7 @@ class JobStatus:
     images_done: int
     instances: int
     errors_by_stage: dict[str, int] = field(default_factory=dict)
+    retryable_errors: int = 0
     pending: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -31,6 +32,10 @@ class JobStatus:
             f"  instances: {self.instances}",
             f"  errors:    {sum(self.errors_by_stage.values())} ({errors})",
         ]
+        if self.retryable_errors:
+            lines.append(
+                f"  retryable: {self.retryable_errors} (rerun the same `hqlabel label` with --retry-errors)"
+            )
         if self.pending:
             shown = ", ".join(self.pending[:10]) + (" ..." if len(self.pending) > 10 else "")
             lines.append(f"  pending:   {shown} (rerun the same `hqlabel label` command to resume)")
@@ -61,5 +66,6 @@ def job_status(out: str, options: StorageOptions = StorageOptions()) -> JobStatu
         status.images_done += marker["images"]
         status.instances += marker["instances"]
         errors.update(marker["errors_by_stage"])
+        status.retryable_errors += marker.get("retryable_errors", 0)  # older markers: none
     status.errors_by_stage = dict(errors)
     return status

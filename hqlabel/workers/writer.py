@@ -3,7 +3,8 @@
 While a shard is in flight its batches land under ``OUT/_tmp/shard-ID/{masks,errors,images}/part-HASH``
 (names derived from the batch's row positions in the shard, so a retried batch overwrites itself), each
 sorted by image id and split into row groups of about ``PART_ROW_GROUP_BYTES``. When every image of the
-shard has arrived, ``finalize_shard`` merges the parts, drops any row seen twice, writes
+shard has arrived, ``finalize_shard`` merges the parts, drops any row seen twice (an image written by two
+attempts of a retried batch takes all its rows from the one part that is read first, never a mix), writes
 ``OUT/{masks,errors,images}/part-ID.parquet`` (each atomically, sorted by image id) and then the marker
 ``OUT/_done/ID.json``. Readers of ``OUT/masks`` see only finished shards (names starting with ``_`` are
 skipped); a rerun skips shards that have a marker and redoes the rest from scratch.
@@ -345,11 +346,17 @@ def retryable_error_ids(out: str, shard: str, options: StorageOptions = StorageO
     ``retryable`` column existed)."""
     uri = storage.join(out, "errors", f"part-{shard}.parquet")
     fs, path = storage.resolve(uri, options)
-    with fs.open_input_file(path) as f:
-        errors = pq.ParquetFile(f)
-        if "retryable" not in errors.schema_arrow.names:
-            return set()
-        table = errors.read(columns=["image_id", "retryable"])
+
+    def read() -> pa.Table | None:
+        with fs.open_input_file(path) as f:
+            errors = pq.ParquetFile(f)
+            if "retryable" not in errors.schema_arrow.names:
+                return None
+            return errors.read(columns=["image_id", "retryable"])
+
+    table = storage.with_retries(read, f"reading {uri}")
+    if table is None:
+        return set()
     return set(table.filter(pc.fill_null(table["retryable"], False))["image_id"].to_pylist())
 
 

@@ -350,6 +350,8 @@ def test_d_an_image_that_kills_its_actor_ends_as_a_retryable_error_row_then_retr
     markers = {p.stem: json.loads(p.read_text()) for p in (out / "_done").glob("*.json")}
     assert sorted(markers) == ["00000", "00001"]
     assert markers["00000"]["retryable_errors"] == 1 and markers["00001"]["retryable_errors"] == 0
+    assert main(["status", str(out)]) == 0
+    assert "retryable: 1 (rerun the same `hqlabel label` with --retry-errors)" in capsys.readouterr().out
     untouched = {p: p.stat().st_mtime_ns for p in out.glob("*/part-00001.parquet")}
     assert len(untouched) == 3
 
@@ -396,3 +398,11 @@ def test_e_an_actor_with_a_broken_device_is_replaced_and_the_new_one_labels_its_
     assert _results(out) == small_reference
     new = [a for k, a in _label_workers().items() if k not in before]
     assert new and max(a["NumRestarts"] for a in new) >= 1, "Ray replaced the actor"
+
+
+def test_f_retry_errors_with_overwrite_is_a_one_line_error(tmp_path, capsys):
+    argv = ["label", str(tmp_path), "--classes", CLASSES, "--out", str(tmp_path / "out")]
+    assert main([*argv, "--retry-errors", "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--retry-errors" in err and "--overwrite" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
