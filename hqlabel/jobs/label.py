@@ -322,7 +322,7 @@ def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan, root: str):
         num_gpus=plan.actor_gpus,
         scheduling_strategy="SPREAD",  # the actors over the nodes, not packed onto the first that fits
         max_restarts=spec.max_actor_restarts,
-        max_task_retries=max_attempts(spec.batch_size) + 1,
+        max_task_retries=max_attempts(spec.batch_size) + 1 if spec.max_actor_restarts else 0,
         fn_constructor_kwargs={
             "config": spec.labeler,
             "num_threads": plan.actor_threads,
@@ -452,16 +452,26 @@ def _run_pipeline(
         if pending or reopened:
             ds = input_dataset([*pending, *reopened], source, spec, only=retry)
             ds = build_pipeline(ds, spec, plan, source.root)
-            for stats in ds.iter_rows():
-                lease.check()  # stop writing at once if another run has taken the output over
-                shard = stats["shard"]
-                arrived[shard] += stats["images"]
-                nodes[stats["node_id"]] += stats["images"]
-                bar.update(stats["images"])
-                if shard not in tried and arrived[shard] >= expected[shard]:
-                    tried.add(shard)
-                    running[merge.remote(spec.out, shard, totals[shard], spec.storage)] = shard
-                collect(wait_for=max(MERGES_IN_FLIGHT, 2 * plan.max_actors) - 1)  # beyond: the stream waits
+            try:
+                for stats in ds.iter_rows():
+                    lease.check()  # stop writing at once if another run has taken the output over
+                    shard = stats["shard"]
+                    arrived[shard] += stats["images"]
+                    nodes[stats["node_id"]] += stats["images"]
+                    bar.update(stats["images"])
+                    if shard not in tried and arrived[shard] >= expected[shard]:
+                        tried.add(shard)
+                        running[merge.remote(spec.out, shard, totals[shard], spec.storage)] = shard
+                    collect(
+                        wait_for=max(MERGES_IN_FLIGHT, 2 * plan.max_actors) - 1
+                    )  # beyond: the stream waits
+            except ray.exceptions.ActorDiedError as e:  # restarts spent (a task error would be a bug: raised)
+                collect(wait_for=0)  # the shards merged so far stay finished
+                raise RuntimeError(
+                    f"a labeling actor died more often than --max-actor-restarts ({spec.max_actor_restarts}) "
+                    f"allows ({len(finished)} shard(s) finished); rerun the same command to resume, with a "
+                    "higher --max-actor-restarts if the crashes are frequent"
+                ) from e
         collect(wait_for=0)
         # Shards whose count was off (retried batches counted twice, or a merge that found images missing):
         # everything has been written now, so one more merge each decides.

@@ -400,6 +400,21 @@ def test_e_an_actor_with_a_broken_device_is_replaced_and_the_new_one_labels_its_
     assert new and max(a["NumRestarts"] for a in new) >= 1, "Ray replaced the actor"
 
 
+def test_e_actor_restarts_are_capped_then_the_job_stops_and_a_rerun_resumes(
+    ray_session, small_dataset, small_reference, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    spec = _spec(small_dataset, out, shard_size=FAULT_SHARD_SIZE)
+    monkeypatch.setenv("HQLABEL_FAILPOINTS", f"exit:{POISON}")
+    with pytest.raises(RuntimeError, match=r"--max-actor-restarts \(0\)"):  # no restart: stop, never hang
+        run_label_job(spec.model_copy(update={"max_actor_restarts": 0}), progress=False)
+    assert not (out / "_done" / "00000.json").exists()
+
+    monkeypatch.delenv("HQLABEL_FAILPOINTS")
+    run_label_job(spec, progress=False)
+    assert _results(out) == small_reference
+
+
 def test_f_retry_errors_with_overwrite_is_a_one_line_error(tmp_path, capsys):
     argv = ["label", str(tmp_path), "--classes", CLASSES, "--out", str(tmp_path / "out")]
     assert main([*argv, "--retry-errors", "--overwrite"]) == 2
