@@ -285,10 +285,11 @@ def init_ray(spec: LabelJobSpec) -> None:
     ray_init(**kwargs)  # joining a cluster: with its token
 
 
-def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan, root: str):
+def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan, root: str, run_id: str | None = None):
     """Chain the steps after ``ds`` (from ``input_dataset``); placement and resources are set here alone.
     ``root``: the dataset root (``DatasetInput.root``), inside which image references must stay (with
-    ``spec.allow_prefix``)."""
+    ``spec.allow_prefix``). ``run_id``: this run's (its lease's), which keys the labeling actors' attempt
+    records."""
     import ray
 
     from hqlabel.workers import LabelWorker, decode_batch
@@ -310,7 +311,7 @@ def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan, root: str):
     # that kills its actor is retried until its attempt record (hqlabel.workers.faults) isolates the image
     # at fault, within max_attempts(batch_size) attempts, so Ray's task retries are set above that; an actor
     # is restarted at most spec.max_actor_restarts times over the job, after which the job stops.
-    attempts = AttemptLog(storage.join(spec.out, "_tmp", ATTEMPTS), spec.batch_size, spec.storage)
+    attempts = AttemptLog(storage.join(spec.out, "_tmp", ATTEMPTS), spec.batch_size, spec.storage, run_id)
     failpoints = os.environ.get(FAILPOINTS_ENV)  # a test hook (faults.Failpoints); normally unset
     Failpoints(failpoints)  # a malformed value fails here, in the driver, not in every actor
     ds = ds.map_batches(
@@ -451,7 +452,7 @@ def _run_pipeline(
     with tqdm(total=todo_images, unit="img", desc="labeling", disable=not progress, file=sys.stderr) as bar:
         if pending or reopened:
             ds = input_dataset([*pending, *reopened], source, spec, only=retry)
-            ds = build_pipeline(ds, spec, plan, source.root)
+            ds = build_pipeline(ds, spec, plan, source.root, lease.run_id)
             try:
                 for stats in ds.iter_rows():
                     lease.check()  # stop writing at once if another run has taken the output over

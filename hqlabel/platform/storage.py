@@ -167,7 +167,67 @@ def read_bytes(
     return with_retries(read, f"reading {uri}")
 
 
-def _get_object(uri: str, options: StorageOptions, max_bytes: int | None) -> bytes:
+def read_record(uri: str, options: StorageOptions = StorageOptions()) -> bytes | None:
+    """A small bookkeeping file or object (a few hundred bytes of JSON), or None when there is none: on S3 one
+    GET (``read_bytes`` asks again whether a missing key is a prefix, a listing more)."""
+    if not is_s3(uri):
+        try:
+            return read_bytes(uri, options)
+        except FileNotFoundError:
+            return None
+    try:
+        return with_retries(lambda: _get_object(uri, options, None, check_dir=False), f"reading {uri}")
+    except FileNotFoundError:
+        return None
+
+
+def write_record(uri: str, data: bytes, options: StorageOptions = StorageOptions()) -> None:
+    """``write_bytes`` for a small bookkeeping object: on S3 one ``PutObject`` (atomic by itself), where
+    pyarrow's output streams take three requests (a multipart upload)."""
+    if not is_s3(uri):
+        write_bytes(uri, data, options)
+        return
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, key = uri[len("s3://") :].partition("/")
+
+    def put() -> None:
+        try:
+            _s3_client(options).put_object(Bucket=bucket, Key=key, Body=data)
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("AccessDenied", "403"):
+                raise PermissionError(f"{uri}: access denied") from None
+            raise OSError(f"{uri}: {code or e}") from None
+        except BotoCoreError as e:
+            raise OSError(f"{uri}: {e}") from None
+
+    with_retries(put, f"writing {uri}")
+
+
+def delete_record(uri: str, options: StorageOptions = StorageOptions()) -> None:
+    """Delete a small bookkeeping file or object if it exists: on S3 one ``DeleteObject`` (``delete`` first
+    asks what ``uri`` is)."""
+    if not is_s3(uri):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(resolve(uri, options)[1])
+        return
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, key = uri[len("s3://") :].partition("/")
+
+    def remove() -> None:
+        try:
+            _s3_client(options).delete_object(Bucket=bucket, Key=key)  # no error when it is not there
+        except ClientError as e:
+            raise OSError(f"{uri}: {e.response.get('Error', {}).get('Code', '') or e}") from None
+        except BotoCoreError as e:
+            raise OSError(f"{uri}: {e}") from None
+
+    with_retries(remove, f"deleting {uri}")
+
+
+def _get_object(uri: str, options: StorageOptions, max_bytes: int | None, *, check_dir: bool = True) -> bytes:
     """``read_bytes`` on S3 in one GET (pyarrow's streams send two HEADs first): the size comes with the
     answer's headers, so an object over ``max_bytes`` is refused before its body is read. Errors become the
     ``OSError`` kinds ``with_retries`` understands (the client has retried transient ones already)."""
@@ -179,7 +239,9 @@ def _get_object(uri: str, options: StorageOptions, max_bytes: int | None) -> byt
     except ClientError as e:
         code = str(e.response.get("Error", {}).get("Code", ""))
         if code in ("NoSuchKey", "404", "NotFound"):
-            if is_dir(uri, options):  # a prefix with objects under it (only asked on this error path)
+            if check_dir and is_dir(
+                uri, options
+            ):  # a prefix with objects under it (only asked on this error path)
                 raise IsADirectoryError(f"{uri} is not a file") from None
             raise FileNotFoundError(f"{uri} does not exist") from None
         if code in ("AccessDenied", "403"):

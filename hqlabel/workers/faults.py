@@ -11,8 +11,9 @@ Crashes are bounded by a per-batch attempt record (``AttemptLog``), because a pr
 an error row, and Ray would otherwise restart the actor and retry the same batch forever:
 
 1. Before labeling a batch, the actor reads the batch's record in ``OUT/_tmp/attempts/`` (keyed by the
-   batch's ``(shard, row)`` positions, which a retry of the same Ray task shares) and writes it back with
-   one more attempt. An earlier attempt that wrote the record and never finished it died.
+   batch's ``(shard, row)`` positions, which a retry of the same Ray task shares, and by the job run) and
+   writes it back with one more attempt; an attempt that finishes deletes it. Every earlier attempt that
+   the record counts therefore died (Ray retries an actor's task only when the actor died under it).
 2. After ``BATCH_DEATHS`` such deaths the batch is isolated: its images are labeled one at a time, and the
    record names the image being labeled before each one. An image named by a record when its attempt died
    has killed the actor alone; after ``IMAGE_DEATHS`` such deaths it becomes a retryable error row, unread
@@ -103,6 +104,7 @@ class BatchAttempt:
         deaths: earlier attempts that died (all of them: an attempt that finishes deletes the record).
         image_deaths: per image key, the earlier attempts that died while labeling that image alone.
         limit: the attempt that labels nothing more (``max_attempts``).
+        run: the job run the record belongs to (records of other runs are not counted).
     """
 
     uri: str
@@ -110,6 +112,7 @@ class BatchAttempt:
     number: int
     image_deaths: dict[str, int] = field(default_factory=dict)
     limit: int = 0
+    run: str | None = None
 
     @property
     def deaths(self) -> int:
@@ -130,42 +133,55 @@ class BatchAttempt:
         return self.image_deaths.get(key, 0)
 
     def labeling(self, key: str | None) -> None:
-        """Record that image ``key`` is being labeled alone (None: the whole batch): if this attempt dies
-        now, the next one blames that image."""
-        record = {"attempts": self.number, "image": key, "image_deaths": self.image_deaths}
-        storage.write_bytes(self.uri, json.dumps(record).encode(), self.options)
+        """Record that image ``key`` is being labeled alone (None: the whole batch, or none): if this attempt
+        dies now, the next one blames that image."""
+        record = {"run": self.run, "attempts": self.number, "image": key, "image_deaths": self.image_deaths}
+        storage.write_record(self.uri, json.dumps(record).encode(), self.options)
 
     def finish(self) -> None:
-        """The attempt is over and its results go back to Ray: forget the batch."""
-        storage.delete(self.uri, self.options)
+        """The attempt is over and its results go back to Ray: forget the batch. (Ray may run a finished
+        batch again when a later batch of the same task kills the actor: it then starts afresh.)"""
+        storage.delete_record(self.uri, self.options)
 
 
 class AttemptLog:
     """The attempt records of a job's batches, in ``folder`` (``OUT/_tmp/attempts``): one small JSON object
     per batch in flight, read and written by the labeling actors (see the module docstring).
 
+    Storage requests: a read, a write and a delete per batch (on S3 a GET, a ``PutObject`` and a
+    ``DeleteObject``), and a write per image labeled alone after deaths.
+
     Args:
         batch_size: the job's batch size (it bounds the attempts of a batch: ``max_attempts``).
+        run: the job run's id (its lease's): records left by another run (in ``OUT/_tmp`` after a crash of
+            the whole job) count no deaths.
     """
 
-    def __init__(self, folder: str, batch_size: int, options: StorageOptions = StorageOptions()) -> None:
+    def __init__(
+        self,
+        folder: str,
+        batch_size: int,
+        options: StorageOptions = StorageOptions(),
+        run: str | None = None,
+    ) -> None:
         self.folder = folder
         self.limit = max_attempts(batch_size)
         self.options = options
+        self.run = run
 
     def start(self, keys: list[str]) -> BatchAttempt:
         """Begin an attempt at the batch of images ``keys`` (``image_key``): read its record, blame the image
         an earlier attempt died on, and write the record back with this attempt counted."""
         digest = hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:24]
         uri = storage.join(self.folder, f"{digest}.json")
-        try:
-            record = json.loads(storage.read_bytes(uri, self.options))
-        except FileNotFoundError:
+        data = storage.read_record(uri, self.options)
+        record = json.loads(data) if data is not None else {}
+        if not record or record.get("run") != self.run:  # none, or another run's: no attempt of this run
             record = {"attempts": 0, "image": None, "image_deaths": {}}
         deaths = dict(record["image_deaths"])
         if record["image"] is not None:  # the last attempt died while labeling this image alone
             deaths[record["image"]] = deaths.get(record["image"], 0) + 1
-        attempt = BatchAttempt(uri, self.options, record["attempts"] + 1, deaths, self.limit)
+        attempt = BatchAttempt(uri, self.options, record["attempts"] + 1, deaths, self.limit, self.run)
         if attempt.deaths:
             logger.warning(
                 "batch %s: attempt %d; %d earlier attempt(s) died (a crashed or killed labeling actor)",

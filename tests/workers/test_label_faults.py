@@ -15,6 +15,7 @@ from conftest import encode, random_image
 
 from hqlabel.platform.config import LabelerConfig
 from hqlabel.platform.schema import DECODED_SCHEMA, SOURCE_SCHEMA
+from hqlabel.platform.storage import StorageOptions
 from hqlabel.workers import LabelWorker, decode_batch
 from hqlabel.workers.faults import (
     BATCH_DEATHS,
@@ -140,7 +141,35 @@ def test_a_batch_that_keeps_killing_its_process_ends_with_the_culprit_as_a_retry
     for image_id in "abd":
         assert rows[image_id]["error"] is None
         assert rows[image_id]["instances"] == alone[image_id], "labeled alone, as in isolation"
-    assert not list((tmp_path / "attempts").glob("*.json")), "a finished attempt forgets its batch"
+    assert not list((tmp_path / "attempts").glob("*")), "a finished attempt forgets its batch"
+
+
+def test_an_attempt_record_on_s3_costs_three_requests_and_counts_deaths(s3_endpoint, s3_bucket):
+    """Through a counting proxy: a batch's attempt costs a GET, a PUT and a DELETE; an attempt that never
+    finished (its process died) is counted by the next one, and the image its record named is blamed."""
+    from benchmarks.s3proxy import S3Proxy
+
+    proxy = S3Proxy(s3_endpoint)
+    try:
+        log = AttemptLog(f"s3://{s3_bucket}/out/_tmp/attempts", 2, StorageOptions(proxy.endpoint), run="r1")
+        attempt = log.start(["s/0", "s/1"])
+        attempt.finish()
+        assert [method for method, _ in proxy.requests] == ["GET", "PUT", "DELETE"]
+        assert attempt.number == 1
+
+        died = [log.start(["s/0", "s/1"]) for _ in range(BATCH_DEATHS)][-1]  # none finished: all died
+        died.labeling("s/1")  # isolating: died labeling s/1 alone
+        again = log.start(["s/0", "s/1"])
+        assert (again.deaths, again.isolating, again.killed_by("s/1"), again.killed_by("s/0")) == (
+            2,
+            True,
+            1,
+            0,
+        )
+        other_run = AttemptLog(log.folder, 2, log.options, run="r2").start(["s/0", "s/1"])
+        assert other_run.deaths == 0, "records of another run count nothing"
+    finally:
+        proxy.close()
 
 
 def test_a_labeling_worker_outside_ray_reports_a_device_error_as_retryable_rows():
