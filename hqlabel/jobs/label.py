@@ -36,7 +36,7 @@ from hqlabel.platform.readers import (
     read_parquet_shards,
 )
 from hqlabel.platform.references import ReferencePolicy
-from hqlabel.workers.faults import ATTEMPTS, FAILPOINTS_ENV, AttemptLog, Failpoints, max_attempts
+from hqlabel.workers.faults import ATTEMPTS, FAILPOINTS_ENV, AttemptLog, Failpoints
 from hqlabel.workers.writer import (
     BOOKKEEPING_THREADS,
     carry_over,
@@ -309,8 +309,9 @@ def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan, root: str, run_id
     )
     # Crashes are bounded (Ray Data's default is to restart actors and retry their tasks forever): a batch
     # that kills its actor is retried until its attempt record (hqlabel.workers.faults) isolates the image
-    # at fault, within max_attempts(batch_size) attempts, so Ray's task retries are set above that; an actor
-    # is restarted at most spec.max_actor_restarts times over the job, after which the job stops.
+    # at fault, within max_attempts(batch_size) attempts. Ray retries an actor's task only after the actor
+    # died, so task retries get the restart cap: a task holding several batches may need the deaths of more
+    # than one of them, and the restarts (spec.max_actor_restarts per actor, then the job stops) bind first.
     attempts = AttemptLog(storage.join(spec.out, "_tmp", ATTEMPTS), spec.batch_size, spec.storage, run_id)
     failpoints = os.environ.get(FAILPOINTS_ENV)  # a test hook (faults.Failpoints); normally unset
     Failpoints(failpoints)  # a malformed value fails here, in the driver, not in every actor
@@ -323,7 +324,7 @@ def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan, root: str, run_id
         num_gpus=plan.actor_gpus,
         scheduling_strategy="SPREAD",  # the actors over the nodes, not packed onto the first that fits
         max_restarts=spec.max_actor_restarts,
-        max_task_retries=max_attempts(spec.batch_size) + 1 if spec.max_actor_restarts else 0,
+        max_task_retries=spec.max_actor_restarts,
         fn_constructor_kwargs={
             "config": spec.labeler,
             "num_threads": plan.actor_threads,

@@ -20,8 +20,9 @@ an error row, and Ray would otherwise restart the actor and retry the same batch
    by the models, and the others are labeled.
 3. A batch therefore ends within ``max_attempts(batch_size)`` attempts however many of its images kill the
    actor; the last one allowed labels nothing more and gives the images still open retryable error rows
-   (only reached when deaths happened outside the models). Ray's ``max_task_retries`` is set above that,
-   and its ``max_restarts`` bounds how often one actor is replaced over a whole job.
+   (only reached when deaths happened outside the models). Ray's ``max_restarts`` (and ``max_task_retries``,
+   the same: a task is retried only after its actor died) bound how often one actor is replaced over a
+   whole job; beyond that the job stops.
 
 A sticky device error (``is_device_error``: after one, every later CUDA call of the process fails) is not
 an image's fault: the actor exits its process so that Ray replaces it with a fresh one (within
