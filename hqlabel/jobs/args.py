@@ -18,3 +18,31 @@ def add_storage_args(parser: argparse.ArgumentParser) -> None:
 def storage_options(args: argparse.Namespace) -> StorageOptions:
     """The ``StorageOptions`` of ``add_storage_args``' arguments."""
     return StorageOptions(args.s3_endpoint, args.s3_region)
+
+
+def resource_amount(text: str) -> tuple[str, float]:
+    """``NAME=AMOUNT`` (``--actor-resource`` / ``--worker-resource``) -> ``(NAME, AMOUNT)``; AMOUNT defaults
+    to 1."""
+    name, sep, amount = text.partition("=")
+    try:
+        value = float(amount) if sep else 1.0
+    except ValueError:
+        value = -1.0
+    if not name or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT with AMOUNT > 0 (e.g. a100=1), got {text!r}")
+    return name, value
+
+
+def check_custom_resources(resources: dict[str, float], option: str) -> dict[str, float]:
+    """Refuse Ray's own resources and amounts <= 0 in ``--actor-resource`` / ``--worker-resource``."""
+    from hqlabel.jobs.resources import BUILTIN_RESOURCES
+
+    for name, amount in resources.items():
+        if name in BUILTIN_RESOURCES:
+            raise ValueError(
+                f"{option} {name}: Ray's own resource; CPUs and GPUs per actor or worker follow from "
+                "--num-workers/--workers and --device/--gpus-per-worker. Name a custom resource"
+            )
+        if not amount > 0:
+            raise ValueError(f"{option} {name}={amount:g}: the amount must be > 0")
+    return resources

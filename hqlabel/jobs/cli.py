@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from hqlabel import __version__
-from hqlabel.jobs.args import add_storage_args, storage_options
+from hqlabel.jobs.args import add_storage_args, resource_amount, storage_options
 from hqlabel.platform.config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, PRECISIONS, PRESETS
 from hqlabel.platform.lease import DEFAULT_TTL, LeaseError
 
@@ -67,6 +67,16 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
         "join (with --device cuda, also before any has joined)",
     )
     p.add_argument("--min-workers", type=int, help="autoscaling pool: the fewest actors it keeps (default 1)")
+    p.add_argument(
+        "--actor-resource",
+        type=resource_amount,
+        action="append",
+        default=[],
+        metavar="NAME=AMOUNT",
+        help="a custom Ray resource each labeling actor asks for, placing the actors on the nodes that offer "
+        "it (e.g. a node type started with `ray start --resources`, or accelerator_type:A100); repeatable; "
+        "refused when no node offers it",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument(
         "--precision",
@@ -175,6 +185,7 @@ def _label(args: argparse.Namespace) -> int:
         s3_region=args.s3_region,
         batch_size=args.batch_size,
         overwrite=args.overwrite,
+        actor_resources=dict(args.actor_resource),
         ray_address=args.address,
         **{k: v for k, v in optional.items() if v is not None},
     )

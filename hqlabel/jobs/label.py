@@ -21,6 +21,7 @@ from pathlib import Path
 from hqlabel import __version__
 from hqlabel.jobs.cluster import describe_nodes, ray_init
 from hqlabel.jobs.resources import ResourcePlan, object_store_limit, plan_label_job
+from hqlabel.jobs.shared_paths import check_shared_paths
 from hqlabel.jobs.spec import LabelJobSpec
 from hqlabel.platform import storage
 from hqlabel.platform.config import LabelerConfig
@@ -245,6 +246,7 @@ def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan, root: str):
         compute=ray.data.ActorPoolStrategy(**plan.actor_pool()),
         num_cpus=plan.actor_cpus,
         num_gpus=plan.actor_gpus,
+        **({"resources": plan.actor_resources} if plan.actor_resources else {}),  # --actor-resource
         scheduling_strategy="SPREAD",  # the actors over the nodes, not packed onto the first that fits
         fn_constructor_kwargs={"config": spec.labeler, "num_threads": plan.actor_threads},
     )
@@ -275,13 +277,30 @@ def run_label_job(spec: LabelJobSpec, *, progress: bool = True) -> LabelSummary:
         return _label(spec, lease, progress)
 
 
+def check_shared_storage(spec: LabelJobSpec) -> None:
+    """On a cluster of several nodes, refuse local paths that not every node sees (``check_shared_paths``):
+    the input and model files the tasks and actors read, the output folder they write."""
+    reads = {
+        "INPUT": spec.input,
+        "--coco-images": spec.coco_images,
+        "--segmenter": spec.labeler.segmenter,
+        "--hq-weights": spec.labeler.hq_weights,
+        **{f"--allow-prefix {prefix}": prefix for prefix in spec.allow_prefix},
+    }
+    if spec.labeler.prompts == "detector":
+        reads["--detector"] = spec.labeler.detector
+    check_shared_paths(reads, {"--out": spec.out})
+
+
 def _label(spec: LabelJobSpec, lease: OutputLease, progress: bool) -> LabelSummary:
     """``run_label_job`` once its checks passed and it holds the output's lease."""
     import ray
 
-    source, pending = prepare_output(spec)
+    # Ray and its checks come first: a refused plan or path leaves the output as it was.
     init_ray(spec)
     plan = plan_label_job(spec)
+    check_shared_storage(spec)
+    source, pending = prepare_output(spec)
     record = {
         "job": "label",
         "spec": spec.model_dump(mode="json"),

@@ -71,6 +71,12 @@ class LabelJobSpec(BaseModel):
     overwrite: bool = Field(
         False, description="Start over, deleting an earlier run's outputs in `out` (default: resume it)."
     )
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each labeling actor asks for (--actor-resource NAME=AMOUNT), to "
+        "place the actors on the nodes that offer them (e.g. a node type, or Ray's accelerator_type:A100); "
+        "refused when no node offers one.",
+    )
     ray_address: str | None = Field(
         None, description="Ray cluster to join ('auto', 'ray://...'); default local."
     )
@@ -97,6 +103,13 @@ class LabelJobSpec(BaseModel):
                 raise ValueError("--allow-prefix '' would allow the working directory; give a folder or URI")
             normalise(prefix)  # a scheme other than s3:// or file://, or an S3 prefix without a bucket
         return prefixes
+
+    @field_validator("actor_resources")
+    @classmethod
+    def _check_actor_resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        from hqlabel.jobs.args import check_custom_resources
+
+        return check_custom_resources(resources, "--actor-resource")
 
     @property
     def storage(self) -> StorageOptions:

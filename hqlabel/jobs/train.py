@@ -10,13 +10,16 @@ import argparse
 import json
 import logging
 import os
+import socket
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hqlabel.jobs.args import add_storage_args
+from hqlabel.jobs.args import add_storage_args, check_custom_resources, resource_amount
 from hqlabel.jobs.cluster import ray_init
-from hqlabel.jobs.resources import plan_training
+from hqlabel.jobs.resources import cluster_capacity, plan_training, resource_slots
+from hqlabel.jobs.shared_paths import check_shared_paths
 from hqlabel.platform import storage
 from hqlabel.platform.config import DEFAULT_SEGMENTER, PRESETS
 from hqlabel.training.config import TrainConfig
@@ -41,23 +44,71 @@ def check_inputs(config: TrainConfig) -> None:
         load_pretrained(AutoConfig.from_pretrained, config.base, what="segmenter", option="--base")
 
 
+WORKERS = "workers"  # RUN/workers/rank-N.json: where each worker of the latest run (or resume) ran
+
+
+def _train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function: records where this worker runs (``RUN/workers/rank-N.json``: rank,
+    Ray node id, host), then ``recipe.train_worker``."""
+    import ray
+    import ray.train
+
+    from hqlabel.training.recipe import train_worker
+
+    config = TrainConfig(**loop_config["train"])
+    rank = ray.train.get_context().get_world_rank()
+    record = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname()}
+    uri = storage.join(config.out, WORKERS, f"rank-{rank:04d}.json")
+    storage.write_bytes(uri, json.dumps(record).encode(), config.storage)
+    train_worker(loop_config)
+
+
+def worker_nodes(out: str, workers: int, options: storage.StorageOptions) -> dict[str, list[int]]:
+    """Ray node id -> the ranks that ran there, from ``RUN/workers/`` (written by ``_train_loop``)."""
+    nodes: dict[str, list[int]] = {}
+    for rank in range(workers):
+        record = json.loads(storage.read_bytes(storage.join(out, WORKERS, f"rank-{rank:04d}.json"), options))
+        nodes.setdefault(record["node_id"], []).append(rank)
+    return nodes
+
+
+def check_shared_storage(config: TrainConfig) -> None:
+    """On a cluster of several nodes, refuse local paths that not every node sees (``check_shared_paths``):
+    every worker reads the data, base and initial weights; checkpoints written by rank 0 are read by every
+    worker on ``--resume``, and Ray Train keeps its run folder in ``--out``."""
+    reads = {
+        "--data": config.data,
+        "--val-data": config.val_data,
+        "--images": config.images_root,
+        "--init-weights": config.init_weights,
+        "--base": None if config.preset else config.base,
+    }
+    check_shared_paths(reads, {"--out": config.out})
+
+
 def run_train_job(
     config: TrainConfig,
     *,
     workers: int | None = None,
     gpus_per_worker: float | None = None,
+    worker_resources: Mapping[str, float] | None = None,
     resume: bool = False,
     ray_address: str | None = None,
     num_cpus: int | None = None,
 ) -> dict[str, Any]:
-    """Run the training with Ray Train's ``TorchTrainer``; returns ``{"history", "best", "out"}``."""
+    """Run the training with Ray Train's ``TorchTrainer``; returns ``{"history", "best", "out", "workers",
+    "nodes"}`` (``nodes``: Ray node id -> the ranks that ran there).
+
+    ``worker_resources``: custom Ray resources each worker asks for (``--worker-resource``), to place the
+    workers on the nodes that offer them; refused when the nodes offer room for fewer workers.
+    """
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from hqlabel.training.checkpoint import check_run_folder, check_workers
-    from hqlabel.training.recipe import train_worker
 
+    worker_resources = check_custom_resources(dict(worker_resources or {}), "--worker-resource")
     config = config.with_absolute_paths()
     options = config.storage
     check_inputs(config)
@@ -71,13 +122,21 @@ def run_train_job(
         ray_init(**kwargs)  # joining a cluster: with its token
     resources = ray.cluster_resources()
     plan = plan_training(resources.get("CPU", 0), resources.get("GPU", 0), workers, gpus_per_worker)
+    if worker_resources:
+        slots = resource_slots(worker_resources, cluster_capacity().nodes, "--worker-resource")
+        if plan.workers > slots:
+            raise ValueError(
+                f"{plan.workers} training workers with --worker-resource need more than the nodes offer now "
+                f"(room for {slots}); lower --workers, or add nodes that offer it"
+            )
     if resume:  # before Ray Train starts its workers
         check_workers(config.out, plan.workers, options)
-    per_worker = {"CPU": plan.cpus} | ({"GPU": plan.gpus} if plan.gpus else {})
+    check_shared_storage(config)
+    per_worker = {"CPU": plan.cpus} | ({"GPU": plan.gpus} if plan.gpus else {}) | worker_resources
     # Ray Train's own run folder (logs, no checkpoints: HQLabel writes those to --out itself).
     ray_storage = None if storage.is_s3(config.out) else os.path.abspath(storage.join(config.out, "ray"))
     trainer = TorchTrainer(
-        train_worker,
+        _train_loop,
         train_loop_config={"train": config.model_dump(), "resume": resume},
         scaling_config=ScalingConfig(
             num_workers=plan.workers, use_gpu=plan.gpus > 0, resources_per_worker=per_worker
@@ -95,7 +154,8 @@ def run_train_job(
         raise RuntimeError(f"training failed: {result.error}") from result.error
     history = json.loads(storage.read_bytes(storage.join(config.out, "metrics.json"), options))
     best = json.loads(storage.read_bytes(storage.join(config.out, "best", "metrics.json"), options))
-    return {"history": history, "best": best, "out": config.out, "workers": plan.workers}
+    nodes = worker_nodes(config.out, plan.workers, options)
+    return {"history": history, "best": best, "out": config.out, "workers": plan.workers, "nodes": nodes}
 
 
 def _worker_input_error(error: Exception) -> Exception | None:
@@ -151,6 +211,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     p.add_argument("--workers", type=int, help="Ray Train workers (default: one per GPU, else 1)")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 1 with GPUs, else 0)")
+    p.add_argument(
+        "--worker-resource",
+        type=resource_amount,
+        action="append",
+        default=[],
+        metavar="NAME=AMOUNT",
+        help="a custom Ray resource each worker asks for, placing the workers on the nodes that offer it "
+        "(e.g. accelerator_type:A100); repeatable; refused when the nodes offer too little",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     add_storage_args(p)
     p.add_argument("--address", help="Ray cluster address to join (default: start a local Ray)")
@@ -190,6 +259,7 @@ def _train(args: argparse.Namespace) -> int:
         config,
         workers=args.workers,
         gpus_per_worker=args.gpus_per_worker,
+        worker_resources=dict(args.worker_resource),
         resume=args.resume,
         ray_address=args.address,
         num_cpus=args.num_cpus,
@@ -201,7 +271,7 @@ def _train(args: argparse.Namespace) -> int:
 
     print(
         f"trained {len(summary['history']) - 1} epoch(s) on {summary['workers']} worker(s) "
-        f"-> {summary['out']}\n"
+        f"({len(summary['nodes'])} node(s)) -> {summary['out']}\n"
         f"validation mIoU / mBIoU: untrained {scores(first)}, "
         + (
             f"best (epoch {best['epoch']}) {scores(best)}\n"
