@@ -3,11 +3,12 @@ with no CPUs (the KubeRay / cluster launcher set-up: it runs the control plane, 
 drivers), a worker node with 2 CPUs and one with 1 CPU, each offering one unit of the custom resource
 ``SLOT``. Jobs join it through the real CLI (``--address``) and through the Jobs API (``hqlabel submit``).
 
-- The default labeling plan (one 2-CPU actor) labels on the 2-CPU node alone.
-- ``--actor-resource SLOT=1`` with two actors: each node holds one unit, so the actors must sit on different
-  nodes, and both label; a resource no node offers is refused before anything is written.
-- ``hqlabel train`` with ``--worker-resource SLOT=1``: one worker per node; ``--resume`` as a Ray Job
-  continues from the checkpoint the first run's rank 0 wrote.
+- ``hqlabel submit -- label``, the default plan (one 2-CPU actor): it labels on the 2-CPU node alone.
+- ``hqlabel label --address ... --actor-resource SLOT=1`` with two actors: each node holds one unit, so the
+  actors must sit on different nodes, and both label; a resource no node offers is refused before anything
+  is written.
+- ``hqlabel train --address`` with ``--worker-resource SLOT=1``: one worker per node; ``hqlabel submit --
+  train --resume`` continues from the checkpoint the first run's rank 0 wrote.
 - Last, a third node that sees another filesystem (a private mount namespace hides the test's folders):
   local paths it does not see are refused in one line, for label and train.
 """
@@ -122,15 +123,6 @@ def _check_ran_on(out: Path, node: str) -> None:
     assert job["shards"]["incomplete"] == []
 
 
-def test_label_address_runs_on_the_worker_node(cluster, workers, images, tmp_path):
-    out = tmp_path / "out"
-    result = _hqlabel(*_label_args(images, out), "--address", cluster.address)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert f"labeled {NUM_IMAGES} images" in result.stdout
-    _check_written_once(out, images)
-    _check_ran_on(out, workers[2])
-
-
 def test_submit_runs_on_the_worker_node(cluster, workers, images, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["submit", "--address", cluster.dashboard, "--", *_label_args(images, out)])
@@ -141,9 +133,10 @@ def test_submit_runs_on_the_worker_node(cluster, workers, images, tmp_path, caps
     _check_ran_on(out, workers[2])
 
 
-def test_actor_resource_puts_an_actor_on_each_worker_node(cluster, workers, images, tmp_path):
-    """Two actors that each ask for one ``SLOT``, on nodes that hold one each: one actor per node, placed by
-    Ray's resource accounting (not best effort); both label, the output is exactly once."""
+def test_label_address_with_actor_resource_labels_on_both_worker_nodes(cluster, workers, images, tmp_path):
+    """``hqlabel label --address``, two actors that each ask for one ``SLOT`` on nodes that hold one each: one
+    actor per node, placed by Ray's resource accounting (not best effort); both label, the output is exactly
+    once."""
     out = tmp_path / "out"
     args = [*_label_args(images, out, batch_size=1), "--address", cluster.address]
     args += ["--min-workers", "2", "--max-workers", "2", "--actor-resource", f"{SLOT}=1"]
@@ -157,6 +150,7 @@ def test_actor_resource_puts_an_actor_on_each_worker_node(cluster, workers, imag
     )
     result = _hqlabel(*args, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert f"labeled {NUM_IMAGES} images" in result.stdout
     _check_written_once(out, images)
     job = json.loads((out / "job.json").read_text())
     assert job["spec"]["actor_resources"] == {SLOT: 1.0}
@@ -232,23 +226,40 @@ def test_local_paths_a_node_does_not_see_are_refused(cluster, images, instances,
     blind = cluster.add_node(0, {"hqlabel_test_blind": 1}, wrap=prefix)
     try:
         (node,) = [n for n in cluster.ray_nodes() if n["Alive"] and "hqlabel_test_blind" in n["Resources"]]
-        out = tmp_path_factory.mktemp("refused") / "out"
-        label = _hqlabel(*_label_args(images, out), "--address", cluster.address)
-        assert label.returncode == 2, label.stderr[-3000:]
-        error = label.stderr.strip().splitlines()[-1]
-        assert error.startswith(f"hqlabel: error: INPUT {images} is a local path that 1 of the 4 Ray nodes")
-        assert node["NodeID"][:12] in error and "NFS" in error and "s3://" in error
+        folder = tmp_path_factory.mktemp("refused")
+        out, run = folder / "out", folder / "run"
+        label = _label_args(images, out)
+        train = [
+            "train",
+            "--data",
+            str(instances),
+            "--out",
+            str(run),
+            "--preset",
+            "tiny-random",
+            "--epochs",
+            "1",
+        ]
+        # Both commands in one driver (the second reuses the first's connection): one process start less.
+        code = (
+            "import sys\n"
+            "from hqlabel.jobs.cli import main\n"
+            f"codes = main({[*label, '--address', cluster.address]!r}), main({train!r})\n"
+            "print('codes', *codes)\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code], env=clean_env(**ENV), capture_output=True, text=True, timeout=300
+        )
+        assert "codes 2 2" in result.stdout, result.stderr[-4000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("hqlabel: error:")]
+        assert len(errors) == 2, result.stderr[-4000:]
+        assert errors[0].startswith(
+            f"hqlabel: error: INPUT {images} is a local path that 1 of the 4 Ray nodes"
+        )
+        assert node["NodeID"][:12] in errors[0] and "NFS" in errors[0] and "s3://" in errors[0]
         assert not (out / "job.json").exists() and not (out / "_listing").exists()
         assert not [p for p in out.iterdir() if p.name.startswith(".hqlabel-shared-check")]  # marker gone
-
-        run = tmp_path_factory.mktemp("refused") / "run"
-        train = _hqlabel(
-            *["train", "--data", str(instances), "--out", str(run), "--preset", "tiny-random"],
-            *["--epochs", "1", "--address", cluster.address],
-        )
-        assert train.returncode == 2, train.stderr[-3000:]
-        error = train.stderr.strip().splitlines()[-1]
-        assert error.startswith(f"hqlabel: error: --data {instances} is a local path that 1 of the 4 Ray")
+        assert errors[1].startswith(f"hqlabel: error: --data {instances} is a local path that 1 of the 4 Ray")
         assert not (run / "config.json").exists()
     finally:
         assert not cluster.stop_node(blind), "the blind node's processes left behind"
