@@ -31,18 +31,3 @@ def resource_amount(text: str) -> tuple[str, float]:
     if not name or value <= 0:
         raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT with AMOUNT > 0 (e.g. a100=1), got {text!r}")
     return name, value
-
-
-def check_custom_resources(resources: dict[str, float], option: str) -> dict[str, float]:
-    """Refuse Ray's own resources and amounts <= 0 in ``--actor-resource`` / ``--worker-resource``."""
-    from hqlabel.jobs.resources import BUILTIN_RESOURCES
-
-    for name, amount in resources.items():
-        if name in BUILTIN_RESOURCES:
-            raise ValueError(
-                f"{option} {name}: Ray's own resource; CPUs and GPUs per actor or worker follow from "
-                "--num-workers/--workers and --device/--gpus-per-worker. Name a custom resource"
-            )
-        if not amount > 0:
-            raise ValueError(f"{option} {name}={amount:g}: the amount must be > 0")
-    return resources

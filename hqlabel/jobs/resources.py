@@ -54,6 +54,19 @@ MIN_OBJECT_STORE_BYTES = 64 * 2**20
 BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 
+def check_custom_resources(resources: dict[str, float], option: str) -> dict[str, float]:
+    """Refuse Ray's own resources and amounts <= 0 in ``--actor-resource`` / ``--worker-resource``."""
+    for name, amount in resources.items():
+        if name in BUILTIN_RESOURCES:
+            raise ValueError(
+                f"{option} {name}: Ray's own resource; CPUs and GPUs per actor or worker follow from "
+                "--num-workers/--workers and --device/--gpus-per-worker. Name a custom resource"
+            )
+        if not amount > 0:
+            raise ValueError(f"{option} {name}={amount:g}: the amount must be > 0")
+    return resources
+
+
 def object_store_limit(plan: ResourcePlan, batch_size: int, max_side: int) -> int:
     """Bytes of Ray's object store a labeling job's pipeline may fill: ``BATCHES_IN_FLIGHT`` decoded batches
     per actor of the largest pool (``plan.max_actors``) at the largest working size (``max_side`` x

@@ -6,6 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from hqlabel.jobs.resources import check_custom_resources
 from hqlabel.platform.config import DEFAULT_SEGMENTER, LabelerConfig
 from hqlabel.platform.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from hqlabel.platform.lease import DEFAULT_TTL
@@ -107,8 +108,6 @@ class LabelJobSpec(BaseModel):
     @field_validator("actor_resources")
     @classmethod
     def _check_actor_resources(cls, resources: dict[str, float]) -> dict[str, float]:
-        from hqlabel.jobs.args import check_custom_resources
-
         return check_custom_resources(resources, "--actor-resource")
 
     @property

@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hqlabel.jobs.args import add_storage_args, check_custom_resources, resource_amount
+from hqlabel.jobs.args import add_storage_args, resource_amount
 from hqlabel.jobs.cluster import ray_init
-from hqlabel.jobs.resources import cluster_capacity, plan_training, resource_slots
+from hqlabel.jobs.resources import check_custom_resources, cluster_capacity, plan_training, resource_slots
 from hqlabel.jobs.shared_paths import check_shared_paths
 from hqlabel.platform import storage
 from hqlabel.platform.config import DEFAULT_SEGMENTER, PRESETS

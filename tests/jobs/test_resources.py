@@ -228,3 +228,21 @@ def test_custom_resource_options_are_parsed_and_checked():
     labeler = LabelerConfig(classes=["cat"], preset="tiny-random")
     with pytest.raises(ValueError, match="--actor-resource GPU: Ray's own resource"):
         LabelJobSpec(input="in", out="out", labeler=labeler, actor_resources={"GPU": 1})
+
+
+def test_train_refuses_worker_resources_the_cluster_lacks(ray_session, tmp_path):
+    from hqlabel.jobs.train import run_train_job
+    from hqlabel.training.config import TrainConfig
+    from hqlabel.training.synthetic import write_fine_structure_dataset
+
+    write_fine_structure_dataset(str(tmp_path / "data"), 2, size=64, seed=1)
+    config = TrainConfig(
+        data=str(tmp_path / "data"), out=str(tmp_path / "run"), preset="tiny-random", epochs=1
+    )
+    with pytest.raises(
+        ValueError, match="--worker-resource a100=1: no node of the Ray cluster offers 1 a100"
+    ):
+        run_train_job(config, workers=1, worker_resources={"a100": 1})
+    with pytest.raises(ValueError, match="--worker-resource GPU: Ray's own resource"):
+        run_train_job(config, workers=1, worker_resources={"GPU": 1})
+    assert not (tmp_path / "run" / "config.json").exists()  # refused before training started
