@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from hqlabel import __version__
-from hqlabel.jobs.args import add_storage_args, storage_options
+from hqlabel.jobs.args import add_json_cap_arg, add_storage_args, storage_options
 from hqlabel.platform.config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, PRECISIONS, PRESETS
 from hqlabel.platform.lease import DEFAULT_TTL, LeaseError
 
@@ -95,6 +95,7 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
         help="image files (or inline bytes) larger than this many bytes become error rows, unread (512 MiB)",
     )
     p.add_argument("--max-side", type=int, help="downscale longer images to this side first (1333)")
+    add_json_cap_arg(p, "a COCO JSON input")
     p.add_argument("--id-column", default="image_id", help="Parquet input: image id column")
     p.add_argument("--image-column", default="image", help="Parquet input: encoded image bytes column")
     p.add_argument("--uri-column", default="uri", help="Parquet input: image reference column (s3://, paths)")
@@ -152,6 +153,7 @@ def _label(args: argparse.Namespace) -> int:
     optional = {
         "max_pixels": args.max_pixels,
         "max_bytes": args.max_bytes,
+        "max_json_bytes": args.max_json_bytes,
         "max_side": args.max_side,
         "num_workers": args.num_workers,
         "min_workers": args.min_workers,

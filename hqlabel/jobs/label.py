@@ -113,6 +113,8 @@ def _list(spec: LabelJobSpec, *, write: bool, earlier: list[Shard] | None = None
         coco_images=spec.coco_images,
         need_boxes=spec.labeler.prompts == "boxes",
         earlier=earlier,
+        allow=tuple(spec.allow_prefix),
+        max_json_bytes=spec.max_json_bytes,
     )
 
 

@@ -108,6 +108,8 @@ def list_job_source(spec: dict[str, Any], images: str | None, options: StorageOp
             options=options,
             shard_size=spec.get("shard_size", 1000),
             coco_images=spec.get("coco_images"),
+            allow=tuple(spec.get("allow_prefix") or ()),
+            max_json_bytes=spec.get("max_json_bytes", storage.DEFAULT_MAX_JSON_BYTES),
         )
     except FileNotFoundError as e:
         shutil.rmtree(folder, ignore_errors=True)
