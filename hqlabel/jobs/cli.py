@@ -39,6 +39,12 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--segmenter", default=DEFAULT_SEGMENTER, help="SAM-HQ / SAM hub id, local dir or original .pth file"
     )
+    for role in ("detector", "segmenter"):
+        p.add_argument(
+            f"--{role}-revision",
+            help=f"hub commit hash, branch or tag of --{role} (default: the default branch's commit when the "
+            "job starts; a resumed job reuses the commit its first run recorded)",
+        )
     p.add_argument("--hq-weights", help="fine-tuned HQ-token weights (safetensors) on top of --segmenter")
     p.add_argument("--preset", choices=PRESETS, help="tiny randomly initialised models (offline smoke runs)")
     p.add_argument("--box-threshold", type=float, default=0.35, help="minimum box score (default 0.35)")
@@ -138,6 +144,8 @@ def _label(args: argparse.Namespace) -> int:
         prompts=args.prompts,
         detector=args.detector,
         segmenter=args.segmenter,
+        detector_revision=args.detector_revision,
+        segmenter_revision=args.segmenter_revision,
         preset=args.preset,
         box_threshold=args.box_threshold,
         text_threshold=args.text_threshold,
