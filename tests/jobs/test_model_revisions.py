@@ -130,3 +130,24 @@ def test_job_records_the_commit_and_a_resumed_run_keeps_it_after_main_moved(hub,
     refused = _label(hub, data, out, "--segmenter-revision", COMMIT_B)
     errors = [line for line in refused.stderr.splitlines() if line.startswith("hqlabel: error:")]
     assert refused.returncode == 2 and len(errors) == 1 and "labeler.segmenter_revision" in errors[0]
+
+
+def test_resume_with_changed_local_model_files_is_refused(tmp_path):
+    """Ray-free: what ``run_label_job`` does before Ray starts (pin the models, prepare the output)."""
+    from hqlabel.jobs.label import check_models, prepare_output
+    from hqlabel.jobs.spec import LabelJobSpec
+    from hqlabel.platform.config import LabelerConfig
+
+    model = tmp_path / "model"
+    tiny_random_sam_hq(seed=0).save_pretrained(model)
+    labeler = LabelerConfig(prompts="boxes", segmenter=str(model))
+    spec = check_models(
+        LabelJobSpec(input=str(_dataset(tmp_path / "data")), out=str(tmp_path / "out"), labeler=labeler)
+    )
+    prepare_output(spec)
+    (tmp_path / "out" / "job.json").write_text(json.dumps({"spec": spec.model_dump(mode="json")}))
+    assert check_models(spec.model_copy(update={"labeler": labeler})) == spec  # unchanged: the same pin
+
+    (model / "config.json").write_text((model / "config.json").read_text() + "\n")  # the model changed
+    with pytest.raises(ValueError, match=r"different settings \(labeler\.segmenter_revision\)"):
+        prepare_output(check_models(spec.model_copy(update={"labeler": labeler})))
