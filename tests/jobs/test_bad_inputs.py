@@ -1,8 +1,8 @@
 """Bad inputs through the real labeling job: one dataset holding every case, one run, one assertion per case.
 
 Each case is a row of one Parquet shard (inline ``image`` bytes, or a ``uri`` to a file next to it); the job
-runs once on the session's 2-CPU Ray and each test reads what became of its row. The whole bad-input set (41
-kinds, 24 of them here) is counted in ``tests/platform/test_untrusted_inputs.py``'s docstring.
+runs once on the session's 2-CPU Ray and each test reads what became of its row. The whole bad-input set (45
+kinds, 24 of them here) is listed in ``tests/platform/test_untrusted_inputs.py``'s docstring.
 """
 
 from __future__ import annotations

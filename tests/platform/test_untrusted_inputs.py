@@ -1,24 +1,25 @@
 """Bad and hostile inputs below the Ray level: image bytes (``decode_image``), listings (``storage.walk``,
 ``list_input``), JSON documents, RLE read back, class lists. One assertion per kind.
 
-The bad-input set, counted over this file, ``tests/jobs/test_bad_inputs.py`` (one labeling job holding many
-cases, each row's fate asserted), ``tests/jobs/test_untrusted_references.py`` and
-``tests/platform/test_references.py``: 41 kinds.
+The bad-input set: 45 distinct kinds, each asserted at least once, here (H), through one labeling job that
+holds many of them as rows (J: ``tests/jobs/test_bad_inputs.py``), or in the reference tests (R:
+``tests/platform/test_references.py``, most also through a job in ``tests/jobs/test_untrusted_references.py``;
+RLE: ``tests/platform/test_rle.py``).
 
-- here (17): animated GIF and animated WebP (first frame), 16-bit TIFF, a PNG zTXt / iCCP chunk inflating past
-  Pillow's text-chunk limit, a non-image holding a secret (the error quotes none of it), a truncated PNG, a
-  symlinked folder and a symlinked file leading out of a folder input (skipped at listing), a corrupt Parquet
-  footer, wrong Parquet column types (id, image, boxes), a COCO JSON input over ``--max-json-bytes``, a
-  ground-truth COCO JSON over it, a decisions file over it, an RLE whose counts hold more runs than its
-  size allows, unicode class names, an empty class list;
-- ``test_bad_inputs.py`` (24): truncated JPEG, PNG bytes named .jpg, CMYK JPEG, 16-bit PNG, 1 x 1, 3 pixels
-  high, over ``--max-pixels``, inline and file over ``--max-bytes``, a missing file, a row without bytes or
-  uri, a zero-byte file, EXIF rotation, animated GIF, animated WebP, 16-bit TIFF, a giant declared size
-  (100,000 x 100,000 in a 60-byte header), PNG zTXt and iCCP bombs, a large plain tEXt chunk, a non-image
-  holding a secret, a symlinked folder leading out (skipped), null ids and duplicate ids;
-- the references tests: ``..`` climbing out, a COCO ``file_name`` climbing out, absolute paths, ``file://``
-  URIs, a prefix lookalike, other buckets and S3 prefixes, ``..`` above the bucket, other schemes, symlinks
-  (file and folder) leading out, each both Ray-free and (most) through a job.
+- image bytes (22): truncated JPEG (J), truncated PNG (H), PNG bytes named .jpg (J), CMYK JPEG (J), 16-bit
+  PNG (J), 16-bit TIFF (H, J), 1 x 1 (J), 3 pixels high (J), EXIF rotation (J), animated GIF and animated
+  WebP: first frame (H, J), over ``--max-pixels`` (J), a giant declared size, 100,000 x 100,000 in a 60-byte
+  header (J), PNG zTXt and iCCP chunks inflating past Pillow's limit (H, J), a large plain tEXt chunk (J),
+  bytes that are no image, holding a secret the error must not quote (H, J), inline bytes and a file over
+  ``--max-bytes`` (J), a zero-byte file (J), a missing file (J), a row without bytes or uri (J);
+- tables (4): null ids, duplicate ids (J), a corrupt Parquet footer, wrong column types (H);
+- references and listings (12): a symlinked folder leading out of a folder input (H, J), a symlinked file
+  leading out of it (H), a relative ``..`` climbing out, a COCO ``file_name`` climbing out, an absolute path
+  outside, a ``file://`` URI outside, a prefix lookalike, another bucket, another prefix of the bucket, ``..``
+  above the bucket, another scheme, a ``uri`` through a symlink leading out (R);
+- documents and labels (7): a COCO JSON input, a ground-truth COCO JSON and a decisions file over
+  ``--max-json-bytes`` (H), an RLE declaring more than ``--max-pixels`` (RLE), an RLE with more runs than its
+  size allows (H), unicode class names, an empty class list (H).
 """
 
 from __future__ import annotations
