@@ -4,7 +4,7 @@
 The cache is a real ``HF_HUB_CACHE`` layout, ``models--hqlabel-test--tiny-sam-hq/refs/main`` and
 ``snapshots/COMMIT/`` holding a tiny random SAM-HQ saved with ``save_pretrained`` (two commits, different
 weights), read with ``HF_HUB_OFFLINE=1`` by ``huggingface_hub`` and transformers themselves. Those read their
-settings when imported, so everything runs in subprocesses (``hqlabel label`` starts its own local Ray).
+settings when imported, so everything runs in subprocesses (the jobs with a local Ray of their own).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _env(cache: Path) -> dict[str, str]:
         **os.environ,
         "HF_HUB_CACHE": str(cache),
         "HF_HUB_OFFLINE": "1",
-        "RAY_ADDRESS": "local",  # the command's own local Ray, not the test session's
+        "RAY_ADDRESS": "local",  # a local Ray of its own, not the test session's
         "PYTHONPATH": str(ROOT),
     }
 
@@ -101,35 +101,44 @@ def _dataset(root: Path) -> Path:
     return root
 
 
-def _label(cache: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "hqlabel", "label", str(data), "--prompts", "boxes", "--segmenter", REPO]
-    command += ["--out", str(out), "--num-cpus", "2", "--batch-size", "1", "--no-progress", *extra]
-    return subprocess.run(command, env=_env(cache), capture_output=True, text=True, timeout=240, cwd=ROOT)
-
-
 def test_job_records_the_commit_and_a_resumed_run_keeps_it_after_main_moved(hub, tmp_path):
+    """Three runs into one output in one subprocess (one local Ray): the first; a resumed one after ``main``
+    moved to B (other weights) with shard 00001 to redo, which must label it with A; one asking for B."""
     data, out = _dataset(tmp_path / "data"), tmp_path / "out"
-    first = _label(hub, data, out)
-    assert first.returncode == 0, first.stderr[-3000:]
+    refs = hub / f"models--{REPO.replace('/', '--')}" / "refs" / "main"
+    found = _python(
+        hub,
+        f"""
+import json, pathlib, ray
+import pyarrow.parquet as pq
+from hqlabel.jobs.label import run_label_job
+from hqlabel.jobs.spec import LabelJobSpec
+from hqlabel.platform.config import LabelerConfig
+
+ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+out = pathlib.Path("{out}")
+def run(**labeler):
+    config = LabelerConfig(prompts="boxes", segmenter="{REPO}", **labeler)
+    run_label_job(LabelJobSpec(input="{data}", out=str(out), labeler=config, batch_size=1), progress=False)
     job = json.loads((out / "job.json").read_text())
-    assert (job["spec"]["labeler"]["segmenter_revision"], job["models"]["segmenter_revision"]) == (
-        COMMIT_A,
-    ) * 2
     masks = pq.read_table(out / "masks").sort_by([("image_id", "ascending"), ("instance_id", "ascending")])
-
-    # main moves to B (other weights); shard 00001 is to be redone: the resumed run labels it with A.
-    (hub / f"models--{REPO.replace('/', '--')}" / "refs" / "main").write_text(COMMIT_B)
-    (out / "_done" / "00001.json").unlink()
-    resumed = _label(hub, data, out)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    job = json.loads((out / "job.json").read_text())
-    again = pq.read_table(out / "masks").sort_by([("image_id", "ascending"), ("instance_id", "ascending")])
-    assert (job["spec"]["labeler"]["segmenter_revision"], again.to_pylist()) == (COMMIT_A, masks.to_pylist())
-
-    # Asking for B explicitly is a changed setting: refused in one line before anything runs.
-    refused = _label(hub, data, out, "--segmenter-revision", COMMIT_B)
-    errors = [line for line in refused.stderr.splitlines() if line.startswith("hqlabel: error:")]
-    assert refused.returncode == 2 and len(errors) == 1 and "labeler.segmenter_revision" in errors[0]
+    return job["spec"]["labeler"]["segmenter_revision"], job["models"]["segmenter_revision"], masks
+first = run()
+pathlib.Path("{refs}").write_text("{COMMIT_B}")
+(out / "_done" / "00001.json").unlink()
+resumed = run()
+try:
+    run(segmenter_revision="{COMMIT_B}")
+    refused = ""
+except ValueError as e:
+    refused = str(e)
+print(json.dumps({{"first": first[:2], "resumed": resumed[:2], "same_masks": first[2].equals(resumed[2]),
+                  "masks": first[2].num_rows, "refused": refused}}))
+""",
+    )
+    assert (found["first"], found["resumed"]) == ([COMMIT_A] * 2, [COMMIT_A] * 2)
+    assert found["same_masks"] and found["masks"] == 8  # 4 images, 2 boxes each
+    assert "different settings (labeler.segmenter_revision)" in found["refused"]
 
 
 def test_resume_with_changed_local_model_files_is_refused(tmp_path):
