@@ -298,16 +298,23 @@ def _is_boxes(type_: pa.DataType) -> bool:
     )
 
 
+def _values(type_: pa.DataType) -> pa.DataType:
+    """A dictionary-encoded type's value type (a pandas categorical's strings); other types as they are."""
+    return type_.value_type if pa.types.is_dictionary(type_) else type_
+
+
 def _is_string(type_: pa.DataType) -> bool:
-    return pa.types.is_string(type_) or pa.types.is_large_string(type_)
+    type_ = _values(type_)
+    return pa.types.is_string(type_) or pa.types.is_large_string(type_) or pa.types.is_string_view(type_)
 
 
 def _is_id(type_: pa.DataType) -> bool:
-    return _is_string(type_) or pa.types.is_integer(type_)
+    return _is_string(type_) or pa.types.is_integer(_values(type_))
 
 
 def _is_bytes(type_: pa.DataType) -> bool:
-    return pa.types.is_binary(type_) or pa.types.is_large_binary(type_)
+    type_ = _values(type_)
+    return pa.types.is_binary(type_) or pa.types.is_large_binary(type_) or pa.types.is_binary_view(type_)
 
 
 def _is_labels(type_: pa.DataType) -> bool:

@@ -186,6 +186,16 @@ def test_parquet_columns_of_the_wrong_type_are_refused_naming_the_column(tmp_pat
         list_input(str(tmp_path), listing=str(tmp_path / "listing"))
 
 
+def test_parquet_columns_of_equivalent_types_are_accepted(tmp_path):
+    """Dictionary-encoded ids (a pandas categorical) and large binary images read like strings and binary."""
+    ids = pa.array(["a", "b"]).dictionary_encode()
+    pq.write_table(
+        pa.table({"image_id": ids, "image": pa.array([b"x", b"y"], pa.large_binary())}),
+        tmp_path / "d.parquet",
+    )
+    assert list_input(str(tmp_path), listing=str(tmp_path / "listing")).num_images == 2
+
+
 def _coco(tmp_path) -> str:
     doc = {
         "images": [{"id": 1, "file_name": "a.png", "height": 8, "width": 8}],
