@@ -255,14 +255,27 @@ def _parquet_shard(
         info = storage.with_retries(lambda: fs.get_file_info(path), entry.uri)
         version = str(info.mtime_ns) if info.mtime_ns is not None else ""
         entry = FileEntry(entry.uri, info.size or 0, version)
+
+    def corrupt(error: Exception) -> ValueError:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return ValueError(
+            f"Parquet input {entry.uri} is not a readable Parquet file (corrupt or truncated footer: "
+            f"{reason}); replace or remove it"
+        )
+
+    def footer() -> pq.FileMetaData:
+        try:
+            return pq.read_metadata(path, filesystem=fs)
+        except OSError as e:  # garbage metadata is an OSError too: a corrupt file, not a fault to retry
+            if "thrift" in str(e).lower():
+                raise corrupt(e) from None
+            raise
+
     try:
-        meta = storage.with_retries(lambda: pq.read_metadata(path, filesystem=fs), entry.uri)
+        meta = storage.with_retries(footer, entry.uri)
         arrow_schema = meta.schema.to_arrow_schema()
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:  # not OSError: a corrupt file, not a fault
-        raise ValueError(
-            f"Parquet input {entry.uri} is not a readable Parquet file (corrupt or truncated footer: "
-            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); replace or remove it"
-        ) from None
+        raise corrupt(e) from None
     names = arrow_schema.names  # top-level columns (not nested leaves)
     problems = [
         f"column '{name}' ({option}) is {arrow_schema.field(name).type}, expected {wanted}"

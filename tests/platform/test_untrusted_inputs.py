@@ -158,11 +158,20 @@ def test_symlinks_leading_under_an_allowed_prefix_are_listed(folder_with_links):
     assert listed == ["in.png", "inner/r.png", "link.png", "linked/secret.png"]
 
 
-def test_parquet_with_a_corrupt_footer_is_refused_before_the_job(tmp_path):
+@pytest.mark.parametrize("damage", ["magic", "metadata"])
+def test_parquet_with_a_corrupt_footer_is_refused_before_the_job(tmp_path, damage):
     good = io.BytesIO()
     pq.write_table(pa.table({"image_id": ["a"], "image": [b"x"]}), good)
-    (tmp_path / "data.parquet").write_bytes(good.getvalue()[:-12] + b"\x00" * 12)  # footer length and magic
-    with pytest.raises(ValueError, match=r"not a readable Parquet file .*corrupt or truncated footer"):
+    data = good.getvalue()
+    length = struct.unpack("<I", data[-8:-4])[0]  # the footer: metadata, its length, "PAR1"
+    if damage == "magic":
+        data = data[:-4] + b"\0\0\0\0"
+    else:
+        data = data[: -8 - length] + b"\xff" * length + data[-8:]
+    (tmp_path / "data.parquet").write_bytes(data)
+    with pytest.raises(
+        ValueError, match=r"data.parquet is not a readable Parquet file .*corrupt or truncated"
+    ):
         list_input(str(tmp_path), listing=str(tmp_path / "listing"))
 
 
