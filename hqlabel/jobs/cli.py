@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from hqlabel import __version__
-from hqlabel.jobs.args import add_storage_args, resource_amount, storage_options
+from hqlabel.jobs.args import add_json_cap_arg, add_storage_args, resource_amount, storage_options
 from hqlabel.platform.config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, PRECISIONS, PRESETS
 from hqlabel.platform.lease import DEFAULT_TTL, LeaseError
 
@@ -39,6 +39,12 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--segmenter", default=DEFAULT_SEGMENTER, help="SAM-HQ / SAM hub id, local dir or original .pth file"
     )
+    for role in ("detector", "segmenter"):
+        p.add_argument(
+            f"--{role}-revision",
+            help=f"hub commit hash, branch or tag of --{role} (default: the default branch's commit when the "
+            "job starts; a resumed job reuses the commit its first run recorded)",
+        )
     p.add_argument("--hq-weights", help="fine-tuned HQ-token weights (safetensors) on top of --segmenter")
     p.add_argument("--preset", choices=PRESETS, help="tiny randomly initialised models (offline smoke runs)")
     p.add_argument("--box-threshold", type=float, default=0.35, help="minimum box score (default 0.35)")
@@ -105,6 +111,7 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
         help="image files (or inline bytes) larger than this many bytes become error rows, unread (512 MiB)",
     )
     p.add_argument("--max-side", type=int, help="downscale longer images to this side first (1333)")
+    add_json_cap_arg(p, "a COCO JSON input")
     p.add_argument("--id-column", default="image_id", help="Parquet input: image id column")
     p.add_argument("--image-column", default="image", help="Parquet input: encoded image bytes column")
     p.add_argument("--uri-column", default="uri", help="Parquet input: image reference column (s3://, paths)")
@@ -147,6 +154,8 @@ def _label(args: argparse.Namespace) -> int:
         prompts=args.prompts,
         detector=args.detector,
         segmenter=args.segmenter,
+        detector_revision=args.detector_revision,
+        segmenter_revision=args.segmenter_revision,
         preset=args.preset,
         box_threshold=args.box_threshold,
         text_threshold=args.text_threshold,
@@ -162,6 +171,7 @@ def _label(args: argparse.Namespace) -> int:
     optional = {
         "max_pixels": args.max_pixels,
         "max_bytes": args.max_bytes,
+        "max_json_bytes": args.max_json_bytes,
         "max_side": args.max_side,
         "num_workers": args.num_workers,
         "min_workers": args.min_workers,

@@ -25,7 +25,7 @@ from hqlabel.jobs.shared_paths import check_shared_paths
 from hqlabel.jobs.spec import LabelJobSpec
 from hqlabel.platform import storage
 from hqlabel.platform.config import LabelerConfig
-from hqlabel.platform.hub import load_pretrained
+from hqlabel.platform.hub import is_hub_revision, load_pretrained, model_revision
 from hqlabel.platform.lease import OutputLease
 from hqlabel.platform.readers import (
     DatasetInput,
@@ -114,6 +114,8 @@ def _list(spec: LabelJobSpec, *, write: bool, earlier: list[Shard] | None = None
         coco_images=spec.coco_images,
         need_boxes=spec.labeler.prompts == "boxes",
         earlier=earlier,
+        allow=tuple(spec.allow_prefix),
+        max_json_bytes=spec.max_json_bytes,
     )
 
 
@@ -144,12 +146,18 @@ def prepare_output(spec: LabelJobSpec) -> tuple[DatasetInput, list[Shard]]:
         return source, list(source.shards)
     before = {k: earlier["spec"].get(k) for k in LabelJobSpec.OUTPUT_FIELDS}
     if isinstance(before["labeler"], dict):  # fields added since (at their defaults) are no change
-        before["labeler"] = {**_labeler_defaults(), **before["labeler"]}
+        unpinned = {k: getattr(spec.labeler, k) for k in ("detector_revision", "segmenter_revision")}
+        before["labeler"] = {**_labeler_defaults(), **unpinned, **before["labeler"]}  # older runs pinned none
     for name in LabelJobSpec.OUTPUT_FIELDS:  # a job.json from before the field existed: its default then
         if name not in earlier["spec"]:
             before[name] = LabelJobSpec.model_fields[name].get_default(call_default_factory=True)
     now = spec.model_dump(mode="json", include=set(LabelJobSpec.OUTPUT_FIELDS))
-    changed = sorted(k for k in LabelJobSpec.OUTPUT_FIELDS if before[k] != now[k])
+    changed = []
+    for k in sorted(k for k in LabelJobSpec.OUTPUT_FIELDS if before[k] != now[k]):
+        if k == "labeler" and isinstance(before[k], dict):  # name the labeler's fields that changed
+            changed += [f"labeler.{f}" for f in sorted(now[k]) if before[k].get(f) != now[k][f]] or [k]
+        else:
+            changed.append(k)
     if changed:
         raise ValueError(
             f"{out} holds an earlier run with different settings ({', '.join(changed)}); pass "
@@ -171,20 +179,37 @@ def prepare_output(spec: LabelJobSpec) -> tuple[DatasetInput, list[Shard]]:
     return source, pending
 
 
-def check_models(spec: LabelJobSpec) -> None:
-    """Fail fast in the driver, with an actionable message, when a model cannot be loaded."""
+def check_models(spec: LabelJobSpec) -> LabelJobSpec:
+    """Fail fast in the driver, with an actionable message, when a model cannot be loaded; returns ``spec``
+    with its models pinned (``LabelerConfig.detector_revision`` / ``segmenter_revision``).
+
+    A hub model is pinned to a commit hash (``hub.model_revision``): the revision the spec names, else the
+    one an earlier run in ``spec.out`` recorded for the same model (a resumed run loads the same commit even
+    when the hub's default branch has moved since), else the default branch's commit now. A local directory
+    or ``.pth`` file gets a fingerprint of its files instead: a resumed run whose files changed is refused
+    as a changed setting (``prepare_output``). A preset has none.
+    """
     if spec.labeler.preset is not None:
-        return
+        return spec
     from transformers import AutoConfig
 
-    if spec.labeler.prompts == "detector":
-        load_pretrained(
-            AutoConfig.from_pretrained, spec.labeler.detector, what="detector", option="--detector"
-        )
-    if not Path(spec.labeler.segmenter).expanduser().is_file():  # an original .pth checkpoint has no config
-        load_pretrained(
-            AutoConfig.from_pretrained, spec.labeler.segmenter, what="segmenter", option="--segmenter"
-        )
+    earlier = None if spec.overwrite else _read_json(storage.join(spec.out, "job.json"), spec)
+    recorded = ((earlier or {}).get("spec") or {}).get("labeler") or {}
+    roles = ["detector", "segmenter"] if spec.labeler.prompts == "detector" else ["segmenter"]
+    pinned = {}
+    for role in roles:
+        name, option = getattr(spec.labeler, role), f"--{role}"
+        revision = getattr(spec.labeler, f"{role}_revision")
+        if (
+            revision is None
+            and recorded.get(role) == name
+            and is_hub_revision(recorded.get(f"{role}_revision"))
+        ):
+            revision = recorded[f"{role}_revision"]
+        if not Path(name).expanduser().is_file():  # an original .pth checkpoint has no config
+            load_pretrained(AutoConfig.from_pretrained, name, what=role, option=option, revision=revision)
+        pinned[f"{role}_revision"] = model_revision(name, revision, what=role, option=option)
+    return spec.model_copy(update={"labeler": spec.labeler.model_copy(update=pinned)})
 
 
 def input_dataset(shards: list[Shard], source: DatasetInput, spec: LabelJobSpec):
@@ -271,7 +296,7 @@ def run_label_job(spec: LabelJobSpec, *, progress: bool = True) -> LabelSummary:
     if not storage.is_s3(spec.out):  # workers on other machines or folders must write to the same place
         spec = spec.model_copy(update={"out": storage.resolve(spec.out)[1]})
     check_input_exists(spec.input, spec.storage)  # the cheap checks first, before anything is written
-    check_models(spec)
+    spec = check_models(spec)  # hub models pinned to commits (an earlier run's, when resuming)
     # One run writes to an output at a time: a second one is refused while this one holds the lease.
     with OutputLease(spec.out, spec.storage, ttl=spec.lease_ttl, what=f"hqlabel label {spec.input}") as lease:
         return _label(spec, lease, progress)
@@ -309,6 +334,8 @@ def _label(spec: LabelJobSpec, lease: OutputLease, progress: bool) -> LabelSumma
             if spec.labeler.prompts == "boxes"
             else spec.labeler.preset or spec.labeler.detector,
             "segmenter": spec.labeler.preset or spec.labeler.segmenter,
+            "detector_revision": None if spec.labeler.prompts == "boxes" else spec.labeler.detector_revision,
+            "segmenter_revision": spec.labeler.segmenter_revision,
             "hq_weights": spec.labeler.hq_weights,
             "random_weights": spec.labeler.preset == "tiny-random",
         },

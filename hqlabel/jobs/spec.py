@@ -12,7 +12,7 @@ from hqlabel.platform.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from hqlabel.platform.lease import DEFAULT_TTL
 from hqlabel.platform.readers import InputColumns
 from hqlabel.platform.references import normalise
-from hqlabel.platform.storage import StorageOptions
+from hqlabel.platform.storage import DEFAULT_MAX_JSON_BYTES, StorageOptions
 from hqlabel.workers.decode import DEFAULT_MAX_SIDE
 
 
@@ -65,6 +65,12 @@ class LabelJobSpec(BaseModel):
         ge=1,
         description="Larger encoded images become error rows (stage 'read'): files are refused by their "
         "stated size before they are read, inline bytes before they are decoded.",
+    )
+    max_json_bytes: int = Field(
+        DEFAULT_MAX_JSON_BYTES,
+        ge=1,
+        description="A COCO JSON input larger than this is refused before it is read (parsing takes several "
+        "times its size in memory).",
     )
     max_side: int = Field(
         DEFAULT_MAX_SIDE, ge=64, description="Images are downscaled to this longest side before the models."
