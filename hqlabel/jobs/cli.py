@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from hqlabel import __version__
 from hqlabel.jobs.args import add_storage_args, storage_options
+from hqlabel.jobs.cluster import ADDRESS_HELP
 from hqlabel.platform.config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, PRECISIONS, PRESETS
 from hqlabel.platform.lease import DEFAULT_TTL, LeaseError
 
@@ -121,7 +122,7 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
         help=f"seconds this run's lease on --out (OUT/_lease.json) outlives it if it dies; another run into "
         f"--out is refused until then (default {DEFAULT_TTL:g}, renewed every third)",
     )
-    p.add_argument("--address", help="Ray cluster address to join (default: start a local Ray)")
+    p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_label)

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from hqlabel import __version__
-from hqlabel.jobs.cluster import describe_nodes, ray_init
+from hqlabel.jobs.cluster import describe_nodes, is_local, ray_init
 from hqlabel.jobs.resources import ResourcePlan, object_store_limit, plan_label_job
 from hqlabel.jobs.spec import LabelJobSpec
 from hqlabel.platform import storage
@@ -212,7 +212,7 @@ def init_ray(spec: LabelJobSpec) -> None:
     if ray.is_initialized():
         return
     kwargs = {"address": spec.ray_address, "logging_level": logging.WARNING, "log_to_driver": True}
-    if spec.ray_address is None:
+    if is_local(spec.ray_address):  # never a stray cluster: see cluster.ray_address
         kwargs.update(num_cpus=spec.num_cpus, include_dashboard=False)
     ray_init(**kwargs)  # joining a cluster: with its token
 

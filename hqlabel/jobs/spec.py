@@ -72,7 +72,9 @@ class LabelJobSpec(BaseModel):
         False, description="Start over, deleting an earlier run's outputs in `out` (default: resume it)."
     )
     ray_address: str | None = Field(
-        None, description="Ray cluster to join ('auto', 'ray://...'); default local."
+        None,
+        description="Ray cluster to join ('HOST:PORT', 'ray://...', or 'auto' for Ray's discovery); default "
+        "RAY_ADDRESS when set, else a new local Ray (never the cluster /tmp/ray/ray_current_cluster names).",
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray instance; default all.")
     lease_ttl: float = Field(

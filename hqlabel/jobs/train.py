@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hqlabel.jobs.args import add_storage_args
-from hqlabel.jobs.cluster import ray_init
+from hqlabel.jobs.cluster import ADDRESS_HELP, is_local, ray_init
 from hqlabel.jobs.resources import plan_training
 from hqlabel.platform import storage
 from hqlabel.platform.config import DEFAULT_SEGMENTER, PRESETS
@@ -64,7 +64,7 @@ def run_train_job(
     check_run_folder(config.out, resume=resume, options=options)
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"address": ray_address, "logging_level": logging.WARNING}
-        if ray_address is None:
+        if is_local(ray_address):  # never a stray cluster: see cluster.ray_address
             # The dashboard (with ray[default]) serves the state API that Ray Train's clean-up watcher polls;
             # without it that watcher logs a warning every few seconds.
             kwargs.update(num_cpus=num_cpus)
@@ -153,7 +153,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 1 with GPUs, else 0)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     add_storage_args(p)
-    p.add_argument("--address", help="Ray cluster address to join (default: start a local Ray)")
+    p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
     p.set_defaults(func=_train)
 
