@@ -8,8 +8,10 @@ passes through it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -19,9 +21,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from hqlabel import __version__
+from hqlabel.jobs.checks import check_device, check_hq_weights, offline_hub
 from hqlabel.jobs.cluster import describe_nodes, is_local, ray_init
 from hqlabel.jobs.resources import ResourcePlan, object_store_limit, plan_label_job
-from hqlabel.jobs.spec import LabelJobSpec
+from hqlabel.jobs.spec import LabelJobSpec, absolute_path
 from hqlabel.platform import storage
 from hqlabel.platform.config import LabelerConfig
 from hqlabel.platform.hub import load_pretrained
@@ -100,6 +103,7 @@ def _labeler_defaults() -> dict:
 
 
 LISTING = "_listing"  # OUT/_listing/SHARD.parquet: the images of each shard of a folder or COCO input
+OUTPUT_NAMES = ("masks", "errors", "images", "_tmp", "_done", LISTING, "_manifest.json", "job.json")
 
 
 def _list(spec: LabelJobSpec, *, write: bool, earlier: list[Shard] | None = None) -> DatasetInput:
@@ -123,6 +127,22 @@ def _changed_shards(before: dict, now: dict) -> list[str]:
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
+def changed_settings(before: dict, now: dict, prefix: str = "") -> list[str]:
+    """``"name: EARLIER -> NOW"`` for each setting that differs, nested ones dotted (``labeler.detector``).
+    A relative input path of an older ``job.json`` counts as the same as its absolute path from here."""
+    changed = []
+    for name in sorted(before.keys() | now.keys()):
+        old, new = before.get(name), now.get(name)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += changed_settings(old, new, f"{prefix}{name}.")
+        elif name in ("input", "coco_images") and isinstance(old, str) and old != new:
+            if absolute_path(old) != new:
+                changed.append(f"{prefix}{name}: {old!r} -> {new!r}")
+        elif old != new:
+            changed.append(f"{prefix}{name}: {old!r} -> {new!r}")
+    return changed
+
+
 def prepare_output(spec: LabelJobSpec) -> tuple[DatasetInput, list[Shard]]:
     """Start a fresh run or resume an earlier one in ``spec.out``; returns the input and the shards to do.
 
@@ -136,7 +156,7 @@ def prepare_output(spec: LabelJobSpec) -> tuple[DatasetInput, list[Shard]]:
     out, options = spec.out, spec.storage
     earlier = _read_json(storage.join(out, "job.json"), spec)
     if earlier is None or spec.overwrite:
-        for name in ("masks", "errors", "images", "_tmp", "_done", LISTING, "_manifest.json", "job.json"):
+        for name in OUTPUT_NAMES:
             storage.delete(storage.join(out, name), options)
         source = _list(spec, write=True)
         _write_json(storage.join(out, "_manifest.json"), source.manifest(), spec)
@@ -148,10 +168,10 @@ def prepare_output(spec: LabelJobSpec) -> tuple[DatasetInput, list[Shard]]:
         if name not in earlier["spec"]:
             before[name] = LabelJobSpec.model_fields[name].get_default(call_default_factory=True)
     now = spec.model_dump(mode="json", include=set(LabelJobSpec.OUTPUT_FIELDS))
-    changed = sorted(k for k in LabelJobSpec.OUTPUT_FIELDS if before[k] != now[k])
+    changed = changed_settings(before, now)
     if changed:
         raise ValueError(
-            f"{out} holds an earlier run with different settings ({', '.join(changed)}); pass "
+            f"{out} holds an earlier run with different settings ({'; '.join(changed)}); pass "
             "--overwrite to replace it, or choose another --out"
         )
     manifest = _read_json(storage.join(out, "_manifest.json"), spec) or {}
@@ -171,19 +191,24 @@ def prepare_output(spec: LabelJobSpec) -> tuple[DatasetInput, list[Shard]]:
 
 
 def check_models(spec: LabelJobSpec) -> None:
-    """Fail fast in the driver, with an actionable message, when a model cannot be loaded."""
+    """Fail fast in the driver, with an actionable message, when a model cannot be loaded: the options the
+    user set first (a wrong --segmenter is named as such even when the default detector is not cached), and
+    offline (``HF_HUB_OFFLINE``, or no answer from the hub) from the cache at once, without hub retries."""
     if spec.labeler.preset is not None:
         return
+    from hqlabel.platform.config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER
+
+    models = []  # (name, what, option, default)
+    if spec.labeler.prompts == "detector":
+        models.append((spec.labeler.detector, "detector", "--detector", DEFAULT_DETECTOR))
+    if not Path(spec.labeler.segmenter).expanduser().is_file():  # an original .pth checkpoint has no config
+        models.append((spec.labeler.segmenter, "segmenter", "--segmenter", DEFAULT_SEGMENTER))
+    if any(not Path(name).expanduser().is_dir() for name, *_ in models):
+        offline_hub()  # before transformers imports huggingface_hub
     from transformers import AutoConfig
 
-    if spec.labeler.prompts == "detector":
-        load_pretrained(
-            AutoConfig.from_pretrained, spec.labeler.detector, what="detector", option="--detector"
-        )
-    if not Path(spec.labeler.segmenter).expanduser().is_file():  # an original .pth checkpoint has no config
-        load_pretrained(
-            AutoConfig.from_pretrained, spec.labeler.segmenter, what="segmenter", option="--segmenter"
-        )
+    for name, what, option, _ in sorted(models, key=lambda model: model[0] == model[3]):
+        load_pretrained(AutoConfig.from_pretrained, name, what=what, option=option)
 
 
 def input_dataset(shards: list[Shard], source: DatasetInput, spec: LabelJobSpec):
@@ -266,13 +291,40 @@ def run_label_job(spec: LabelJobSpec, *, progress: bool = True) -> LabelSummary:
 
     if spec.labeler.preset == "tiny-random":
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
-    if not storage.is_s3(spec.out):  # workers on other machines or folders must write to the same place
-        spec = spec.model_copy(update={"out": storage.resolve(spec.out)[1]})
+    # Workers on other machines or folders read and write the same places; job.json records them absolute.
+    spec = spec.with_absolute_paths()
     check_input_exists(spec.input, spec.storage)  # the cheap checks first, before anything is written
+    check_device(spec.labeler.device, spec.labeler.precision, local=is_local(spec.ray_address))
+    check_hq_weights(spec.labeler.hq_weights)
     check_models(spec)
     # One run writes to an output at a time: a second one is refused while this one holds the lease.
-    with OutputLease(spec.out, spec.storage, ttl=spec.lease_ttl, what=f"hqlabel label {spec.input}") as lease:
-        return _label(spec, lease, progress)
+    new_folder = not storage.is_s3(spec.out) and not Path(spec.out).exists()
+    try:
+        with OutputLease(
+            spec.out, spec.storage, ttl=spec.lease_ttl, what=f"hqlabel label {spec.input}"
+        ) as lease:
+            fresh = spec.overwrite or _read_json(storage.join(spec.out, "job.json"), spec) is None
+            try:
+                return _label(spec, lease, progress)
+            except BaseException:
+                if fresh:  # a new run that failed before any shard completed leaves nothing to resume
+                    with contextlib.suppress(OSError):
+                        _discard_unstarted(spec)
+                raise
+    finally:
+        if new_folder:  # the folder this run made, if nothing is left in it
+            with contextlib.suppress(OSError):
+                os.rmdir(spec.out)
+
+
+def _discard_unstarted(spec: LabelJobSpec) -> None:
+    """Delete what a new run wrote to ``spec.out`` when it failed before completing any shard (its
+    ``job.json`` would refuse the corrected rerun's settings without ``--overwrite``); a run that completed
+    shards is kept, to resume."""
+    if done_shards(spec.out, spec.storage):
+        return
+    for name in OUTPUT_NAMES:
+        storage.delete(storage.join(spec.out, name), spec.storage)
 
 
 def _label(spec: LabelJobSpec, lease: OutputLease, progress: bool) -> LabelSummary:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -13,6 +14,17 @@ from hqlabel.platform.readers import InputColumns
 from hqlabel.platform.references import normalise
 from hqlabel.platform.storage import StorageOptions
 from hqlabel.workers.decode import DEFAULT_MAX_SIDE
+
+
+def absolute_path(path: str | None, *, must_exist: bool = False) -> str | None:
+    """A local path (or ``file://`` URI) as an absolute path; other URIs (``s3://``), and with ``must_exist``
+    names that are no existing local path (hub ids), as given."""
+    if path is None or ("://" in path and not path.startswith("file://")):
+        return path
+    local = Path(path.removeprefix("file://")).expanduser()
+    if must_exist and not local.exists():
+        return path
+    return str(local.absolute())
 
 
 class LabelJobSpec(BaseModel):
@@ -99,6 +111,26 @@ class LabelJobSpec(BaseModel):
                 raise ValueError("--allow-prefix '' would allow the working directory; give a folder or URI")
             normalise(prefix)  # a scheme other than s3:// or file://, or an S3 prefix without a bucket
         return prefixes
+
+    def with_absolute_paths(self) -> LabelJobSpec:
+        """This spec with local paths absolute (``file://`` ones too), as ``job.json`` records them: ``show``,
+        ``curate`` and a resume then work from any directory, and workers in other folders read the same
+        files. ``s3://`` URIs stay; so do model names that are no local path (hub ids)."""
+        labeler = self.labeler.model_copy(
+            update={
+                "detector": absolute_path(self.labeler.detector, must_exist=True),
+                "segmenter": absolute_path(self.labeler.segmenter, must_exist=True),
+                "hq_weights": absolute_path(self.labeler.hq_weights),
+            }
+        )
+        return self.model_copy(
+            update={
+                "input": absolute_path(self.input),
+                "out": absolute_path(self.out),
+                "coco_images": absolute_path(self.coco_images),
+                "labeler": labeler,
+            }
+        )
 
     @property
     def storage(self) -> StorageOptions:
