@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from hqlabel.platform import storage
 from hqlabel.platform.config import DEFAULT_SEGMENTER, LabelerConfig
 from hqlabel.platform.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from hqlabel.platform.lease import DEFAULT_TTL
@@ -17,14 +18,11 @@ from hqlabel.workers.decode import DEFAULT_MAX_SIDE
 
 
 def absolute_path(path: str | None, *, must_exist: bool = False) -> str | None:
-    """A local path (or ``file://`` URI) as an absolute path; other URIs (``s3://``), and with ``must_exist``
-    names that are no existing local path (hub ids), as given."""
-    if path is None or ("://" in path and not path.startswith("file://")):
+    """``storage.absolute(path)``; with ``must_exist``, a name that is no existing local path (a hub id) as
+    given."""
+    if must_exist and path is not None and not Path(path).expanduser().exists():
         return path
-    local = Path(path.removeprefix("file://")).expanduser()
-    if must_exist and not local.exists():
-        return path
-    return str(local.absolute())
+    return storage.absolute(path)
 
 
 class LabelJobSpec(BaseModel):

@@ -38,12 +38,15 @@ def test_label_ignores_a_stale_current_cluster_file(tmp_path):
         make_demo_images(tmp_path / "images", 2)
         out = tmp_path / "out"
         env = clean_env(RAY_AUTH_MODE="disabled", RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(REPO))
-        command = [sys.executable, "-m", "hqlabel", "label", str(tmp_path / "images"), "--classes", "circle"]
-        command += ["--preset", "tiny-random", "--out", str(out), "--num-cpus", "2", "--no-progress"]
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        command = [sys.executable, "-m", "hqlabel", "label", "images", "--classes", "circle"]  # relative
+        command += ["--preset", "tiny-random", "--out", "out", "--num-cpus", "2", "--no-progress"]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "labeled 2 images" in result.stdout
-        assert json.loads((out / "job.json").read_text())["summary"]["images"] == 2
+        assert "Token authentication" not in result.stderr
+        job = json.loads((out / "job.json").read_text())
+        assert job["summary"]["images"] == 2
+        assert job["spec"]["input"] == str(tmp_path / "images")  # absolute: show / curate from anywhere
         sessions = [p for p in (ray_tmp / "ray").iterdir() if p.name.startswith("session_2")]
         assert sessions, "the local Ray ran under RAY_TMPDIR"
     finally:
