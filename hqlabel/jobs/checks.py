@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from pathlib import Path
 from urllib.parse import urlparse
 
 TRUE = ("1", "ON", "YES", "TRUE")  # huggingface_hub's true values
@@ -111,3 +112,23 @@ def offline_hub() -> bool:
     if offline and constants is not None:
         constants.HF_HUB_OFFLINE = True
     return offline
+
+
+def check_pretrained(models: list[tuple[str, str, str, str]]) -> None:
+    """Each ``(name, what, option, default)`` loads its config (from a local directory, the hub, or offline
+    the cache): the ones the user set (``name != default``) first, so a wrong ``--segmenter`` is named as
+    such even where the default detector is not cached. Offline (``offline_hub``) that takes seconds.
+
+    Raises:
+        ModelLoadError: the first that cannot load, naming its option and how to get it.
+    """
+    if not models:
+        return
+    if any(not Path(name).expanduser().is_dir() for name, *_ in models):
+        offline_hub()  # before transformers imports huggingface_hub
+    from transformers import AutoConfig
+
+    from hqlabel.platform.hub import load_pretrained
+
+    for name, what, option, _ in sorted(models, key=lambda model: model[0] == model[3]):
+        load_pretrained(AutoConfig.from_pretrained, name, what=what, option=option)

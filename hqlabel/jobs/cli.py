@@ -221,6 +221,8 @@ def _add_segment_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hq-token-only", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--multimask", choices=("off", "best", "all"), default="off")
     p.add_argument("--device", default="auto")
+    p.add_argument("--max-pixels", type=int, help="refuse images with more pixels (100M, as label)")
+    p.add_argument("--max-bytes", type=int, help="refuse image files larger than this, unread (512 MiB)")
     p.set_defaults(func=_segment)
 
 
@@ -239,6 +241,11 @@ def _segment(args: argparse.Namespace) -> int:
         hq_token_only=args.hq_token_only,
         multimask=args.multimask,
         device=args.device,
+        **{
+            k: v
+            for k, v in {"max_pixels": args.max_pixels, "max_bytes": args.max_bytes}.items()
+            if v is not None
+        },
     )
     print(run_segment(spec))
     return 0

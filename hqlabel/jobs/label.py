@@ -21,13 +21,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from hqlabel import __version__
-from hqlabel.jobs.checks import check_device, check_hq_weights, offline_hub
+from hqlabel.jobs.checks import check_device, check_hq_weights, check_pretrained
 from hqlabel.jobs.cluster import describe_nodes, is_local, ray_init
 from hqlabel.jobs.resources import ResourcePlan, object_store_limit, plan_label_job
 from hqlabel.jobs.spec import LabelJobSpec, absolute_path
 from hqlabel.platform import storage
-from hqlabel.platform.config import LabelerConfig
-from hqlabel.platform.hub import load_pretrained
+from hqlabel.platform.config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, LabelerConfig
 from hqlabel.platform.lease import OutputLease
 from hqlabel.platform.readers import (
     DatasetInput,
@@ -191,24 +190,16 @@ def prepare_output(spec: LabelJobSpec) -> tuple[DatasetInput, list[Shard]]:
 
 
 def check_models(spec: LabelJobSpec) -> None:
-    """Fail fast in the driver, with an actionable message, when a model cannot be loaded: the options the
-    user set first (a wrong --segmenter is named as such even when the default detector is not cached), and
-    offline (``HF_HUB_OFFLINE``, or no answer from the hub) from the cache at once, without hub retries."""
+    """Fail fast in the driver, with an actionable message, when a model cannot be loaded
+    (``check_pretrained``: the options the user set first; offline from the cache at once)."""
     if spec.labeler.preset is not None:
         return
-    from hqlabel.platform.config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER
-
     models = []  # (name, what, option, default)
     if spec.labeler.prompts == "detector":
         models.append((spec.labeler.detector, "detector", "--detector", DEFAULT_DETECTOR))
     if not Path(spec.labeler.segmenter).expanduser().is_file():  # an original .pth checkpoint has no config
         models.append((spec.labeler.segmenter, "segmenter", "--segmenter", DEFAULT_SEGMENTER))
-    if any(not Path(name).expanduser().is_dir() for name, *_ in models):
-        offline_hub()  # before transformers imports huggingface_hub
-    from transformers import AutoConfig
-
-    for name, what, option, _ in sorted(models, key=lambda model: model[0] == model[3]):
-        load_pretrained(AutoConfig.from_pretrained, name, what=what, option=option)
+    check_pretrained(models)
 
 
 def input_dataset(shards: list[Shard], source: DatasetInput, spec: LabelJobSpec):

@@ -165,3 +165,4 @@ class SegmentJobSpec(BaseModel):
     multimask: Literal["off", "best", "all"] = Field("off", description="One mask, the best of 3, or all 3.")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Larger images are refused.")
+    max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1, description="Larger image files are refused, unread.")
