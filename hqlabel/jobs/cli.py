@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -430,6 +431,18 @@ def _one_line(error: Exception) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``hqlabel`` command: 0 done, 1 a job that did not succeed, 2 a user error (one line on stderr),
+    130 interrupted (Ctrl-C: one line, no traceback, wherever it lands, imports included)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # A second Ctrl-C while Ray shuts down (at exit) would end in a traceback: this one is enough.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("hqlabel: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
@@ -444,9 +457,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"hqlabel: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("hqlabel: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

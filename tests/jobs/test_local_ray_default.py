@@ -4,15 +4,19 @@ dead."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
-from local_ray import clean_env
+from local_ray import clean_env, session_pids
 
 from hqlabel.jobs.cluster import is_local, ray_address
 from hqlabel.platform.demo import make_demo_images
@@ -51,3 +55,40 @@ def test_label_ignores_a_stale_current_cluster_file(tmp_path):
         assert sessions, "the local Ray ran under RAY_TMPDIR"
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_ends_in_one_line_and_leaves_nothing(tmp_path):
+    """Ctrl-C once the run has listed its input (Ray starting): exit 130, one line, no traceback; a run that
+    completed no shard leaves no output behind."""
+    make_demo_images(tmp_path / "images", 2)
+    out = tmp_path / "out"
+    ray_tmp = tempfile.mkdtemp(prefix="hqrt")
+    env = clean_env(RAY_AUTH_MODE="disabled", RAY_TMPDIR=ray_tmp, PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "hqlabel", "label", str(tmp_path / "images"), "--classes", "circle"]
+    command += ["--preset", "tiny-random", "--out", str(out), "--num-cpus", "2", "--no-progress"]
+    proc = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its Ray too: killed below whatever happens
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
+    )
+    try:
+        deadline = time.monotonic() + 200
+        while proc.poll() is None and not (out / "_manifest.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        for pid in session_pids(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(30)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and stderr.count("hqlabel: interrupted") == 1, stderr[-3000:]
+    assert not out.exists(), sorted(out.rglob("*"))
