@@ -132,3 +132,28 @@ def check_pretrained(models: list[tuple[str, str, str, str]]) -> None:
 
     for name, what, option, _ in sorted(models, key=lambda model: model[0] == model[3]):
         load_pretrained(AutoConfig.from_pretrained, name, what=what, option=option)
+
+
+TRAIN_EXTRA = (
+    "aiohttp",
+    "aiohttp_cors",
+    "pandas",
+    "tensorboardX",
+)  # from ray[train,default]: the train extra
+
+
+def check_train_extra() -> None:
+    """``hqlabel train`` has what the ``train`` extra installs: Ray Train's dependencies and the state API
+    (ray[default]) that its clean-up watcher polls (without it, a warning every few seconds).
+
+    Raises:
+        ImportError: the modules missing, with the install command.
+    """
+    import importlib.util
+
+    missing = [name for name in TRAIN_EXTRA if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"hqlabel train needs the train extra ({', '.join(missing)} missing): pip install "
+            "'hqlabel[train]' (from a clone: pip install -e '.[train]')"
+        )

@@ -457,6 +457,11 @@ def _main(argv: Sequence[str] | None) -> int:
             raise
         print(f"hqlabel: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except ImportError as e:
+        if args.verbose or "pip install" not in str(e):  # only a missing extra, named with its install hint
+            raise
+        print(f"hqlabel: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

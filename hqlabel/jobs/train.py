@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hqlabel.jobs.args import add_storage_args
+from hqlabel.jobs.checks import check_pretrained, check_train_extra
 from hqlabel.jobs.cluster import ADDRESS_HELP, is_local, ray_init
 from hqlabel.jobs.resources import plan_training
 from hqlabel.platform import storage
@@ -25,8 +26,9 @@ logger = logging.getLogger(__name__)
 
 
 def check_inputs(config: TrainConfig) -> None:
-    """Fail in the driver, in one line, before Ray Train starts: unreadable data, a base that cannot load."""
-    from hqlabel.platform.hub import load_pretrained
+    """Fail in the driver, in one line, before Ray Train starts: the train extra missing, unreadable data, a
+    base that cannot load."""
+    check_train_extra()
     from hqlabel.platform.instances import open_instances
 
     for what, uri in (("--data", config.data), ("--val-data", config.val_data)):
@@ -36,9 +38,7 @@ def check_inputs(config: TrainConfig) -> None:
         if next(images, None) is None:
             raise ValueError(f"{what} {uri} holds no images with masks")
     if config.preset is None and not Path(config.base).is_file():  # an original .pth has no config
-        from transformers import AutoConfig
-
-        load_pretrained(AutoConfig.from_pretrained, config.base, what="segmenter", option="--base")
+        check_pretrained([(config.base, "segmenter", "--base", DEFAULT_SEGMENTER)])  # offline: in seconds
 
 
 def run_train_job(

@@ -8,9 +8,11 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import hqlabel.jobs.label as label_job
+import hqlabel.jobs.train as train_job
 from hqlabel.jobs.checks import offline_hub
 from hqlabel.jobs.cli import main
 from hqlabel.jobs.label import changed_settings
@@ -24,6 +26,7 @@ def no_ray(monkeypatch):
         raise AssertionError("Ray was started")
 
     monkeypatch.setattr(label_job, "ray_init", refuse)
+    monkeypatch.setattr(train_job, "ray_init", refuse)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local Ray: the hardware checks apply
 
 
@@ -163,3 +166,38 @@ def test_changed_settings_names_the_nested_setting():
         "batch_size": 8,
     }
     assert changed_settings(before, now) == ["labeler.detector: 'a' -> 'b'"]
+
+
+def test_train_without_the_train_extra(capsys, tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboardX" else find_spec(name, *a)
+    )
+    out = tmp_path / "run"
+    line = _error(
+        capsys, ["train", "--data", str(tmp_path / "nope"), "--out", str(out), "--preset", "tiny-random"], out
+    )
+    assert "needs the train extra (tensorboardX missing): pip install 'hqlabel[train]'" in line
+
+
+def test_train_base_that_does_not_exist(capsys, tmp_path, monkeypatch):
+    from conftest import encode, random_image
+
+    from hqlabel.jobs.import_gt import run_import_gt
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)
+    (tmp_path / "dis" / "im").mkdir(parents=True)
+    (tmp_path / "dis" / "gt").mkdir()
+    (tmp_path / "dis" / "im" / "a.jpg").write_bytes(encode(random_image(0, (32, 32)), "JPEG"))
+    mask = random_image(1, (32, 32))[:, :, 0] > 128
+    (tmp_path / "dis" / "gt" / "a.png").write_bytes(encode(np.stack([mask * 255] * 3, -1).astype(np.uint8)))
+    run_import_gt(str(tmp_path / "dis"), str(tmp_path / "ds"))
+    out = tmp_path / "run"
+    line = _error(
+        capsys, ["train", "--data", str(tmp_path / "ds"), "--out", str(out), "--base", "nobody/no-sam"], out
+    )
+    assert "cannot load the segmenter 'nobody/no-sam'" in line and "--base" in line
