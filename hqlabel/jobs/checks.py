@@ -59,6 +59,28 @@ def check_device(device: str, precision: str, *, local: bool) -> None:
             raise ValueError(f"--precision {precision} on {where}: {e}") from e
 
 
+def check_compile(compile: bool, device: str, *, local: bool) -> None:
+    """``--compile`` on the CPU of a local Ray: torch's inductor builds C++ kernels, so a C++ compiler
+    (``CXX``, ``g++``, ``c++`` or ``clang++``) must be found.
+
+    Raises:
+        ValueError: none is found, with the fix.
+    """
+    if not compile or not local:
+        return
+    import shutil
+
+    import torch
+
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    compilers = [os.environ.get("CXX"), "g++", "c++", "clang++"]
+    if on_cpu and not any(name and shutil.which(name) for name in compilers):
+        raise ValueError(
+            "--compile on the CPU needs a C++ compiler and none was found (CXX, g++, c++, clang++); install "
+            "one (Debian: apt-get install g++) or leave --compile off"
+        )
+
+
 def check_hq_weights(path: str | None) -> None:
     """``--hq-weights`` names a readable HQ-weights file (or a folder holding one).
 

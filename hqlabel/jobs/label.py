@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from hqlabel import __version__
-from hqlabel.jobs.checks import check_device, check_hq_weights, check_pretrained
+from hqlabel.jobs.checks import check_compile, check_device, check_hq_weights, check_pretrained
 from hqlabel.jobs.cluster import describe_nodes, is_local, ray_init
 from hqlabel.jobs.resources import ResourcePlan, object_store_limit, plan_label_job
 from hqlabel.jobs.spec import LabelJobSpec, absolute_path
@@ -286,6 +286,7 @@ def run_label_job(spec: LabelJobSpec, *, progress: bool = True) -> LabelSummary:
     spec = spec.with_absolute_paths()
     check_input_exists(spec.input, spec.storage)  # the cheap checks first, before anything is written
     check_device(spec.labeler.device, spec.labeler.precision, local=is_local(spec.ray_address))
+    check_compile(spec.labeler.compile, spec.labeler.device, local=is_local(spec.ray_address))
     check_hq_weights(spec.labeler.hq_weights)
     check_models(spec)
     # One run writes to an output at a time: a second one is refused while this one holds the lease.

@@ -98,6 +98,16 @@ def test_fp16_with_device_auto_on_a_cpu_machine(capsys, image_folder, tmp_path):
     assert "--precision fp16 on the CPU" in line
 
 
+def test_compile_on_the_cpu_without_a_compiler(capsys, image_folder, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    monkeypatch.delenv("CXX", raising=False)
+    out = tmp_path / "out"
+    argv = _label(image_folder, out, "--preset", "tiny-random", "--device", "cpu", "--compile")
+    assert "--compile on the CPU needs a C++ compiler" in _error(capsys, argv, out)
+
+
 def test_unknown_segmenter_is_named_before_the_default_detector(capsys, image_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     constants = pytest.importorskip("huggingface_hub.constants")
