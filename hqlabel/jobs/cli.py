@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
 from hqlabel import __version__
 from hqlabel.jobs.args import add_json_cap_arg, add_storage_args, resource_amount, storage_options
+from hqlabel.jobs.cluster import ADDRESS_HELP
 from hqlabel.platform.config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, PRECISIONS, PRESETS
 from hqlabel.platform.lease import DEFAULT_TTL, LeaseError
 
@@ -138,7 +140,7 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
         help=f"seconds this run's lease on --out (OUT/_lease.json) outlives it if it dies; another run into "
         f"--out is refused until then (default {DEFAULT_TTL:g}, renewed every third)",
     )
-    p.add_argument("--address", help="Ray cluster address to join (default: start a local Ray)")
+    p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_label)
@@ -241,6 +243,8 @@ def _add_segment_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hq-token-only", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--multimask", choices=("off", "best", "all"), default="off")
     p.add_argument("--device", default="auto")
+    p.add_argument("--max-pixels", type=int, help="refuse images with more pixels (100M, as label)")
+    p.add_argument("--max-bytes", type=int, help="refuse image files larger than this, unread (512 MiB)")
     p.set_defaults(func=_segment)
 
 
@@ -259,6 +263,11 @@ def _segment(args: argparse.Namespace) -> int:
         hq_token_only=args.hq_token_only,
         multimask=args.multimask,
         device=args.device,
+        **{
+            k: v
+            for k, v in {"max_pixels": args.max_pixels, "max_bytes": args.max_bytes}.items()
+            if v is not None
+        },
     )
     print(run_segment(spec))
     return 0
@@ -443,6 +452,18 @@ def _one_line(error: Exception) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``hqlabel`` command: 0 done, 1 a job that did not succeed, 2 a user error (one line on stderr),
+    130 interrupted (Ctrl-C: one line, no traceback, wherever it lands, imports included)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # A second Ctrl-C while Ray shuts down (at exit) would end in a traceback: this one is enough.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("hqlabel: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
@@ -457,9 +478,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"hqlabel: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("hqlabel: interrupted", file=sys.stderr)
-        return 130
+    except ImportError as e:
+        if args.verbose or "pip install" not in str(e):  # only a missing extra, named with its install hint
+            raise
+        print(f"hqlabel: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -189,6 +189,8 @@ def run_curate(
         raise ValueError(f"--min-area must be >= 0, got {min_area}")
     if classes is not None and not classes:
         raise ValueError("--labels names no class; give a comma-separated list such as cat,dog")
+    # recorded in dataset.json: absolute, so that it means the same from any directory
+    labels, out, images, decisions = (storage.absolute(p) for p in (labels, out, images, decisions))
     folder = LabelsFolder(labels, options)
     mask_files = files_by_shard(folder.mask_files)
     if not mask_files:
@@ -198,6 +200,7 @@ def run_curate(
         )
     verdicts = read_decisions(decisions, options, max_bytes=max_json_bytes) if decisions else {}
     spec = folder.job.get("spec", {})
+    _warn_unknown_classes(classes, spec, labels)
     models = folder.job.get("models", {})
     if models.get("random_weights"):
         logger.warning(
@@ -307,9 +310,31 @@ def run_curate(
         provenance["counts"]["dropped"] = dict(dropped)
         provenance["counts"]["kept_by_label"] = dict(sorted(kept.items()))
 
-    return write_instances(
+    manifest = write_instances(
         curated(), out, kind="curated", source=folder.uri, provenance=provenance, options=options
     )
+    if manifest["num_instances"] == 0:
+        reasons = ", ".join(f"{k} {v}" for k, v in manifest["provenance"]["counts"]["dropped"].items() if v)
+        logger.warning(
+            "curate kept 0 masks of %s (dropped: %s): %s is empty; loosen the filters", labels, reasons, out
+        )
+    return manifest
+
+
+def _warn_unknown_classes(classes: list[str] | None, spec: dict[str, Any], labels: str) -> None:
+    """A warning for ``--labels`` classes that the labeling job did not detect (its ``--classes``); a job
+    that took its boxes' labels from the dataset (``--prompts boxes``) has no class list to check."""
+    job_classes = spec.get("labeler", {}).get("classes") or []
+    if classes is None or not job_classes:
+        return
+    unknown = [c for c in classes if c not in job_classes]
+    if unknown:
+        logger.warning(
+            "--labels %s: not a class of %s (its classes: %s); no mask can have it",
+            ", ".join(unknown),
+            labels,
+            ", ".join(job_classes),
+        )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

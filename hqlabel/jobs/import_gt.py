@@ -41,6 +41,8 @@ def run_import_gt(
             or ``out`` already holds an instance dataset.
     """
     stats: dict[str, int] = {}
+    # recorded in dataset.json: absolute, so that it means the same from any directory ("gt.json" too)
+    source, out, images = storage.absolute(source), storage.absolute(out), storage.absolute(images)
     if source.lower().endswith(".json"):
         if label != "object":
             raise ValueError("--label is for mask folders; a COCO file's labels are its category names")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hqlabel.jobs.resources import check_custom_resources
+from hqlabel.platform import storage
 from hqlabel.platform.config import DEFAULT_SEGMENTER, LabelerConfig
 from hqlabel.platform.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from hqlabel.platform.lease import DEFAULT_TTL
@@ -14,6 +16,14 @@ from hqlabel.platform.readers import InputColumns
 from hqlabel.platform.references import normalise
 from hqlabel.platform.storage import DEFAULT_MAX_JSON_BYTES, StorageOptions
 from hqlabel.workers.decode import DEFAULT_MAX_SIDE
+
+
+def absolute_path(path: str | None, *, must_exist: bool = False) -> str | None:
+    """``storage.absolute(path)``; with ``must_exist``, a name that is no existing local path (a hub id) as
+    given."""
+    if must_exist and path is not None and not Path(path).expanduser().exists():
+        return path
+    return storage.absolute(path)
 
 
 class LabelJobSpec(BaseModel):
@@ -85,7 +95,9 @@ class LabelJobSpec(BaseModel):
         "refused when no node offers one.",
     )
     ray_address: str | None = Field(
-        None, description="Ray cluster to join ('auto', 'ray://...'); default local."
+        None,
+        description="Ray cluster to join ('HOST:PORT', 'ray://...', or 'auto' for Ray's discovery); default "
+        "RAY_ADDRESS when set, else a new local Ray (never the cluster /tmp/ray/ray_current_cluster names).",
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray instance; default all.")
     lease_ttl: float = Field(
@@ -115,6 +127,26 @@ class LabelJobSpec(BaseModel):
     @classmethod
     def _check_actor_resources(cls, resources: dict[str, float]) -> dict[str, float]:
         return check_custom_resources(resources, "--actor-resource")
+
+    def with_absolute_paths(self) -> LabelJobSpec:
+        """This spec with local paths absolute (``file://`` ones too), as ``job.json`` records them: ``show``,
+        ``curate`` and a resume then work from any directory, and workers in other folders read the same
+        files. ``s3://`` URIs stay; so do model names that are no local path (hub ids)."""
+        labeler = self.labeler.model_copy(
+            update={
+                "detector": absolute_path(self.labeler.detector, must_exist=True),
+                "segmenter": absolute_path(self.labeler.segmenter, must_exist=True),
+                "hq_weights": absolute_path(self.labeler.hq_weights),
+            }
+        )
+        return self.model_copy(
+            update={
+                "input": absolute_path(self.input),
+                "out": absolute_path(self.out),
+                "coco_images": absolute_path(self.coco_images),
+                "labeler": labeler,
+            }
+        )
 
     @property
     def storage(self) -> StorageOptions:
@@ -151,3 +183,4 @@ class SegmentJobSpec(BaseModel):
     multimask: Literal["off", "best", "all"] = Field("off", description="One mask, the best of 3, or all 3.")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Larger images are refused.")
+    max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1, description="Larger image files are refused, unread.")

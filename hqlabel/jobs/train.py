@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from hqlabel.jobs.args import add_storage_args, resource_amount
-from hqlabel.jobs.cluster import ray_init
+from hqlabel.jobs.checks import check_pretrained, check_train_extra
+from hqlabel.jobs.cluster import ADDRESS_HELP, is_local, ray_init
 from hqlabel.jobs.resources import check_custom_resources, cluster_capacity, plan_training, resource_slots
 from hqlabel.jobs.shared_paths import check_shared_paths
 from hqlabel.platform import storage
@@ -28,8 +29,9 @@ logger = logging.getLogger(__name__)
 
 
 def check_inputs(config: TrainConfig) -> None:
-    """Fail in the driver, in one line, before Ray Train starts: unreadable data, a base that cannot load."""
-    from hqlabel.platform.hub import load_pretrained
+    """Fail in the driver, in one line, before Ray Train starts: the train extra missing, unreadable data, a
+    base that cannot load."""
+    check_train_extra()
     from hqlabel.platform.instances import open_instances
 
     for what, uri in (("--data", config.data), ("--val-data", config.val_data)):
@@ -39,9 +41,7 @@ def check_inputs(config: TrainConfig) -> None:
         if next(images, None) is None:
             raise ValueError(f"{what} {uri} holds no images with masks")
     if config.preset is None and not Path(config.base).is_file():  # an original .pth has no config
-        from transformers import AutoConfig
-
-        load_pretrained(AutoConfig.from_pretrained, config.base, what="segmenter", option="--base")
+        check_pretrained([(config.base, "segmenter", "--base", DEFAULT_SEGMENTER)])  # offline: in seconds
 
 
 WORKERS = "workers"  # RUN/workers/rank-N.json: where each worker of the latest run (or resume) ran
@@ -115,7 +115,7 @@ def run_train_job(
     check_run_folder(config.out, resume=resume, options=options)
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"address": ray_address, "logging_level": logging.WARNING}
-        if ray_address is None:
+        if is_local(ray_address):  # never a stray cluster: see cluster.ray_address
             # The dashboard (with ray[default]) serves the state API that Ray Train's clean-up watcher polls;
             # without it that watcher logs a warning every few seconds.
             kwargs.update(num_cpus=num_cpus)
@@ -222,7 +222,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     add_storage_args(p)
-    p.add_argument("--address", help="Ray cluster address to join (default: start a local Ray)")
+    p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
     p.set_defaults(func=_train)
 

@@ -153,7 +153,7 @@ def read_coco_instances(
         stats.setdefault(key, 0)
     stats.setdefault("skipped_images_without_annotations", 0)
     doc = load_document(storage.read_bytes(uri, options, max_bytes=max_json_bytes, option="--max-json-bytes"))
-    root = images_root or uri.rstrip("/").rsplit("/", 1)[0]
+    root = images_root or storage.absolute(uri).rstrip("/").rsplit("/", 1)[0]  # "gt.json": from here
     names = categories_by_id(doc)
     entries = [parse_image(entry, k, root) for k, entry in enumerate(require_list(doc, "images"))]
     by_id: dict[int, list[dict[str, Any]]] = {entry.coco_id: [] for entry in entries}

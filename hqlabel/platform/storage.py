@@ -442,3 +442,11 @@ def delete(uri: str, options: StorageOptions = StorageOptions()) -> None:
         fs.delete_dir(path)
     elif info.type == pafs.FileType.File:
         fs.delete_file(path)
+
+
+def absolute(uri: str | None) -> str | None:
+    """A local path (or ``file://`` URI) as an absolute path, as outputs record it (so that it means the same
+    from any directory); other URIs (``s3://``) and None as given."""
+    if uri is None or ("://" in uri and not uri.startswith("file://")):
+        return uri
+    return str(Path(uri.removeprefix("file://")).expanduser().absolute())

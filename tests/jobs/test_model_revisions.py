@@ -138,7 +138,9 @@ print(json.dumps({{"first": first[:2], "resumed": resumed[:2], "same_masks": fir
     )
     assert (found["first"], found["resumed"]) == ([COMMIT_A] * 2, [COMMIT_A] * 2)
     assert found["same_masks"] and found["masks"] == 8  # 4 images, 2 boxes each
-    assert "different settings (labeler.segmenter_revision)" in found["refused"]
+    assert (
+        f"different settings (labeler.segmenter_revision: {COMMIT_A!r} -> {COMMIT_B!r})" in found["refused"]
+    )
 
 
 def test_resume_with_changed_local_model_files_is_refused(tmp_path):
@@ -158,5 +160,5 @@ def test_resume_with_changed_local_model_files_is_refused(tmp_path):
     assert check_models(spec.model_copy(update={"labeler": labeler})) == spec  # unchanged: the same pin
 
     (model / "config.json").write_text((model / "config.json").read_text() + "\n")  # the model changed
-    with pytest.raises(ValueError, match=r"different settings \(labeler\.segmenter_revision\)"):
+    with pytest.raises(ValueError, match=r"different settings \(labeler\.segmenter_revision: .files:\w+. -> .files:\w+.\)"):
         prepare_output(check_models(spec.model_copy(update={"labeler": labeler})))
