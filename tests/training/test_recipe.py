@@ -13,8 +13,8 @@ from hqlabel.platform.instances import iter_instances
 from hqlabel.segmenters import build_segmenter, tiny_random_sam_hq
 from hqlabel.segmenters.hq_weights import is_hq_parameter, resolve_hq_weights
 from hqlabel.training.config import TrainConfig
-from hqlabel.training.model import encode, freeze_all_but_hq, sam_from_sam_hq
 from hqlabel.training.data import load_splits, make_example
+from hqlabel.training.model import encode, freeze_all_but_hq, sam_from_sam_hq
 from hqlabel.training.recipe import run_training, train_step
 from hqlabel.training.synthetic import write_fine_structure_dataset
 
