@@ -122,7 +122,8 @@ def test_background_threads_make_the_same_batches(dataset, tmp_path):
 
 def test_worker_memory_does_not_grow_with_the_dataset(tmp_path):
     """Peak RSS of a training process on 16 vs 64 images of 3 MiB (48 vs 192 MiB of image bytes): within
-    1.2x. The code that read the whole dataset into each worker took 1.55x here (benchmarks/RESULTS.md)."""
+    1.2x. The code that read the whole dataset into each worker took 1.55x at these sizes (1.71x at 24 vs 96:
+    benchmarks/RESULTS.md)."""
     val = write_noise_dataset(str(tmp_path / "val"), 2, 64, seed=9)
     peaks = []
     for n in (16, 64):
