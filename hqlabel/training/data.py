@@ -83,7 +83,8 @@ class _PartReader:
             self.files.move_to_end(uri)
         else:
             fs, path = storage.resolve(uri, self.options)
-            self.files[uri] = pq.ParquetFile(fs.open_input_file(path))
+            opened = storage.with_retries(lambda: pq.ParquetFile(fs.open_input_file(path)), f"opening {uri}")
+            self.files[uri] = opened
             if len(self.files) > _OPEN_PARTS:
                 self.files.popitem(last=False)
         return self.files[uri]
@@ -96,7 +97,8 @@ class _PartReader:
             group += 1
         if self.cached is None or self.cached[:2] != (uri, group):
             self.cached = None  # release the previous group before reading the next
-            self.cached = (uri, group, file.read_row_group(group))
+            table = storage.with_retries(lambda: file.read_row_group(group), f"reading {uri}")
+            self.cached = (uri, group, table)
         return self.cached[2].slice(row - start, 1).to_pylist()[0]
 
 
@@ -136,6 +138,13 @@ def id_keys(image_ids: list[str]) -> np.ndarray:
     return np.array(keys, dtype=np.uint64)
 
 
+def _key_columns(uri: str, options: StorageOptions) -> pa.Table:
+    """A part's ``image_id`` and ``instances`` (their ``instance_id`` alone): no image bytes, no masks."""
+    fs, path = storage.resolve(uri, options)
+    with fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).read(columns=["image_id", "instances.list.element.instance_id"])
+
+
 def index_instances(uri: str, options: StorageOptions = StorageOptions()) -> tuple[ImageIndex, np.ndarray]:
     """The images of the instance dataset at ``uri`` that have at least one instance, and their ``id_keys``.
 
@@ -144,9 +153,7 @@ def index_instances(uri: str, options: StorageOptions = StorageOptions()) -> tup
     parts = part_uris(uri, options)
     part_of, row_of, keys = [], [], []
     for k, part in enumerate(parts):
-        fs, path = storage.resolve(part, options)
-        with fs.open_input_file(path) as f:
-            table = pq.ParquetFile(f).read(columns=["image_id", "instances.list.element.instance_id"])
+        table = storage.with_retries(lambda part=part: _key_columns(part, options), f"indexing {part}")
         rows = np.flatnonzero(pc.list_value_length(table["instances"]).to_numpy(zero_copy_only=False) > 0)
         part_of.append(np.full(len(rows), k, dtype=np.int32))
         row_of.append(rows.astype(np.int32))

@@ -59,6 +59,17 @@ def test_index_reads_images_lazily_in_dataset_order(dataset):
     assert [part.metadata.row_group(g).num_rows for g in range(part.num_row_groups)] == [ROW_GROUP_SIZE]
 
 
+def test_index_on_s3(dataset, s3_endpoint, s3_bucket):
+    from hqlabel.platform.storage import StorageOptions
+
+    options = StorageOptions(s3_endpoint=s3_endpoint)
+    uri = f"s3://{s3_bucket}/data"
+    write_instances(iter_instances(dataset), uri, kind="test", source="copy", part_size=8, options=options)
+    index, _ = index_instances(uri, options)
+    local, _ = index_instances(dataset)
+    assert len(index) == 16 and [index[k] for k in (15, 0, 9)] == [local[k] for k in (15, 0, 9)]
+
+
 def test_splits_are_indexes_and_stable(dataset, tmp_path):
     config = TrainConfig(data=dataset, out=str(tmp_path), val_fraction=0.3)
     train, val = load_splits(config)
