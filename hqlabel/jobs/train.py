@@ -95,19 +95,25 @@ def run_train_job(
     resume: bool = False,
     ray_address: str | None = None,
     num_cpus: int | None = None,
+    max_failures: int = 0,
 ) -> dict[str, Any]:
     """Run the training with Ray Train's ``TorchTrainer``; returns ``{"history", "best", "out", "workers",
     "nodes"}`` (``nodes``: Ray node id -> the ranks that ran there).
 
     ``worker_resources``: custom Ray resources each worker asks for (``--worker-resource``), to place the
     workers on the nodes that offer them; refused when the nodes offer room for fewer workers.
+    ``max_failures``: worker failures (a killed or lost worker, an error) after which Ray Train restarts
+    every worker, which resume from the run's latest checkpoint; one more fails the run.
     """
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from hqlabel.training.checkpoint import check_run_folder, check_workers
+    from hqlabel.training.recipe import FAULT_ENV
 
+    if max_failures < 0:
+        raise ValueError(f"--max-failures must be >= 0 (failures to recover from), got {max_failures}")
     worker_resources = check_custom_resources(dict(worker_resources or {}), "--worker-resource")
     config = config.with_absolute_paths()
     options = config.storage
@@ -141,7 +147,15 @@ def run_train_job(
         scaling_config=ScalingConfig(
             num_workers=plan.workers, use_gpu=plan.gpus > 0, resources_per_worker=per_worker
         ),
-        run_config=RunConfig(name=f"hqlabel-train-{uuid.uuid4().hex[:8]}", storage_path=ray_storage),
+        run_config=RunConfig(
+            name=f"hqlabel-train-{uuid.uuid4().hex[:8]}",
+            storage_path=ray_storage,
+            failure_config=FailureConfig(max_failures=max_failures),
+            # the worker-failure tests' fault injection (recipe._fault_point) reaches the workers
+            worker_runtime_env={"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}}
+            if FAULT_ENV in os.environ
+            else None,
+        ),
     )
     try:
         result = trainer.fit()
@@ -199,7 +213,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (1e-3)")
     p.add_argument("--lr-drop-epoch", type=int, default=10, help="lr x 0.1 after this epoch (10)")
     p.add_argument("--batch-size", type=int, default=4, help="images per step per worker (4)")
-    p.add_argument("--max-instances", type=int, default=8, help="objects per image per step (8)")
+    p.add_argument(
+        "--instances-per-image",
+        "--max-instances",
+        type=int,
+        default=8,
+        help="objects of an image trained per step, at most; drawn anew each epoch (8; sam-hq: 1)",
+    )
     p.add_argument("--jitter", type=_range, default=(0.1, 2.0), help="large-scale jitter range (0.1,2.0)")
     p.add_argument(
         "--val-mask",
@@ -221,6 +241,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(e.g. accelerator_type:A100); repeatable; refused when the nodes offer too little",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    p.add_argument(
+        "--max-failures",
+        type=int,
+        default=0,
+        help="worker failures to recover from: Ray Train restarts the workers, which resume from the last "
+        "checkpoint (0)",
+    )
+    p.add_argument(
+        "--loader-threads", type=int, default=2, help="threads per worker decoding and augmenting batches (2)"
+    )
     add_storage_args(p)
     p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
@@ -243,10 +273,11 @@ def _train(args: argparse.Namespace) -> int:
         lr=args.lr,
         lr_drop_epoch=args.lr_drop_epoch,
         batch_size=args.batch_size,
-        max_instances=args.max_instances,
+        instances_per_image=args.instances_per_image,
         jitter=args.jitter,
         val_mask=args.val_mask,
         seed=args.seed,
+        loader_threads=args.loader_threads,
         s3_endpoint=args.s3_endpoint,
         s3_region=args.s3_region,
     )
@@ -263,6 +294,7 @@ def _train(args: argparse.Namespace) -> int:
         resume=args.resume,
         ray_address=args.address,
         num_cpus=args.num_cpus,
+        max_failures=args.max_failures,
     )
     first, best = summary["history"][0], summary["best"]
 

@@ -160,5 +160,6 @@ def test_resume_with_changed_local_model_files_is_refused(tmp_path):
     assert check_models(spec.model_copy(update={"labeler": labeler})) == spec  # unchanged: the same pin
 
     (model / "config.json").write_text((model / "config.json").read_text() + "\n")  # the model changed
-    with pytest.raises(ValueError, match=r"different settings \(labeler\.segmenter_revision: .files:\w+. -> .files:\w+.\)"):
+    changed = r"different settings \(labeler\.segmenter_revision: .files:\w+. -> .files:\w+.\)"
+    with pytest.raises(ValueError, match=changed):
         prepare_output(check_models(spec.model_copy(update={"labeler": labeler})))
