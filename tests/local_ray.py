@@ -20,6 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 NODE_START_S = 90
@@ -90,20 +91,30 @@ class LocalRayCluster:
             self._wait(lambda: answers(f"{self.dashboard}/api/version"), "the head's Jobs API")
         return self.address
 
-    def add_node(self, num_cpus: int, resources: dict[str, float] | None = None) -> None:
-        """Start a worker node that joins the head, with ``num_cpus`` CPUs and custom ``resources``."""
+    def add_node(
+        self, num_cpus: int, resources: dict[str, float] | None = None, *, wrap: list[str] | None = None
+    ) -> subprocess.Popen:
+        """Start a worker node that joins the head, with ``num_cpus`` CPUs and custom ``resources``; returns
+        its process (for ``stop_node``). ``wrap``: a command prefix that runs ``ray start`` (e.g. the
+        ``private_mounts`` of a node that sees another filesystem)."""
         if self.address is None:
             raise RuntimeError("start_head first")
         args = [f"--address={self.address}"]
         if resources:
             args.append(f"--resources={json.dumps(resources)}")
-        self._start(f"node{len(self.nodes)}", num_cpus, args)
+        return self._start(f"node{len(self.nodes)}", num_cpus, args, wrap or [])
 
-    def _start(self, name: str, num_cpus: int, args: list[str]) -> None:
+    def stop_node(self, node: subprocess.Popen) -> list[int]:
+        """Kill one node's process session (the head learns it is gone); returns the process ids left."""
+        _kill(node)
+        return session_pids(node.pid)
+
+    def _start(self, name: str, num_cpus: int, args: list[str], wrap: Sequence[str] = ()) -> subprocess.Popen:
         """Start a node; a second try if the first does not come up (``ray start`` gives a node's raylet 30 s
         to register with the head, which a machine busy with other work can miss)."""
         ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
-        cmd = [ray_bin, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", *args]
+        cmd = [*wrap, ray_bin, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}"]
+        cmd += args
         cmd += [f"--temp-dir={self.temp_dir}", "--object-store-memory=200000000", "--disable-usage-stats"]
         for attempt in range(START_ATTEMPTS):
             ports = [f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]
@@ -117,7 +128,7 @@ class LocalRayCluster:
                 self._wait(
                     lambda log=log_path: b"Ray runtime started" in log.read_bytes(), f"Ray {name}", node
                 )
-                return
+                return node
             except RuntimeError:
                 if attempt + 1 == START_ATTEMPTS:
                     raise
@@ -158,6 +169,21 @@ class LocalRayCluster:
         leftover = [pid for node, _ in self.nodes for pid in session_pids(node.pid)]
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         return leftover
+
+
+def private_mounts(hidden: Path) -> list[str] | None:
+    """A command prefix that runs a command in a mount namespace of its own where ``hidden`` is an empty
+    folder (a tmpfs over it): a node started so sees this machine's files but not those under ``hidden``, as
+    a node on another machine would not. None where this machine cannot (no ``unshare``, or not allowed)."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return None
+    prefix = [unshare, "--mount", "--propagation", "private"]
+    if os.geteuid() != 0:
+        prefix.insert(1, "--map-root-user")
+    prefix += ["sh", "-c", 'mount -t tmpfs hqlabel-hidden "$0" && exec "$@"', str(hidden)]
+    probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=30)
+    return prefix if probe.returncode == 0 else None
 
 
 def _kill(node: subprocess.Popen) -> None:

@@ -107,17 +107,14 @@ class GroundingDinoDetector:
         return autocast(self.device, self.autocast_dtype)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, **kwargs) -> GroundingDinoDetector:
-        """Load model and processor from a hub id (``IDEA-Research/grounding-dino-tiny``) or a directory."""
-        model = load_pretrained(
-            GroundingDinoForObjectDetection.from_pretrained,
-            name_or_path,
-            what="detector",
-            option="--detector",
-        )
-        processor = load_pretrained(
-            GroundingDinoProcessor.from_pretrained, name_or_path, what="detector", option="--detector"
-        )
+    def from_pretrained(
+        cls, name_or_path: str, *, revision: str | None = None, **kwargs
+    ) -> GroundingDinoDetector:
+        """Load model and processor from a hub id (``IDEA-Research/grounding-dino-tiny``, at ``revision``: a
+        commit hash, branch or tag) or a directory."""
+        where = dict(what="detector", option="--detector", revision=revision)
+        model = load_pretrained(GroundingDinoForObjectDetection.from_pretrained, name_or_path, **where)
+        processor = load_pretrained(GroundingDinoProcessor.from_pretrained, name_or_path, **where)
         return cls(model, processor, **kwargs)
 
     def save_pretrained(self, directory: str | Path) -> None:

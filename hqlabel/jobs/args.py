@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hqlabel.platform.storage import StorageOptions
+from hqlabel.platform.storage import DEFAULT_MAX_JSON_BYTES, StorageOptions
 
 
 def add_storage_args(parser: argparse.ArgumentParser) -> None:
@@ -18,3 +18,27 @@ def add_storage_args(parser: argparse.ArgumentParser) -> None:
 def storage_options(args: argparse.Namespace) -> StorageOptions:
     """The ``StorageOptions`` of ``add_storage_args``' arguments."""
     return StorageOptions(args.s3_endpoint, args.s3_region)
+
+
+def resource_amount(text: str) -> tuple[str, float]:
+    """``NAME=AMOUNT`` (``--actor-resource`` / ``--worker-resource``) -> ``(NAME, AMOUNT)``; AMOUNT defaults
+    to 1."""
+    name, sep, amount = text.partition("=")
+    try:
+        value = float(amount) if sep else 1.0
+    except ValueError:
+        value = -1.0
+    if not name or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT with AMOUNT > 0 (e.g. a100=1), got {text!r}")
+    return name, value
+
+
+def add_json_cap_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--max-json-bytes``: the cap on a JSON document read whole (``what`` names it in the help)."""
+    parser.add_argument(
+        "--max-json-bytes",
+        type=int,
+        default=DEFAULT_MAX_JSON_BYTES,
+        help=f"refuse {what} larger than this many bytes before reading it (default {DEFAULT_MAX_JSON_BYTES}"
+        ", 2 GiB: parsing takes several times its size in memory)",
+    )

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
 from hqlabel import __version__
-from hqlabel.jobs.args import add_storage_args, storage_options
+from hqlabel.jobs.args import add_json_cap_arg, add_storage_args, resource_amount, storage_options
+from hqlabel.jobs.cluster import ADDRESS_HELP
 from hqlabel.platform.config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, PRECISIONS, PRESETS
 from hqlabel.platform.lease import DEFAULT_TTL, LeaseError
 
@@ -39,6 +41,12 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--segmenter", default=DEFAULT_SEGMENTER, help="SAM-HQ / SAM hub id, local dir or original .pth file"
     )
+    for role in ("detector", "segmenter"):
+        p.add_argument(
+            f"--{role}-revision",
+            help=f"hub commit hash, branch or tag of --{role} (default: the default branch's commit when the "
+            "job starts; a resumed job reuses the commit its first run recorded)",
+        )
     p.add_argument("--hq-weights", help="fine-tuned HQ-token weights (safetensors) on top of --segmenter")
     p.add_argument("--preset", choices=PRESETS, help="tiny randomly initialised models (offline smoke runs)")
     p.add_argument("--box-threshold", type=float, default=0.35, help="minimum box score (default 0.35)")
@@ -67,6 +75,16 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
         "join (with --device cuda, also before any has joined)",
     )
     p.add_argument("--min-workers", type=int, help="autoscaling pool: the fewest actors it keeps (default 1)")
+    p.add_argument(
+        "--actor-resource",
+        type=resource_amount,
+        action="append",
+        default=[],
+        metavar="NAME=AMOUNT",
+        help="a custom Ray resource each labeling actor asks for, placing the actors on the nodes that offer "
+        "it (e.g. a node type started with `ray start --resources`, or accelerator_type:A100); repeatable; "
+        "refused when no node offers it",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument(
         "--precision",
@@ -95,6 +113,7 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
         help="image files (or inline bytes) larger than this many bytes become error rows, unread (512 MiB)",
     )
     p.add_argument("--max-side", type=int, help="downscale longer images to this side first (1333)")
+    add_json_cap_arg(p, "a COCO JSON input")
     p.add_argument("--id-column", default="image_id", help="Parquet input: image id column")
     p.add_argument("--image-column", default="image", help="Parquet input: encoded image bytes column")
     p.add_argument("--uri-column", default="uri", help="Parquet input: image reference column (s3://, paths)")
@@ -133,7 +152,7 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
         help=f"seconds this run's lease on --out (OUT/_lease.json) outlives it if it dies; another run into "
         f"--out is refused until then (default {DEFAULT_TTL:g}, renewed every third)",
     )
-    p.add_argument("--address", help="Ray cluster address to join (default: start a local Ray)")
+    p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_label)
@@ -149,6 +168,8 @@ def _label(args: argparse.Namespace) -> int:
         prompts=args.prompts,
         detector=args.detector,
         segmenter=args.segmenter,
+        detector_revision=args.detector_revision,
+        segmenter_revision=args.segmenter_revision,
         preset=args.preset,
         box_threshold=args.box_threshold,
         text_threshold=args.text_threshold,
@@ -164,6 +185,7 @@ def _label(args: argparse.Namespace) -> int:
     optional = {
         "max_pixels": args.max_pixels,
         "max_bytes": args.max_bytes,
+        "max_json_bytes": args.max_json_bytes,
         "max_side": args.max_side,
         "num_workers": args.num_workers,
         "min_workers": args.min_workers,
@@ -189,6 +211,7 @@ def _label(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         overwrite=args.overwrite,
         retry_errors=args.retry_errors,
+        actor_resources=dict(args.actor_resource),
         ray_address=args.address,
         **{k: v for k, v in optional.items() if v is not None},
     )
@@ -234,6 +257,8 @@ def _add_segment_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hq-token-only", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--multimask", choices=("off", "best", "all"), default="off")
     p.add_argument("--device", default="auto")
+    p.add_argument("--max-pixels", type=int, help="refuse images with more pixels (100M, as label)")
+    p.add_argument("--max-bytes", type=int, help="refuse image files larger than this, unread (512 MiB)")
     p.set_defaults(func=_segment)
 
 
@@ -252,6 +277,11 @@ def _segment(args: argparse.Namespace) -> int:
         hq_token_only=args.hq_token_only,
         multimask=args.multimask,
         device=args.device,
+        **{
+            k: v
+            for k, v in {"max_pixels": args.max_pixels, "max_bytes": args.max_bytes}.items()
+            if v is not None
+        },
     )
     print(run_segment(spec))
     return 0
@@ -436,6 +466,18 @@ def _one_line(error: Exception) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``hqlabel`` command: 0 done, 1 a job that did not succeed, 2 a user error (one line on stderr),
+    130 interrupted (Ctrl-C: one line, no traceback, wherever it lands, imports included)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # A second Ctrl-C while Ray shuts down (at exit) would end in a traceback: this one is enough.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("hqlabel: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
@@ -450,9 +492,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"hqlabel: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("hqlabel: interrupted", file=sys.stderr)
-        return 130
+    except ImportError as e:
+        if args.verbose or "pip install" not in str(e):  # only a missing extra, named with its install hint
+            raise
+        print(f"hqlabel: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

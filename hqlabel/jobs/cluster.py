@@ -12,9 +12,10 @@ ignores it), and ``auth_error`` says in one line what to set when the cluster st
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,18 +53,14 @@ def use_cluster_token() -> None:
         return
     if ray.is_initialized():
         return
-    setup_logger = logging.getLogger(setup.__name__)
-    level = setup_logger.level
     # Its warning "Token authentication is enabled for this Ray cluster" is meant for a cluster it starts.
-    setup_logger.setLevel(logging.ERROR)
     try:
-        setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        with _quiet(setup.__name__):
+            setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     except AuthenticationError as e:
         raise PermissionError(
             f"RAY_AUTH_TOKEN_PATH={os.environ.get('RAY_AUTH_TOKEN_PATH')!r} is missing or empty: {TOKEN_HELP}"
         ) from e
-    finally:
-        setup_logger.setLevel(level)
 
 
 def is_auth_failure(error: BaseException) -> bool:
@@ -95,17 +92,58 @@ def auth_error(address: str) -> PermissionError:
     return PermissionError(f"the Ray cluster at {address} refused the token from {source}: {TOKEN_HELP}")
 
 
+ADDRESS_HELP = (
+    "Ray cluster to join: HOST:PORT (its GCS, e.g. 10.0.0.5:6379), ray://HOST:10001, or auto (Ray's own "
+    "discovery: the cluster of the last `ray start` on this machine). Default: RAY_ADDRESS when set (Ray "
+    "Jobs sets it), else a new local Ray, never a cluster left running here"
+)
+LOCAL = "local"  # Ray's address for "start a new local Ray, whatever else runs here"
+
+
+def ray_address(address: str | None) -> str:
+    """Where a job's ``ray.init`` goes: ``address`` when given (``host:port``, ``ray://...``, or ``auto`` for
+    Ray's own discovery), else ``RAY_ADDRESS`` when set (Ray Jobs sets it for a submitted driver), else
+    ``"local"``: a new local Ray.
+
+    Never ``None``: Ray's ``ray.init(address=None)`` joins the cluster that ``RAY_TMPDIR/ray/
+    ray_current_cluster`` (default ``/tmp/ray/``) names, the last ``ray start`` on this machine, even one that
+    is long dead (it then hangs retrying); ``"local"`` skips that file.
+    """
+    return address or os.environ.get("RAY_ADDRESS") or LOCAL
+
+
+def is_local(address: str | None) -> bool:
+    """Whether ``ray_init(address=address)`` starts a new local Ray (whose CPUs are this machine's)."""
+    return ray_address(address) == LOCAL
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Only errors from the logger ``logger_name`` while the block runs."""
+    log = logging.getLogger(logger_name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def ray_init(**kwargs: Any) -> None:
-    """``ray.init(**kwargs)``; joining a cluster (``address``, or ``RAY_ADDRESS``) sends its token if found.
+    """``ray.init(**kwargs)`` at ``ray_address(kwargs.get("address"))``: a new local Ray unless an address is
+    given (or ``RAY_ADDRESS`` set); joining a cluster sends its token if found.
 
     Raises:
         PermissionError: the cluster requires a token and none was found, or it refused the one found.
     """
     import ray
 
-    address = kwargs.get("address") or os.environ.get("RAY_ADDRESS")
-    if address is None:  # a new local Ray: Ray sets up its own token
-        ray.init(**kwargs)
+    address = kwargs["address"] = ray_address(kwargs.get("address"))
+    if address == LOCAL:  # a new local Ray: Ray sets up its own token
+        # Its warning "Token authentication is enabled for this Ray cluster" would print on every run; the
+        # token it makes stays on this machine (~/.ray/auth_token) and the local Ray binds to it alone.
+        with _quiet("ray._private.authentication.authentication_token_setup"):
+            ray.init(**kwargs)
         return
     use_cluster_token()
     try:

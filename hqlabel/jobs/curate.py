@@ -37,7 +37,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from hqlabel.jobs.args import add_storage_args, storage_options
+from hqlabel.jobs.args import add_json_cap_arg, add_storage_args, storage_options
 from hqlabel.platform import storage
 from hqlabel.platform.export import LabelsFolder
 from hqlabel.platform.groundtruth import image_size
@@ -74,18 +74,28 @@ def _decision_entry(
     return (str(item["image_id"]), instance_id), decision
 
 
-def read_decisions(uri: str, options: StorageOptions = StorageOptions()) -> dict[tuple[str, int], str]:
+def read_decisions(
+    uri: str, options: StorageOptions = StorageOptions(), *, max_bytes: int = storage.DEFAULT_MAX_JSON_BYTES
+) -> dict[tuple[str, int], str]:
     """A reviewer's decisions: ``{(image_id, instance_id): "accept" | "reject"}``.
 
     The file (local or ``s3://``) is a CSV with the header ``image_id,instance_id,decision``, JSON lines
-    (one object per line) or a JSON list of such objects; the form is detected from the content.
+    (one object per line) or a JSON list of such objects; the form is detected from the content. A file
+    larger than ``max_bytes`` is refused before it is read (``--max-json-bytes``).
 
     Raises:
         FileNotFoundError: no such file.
+        TooLargeError: it is over ``max_bytes``.
         ValueError: not one of those forms, a missing field, a decision other than accept / reject, a
             non-integer instance_id, or two different decisions for one mask (the line / entry is named).
     """
-    text = storage.read_bytes(uri, options).decode("utf-8-sig")
+    data = storage.read_bytes(uri, options, max_bytes=max_bytes, option="--max-json-bytes")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"decisions file {uri} is not UTF-8 text (byte {e.start}); save it as UTF-8"
+        ) from None
     stripped = text.lstrip()
     entries: list[tuple[str, Any]] = []
     if stripped.startswith("["):
@@ -152,6 +162,7 @@ def run_curate(
     decisions: str | None = None,
     images: str | None = None,
     options: StorageOptions = StorageOptions(),
+    max_json_bytes: int = storage.DEFAULT_MAX_JSON_BYTES,
 ) -> dict[str, Any]:
     """Write the masks of the labels folder ``labels`` that pass the filters as an instance dataset at ``out``
     (kind ``"curated"``; see the module docstring for the rules).
@@ -161,7 +172,7 @@ def run_curate(
         out: the instance dataset folder to write (local or ``s3://``).
         min_pred_iou / min_score / min_area: thresholds (inclusive); None = no filter.
         classes: keep only these classes; None = all.
-        decisions: a decisions file (see ``read_decisions``).
+        decisions: a decisions file (see ``read_decisions``), refused over ``max_json_bytes``.
         images: the job's input, when it moved since labeling (default: ``job.json`` ``spec.input``).
 
     Returns:
@@ -178,6 +189,8 @@ def run_curate(
         raise ValueError(f"--min-area must be >= 0, got {min_area}")
     if classes is not None and not classes:
         raise ValueError("--labels names no class; give a comma-separated list such as cat,dog")
+    # recorded in dataset.json: absolute, so that it means the same from any directory
+    labels, out, images, decisions = (storage.absolute(p) for p in (labels, out, images, decisions))
     folder = LabelsFolder(labels, options)
     mask_files = files_by_shard(folder.mask_files)
     if not mask_files:
@@ -185,8 +198,9 @@ def run_curate(
             f"{labels} has no masks (masks/part-*.parquet): expected the --out folder of a finished "
             "`hqlabel label` run with at least one instance"
         )
-    verdicts = read_decisions(decisions, options) if decisions else {}
+    verdicts = read_decisions(decisions, options, max_bytes=max_json_bytes) if decisions else {}
     spec = folder.job.get("spec", {})
+    _warn_unknown_classes(classes, spec, labels)
     models = folder.job.get("models", {})
     if models.get("random_weights"):
         logger.warning(
@@ -296,9 +310,31 @@ def run_curate(
         provenance["counts"]["dropped"] = dict(dropped)
         provenance["counts"]["kept_by_label"] = dict(sorted(kept.items()))
 
-    return write_instances(
+    manifest = write_instances(
         curated(), out, kind="curated", source=folder.uri, provenance=provenance, options=options
     )
+    if manifest["num_instances"] == 0:
+        reasons = ", ".join(f"{k} {v}" for k, v in manifest["provenance"]["counts"]["dropped"].items() if v)
+        logger.warning(
+            "curate kept 0 masks of %s (dropped: %s): %s is empty; loosen the filters", labels, reasons, out
+        )
+    return manifest
+
+
+def _warn_unknown_classes(classes: list[str] | None, spec: dict[str, Any], labels: str) -> None:
+    """A warning for ``--labels`` classes that the labeling job did not detect (its ``--classes``); a job
+    that took its boxes' labels from the dataset (``--prompts boxes``) has no class list to check."""
+    job_classes = spec.get("labeler", {}).get("classes") or []
+    if classes is None or not job_classes:
+        return
+    unknown = [c for c in classes if c not in job_classes]
+    if unknown:
+        logger.warning(
+            "--labels %s: not a class of %s (its classes: %s); no mask can have it",
+            ", ".join(unknown),
+            labels,
+            ", ".join(job_classes),
+        )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -324,6 +360,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "thresholds, reject always drops",
     )
     p.add_argument("--images", help="the job's input, if it has moved (default: job.json's spec.input)")
+    add_json_cap_arg(p, "a decisions file")
     add_storage_args(p)
     p.set_defaults(func=_curate)
 
@@ -342,6 +379,7 @@ def _curate(args: argparse.Namespace) -> int:
         decisions=args.decisions,
         images=args.images,
         options=storage_options(args),
+        max_json_bytes=args.max_json_bytes,
     )
     counts = manifest["provenance"]["counts"]
     dropped = ", ".join(f"{k} {v}" for k, v in counts["dropped"].items() if v) or "none"

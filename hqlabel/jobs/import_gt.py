@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from hqlabel.jobs.args import add_storage_args, storage_options
+from hqlabel.jobs.args import add_json_cap_arg, add_storage_args, storage_options
 from hqlabel.platform import groundtruth, storage
 from hqlabel.platform.instances import write_instances
 from hqlabel.platform.storage import StorageOptions
@@ -21,6 +21,7 @@ def run_import_gt(
     label: str = "object",
     include_crowd: bool = False,
     options: StorageOptions = StorageOptions(),
+    max_json_bytes: int = storage.DEFAULT_MAX_JSON_BYTES,
 ) -> dict[str, Any]:
     """Write the ground truth at ``source`` as an instance dataset at ``out`` (both local or ``s3://``).
 
@@ -29,6 +30,7 @@ def run_import_gt(
         images: COCO only: the folder of the ``file_name``s (default: the JSON's folder).
         label: mask folder only: the class name of every mask.
         include_crowd: COCO only: keep ``iscrowd`` annotations.
+        max_json_bytes: COCO only: refuse a larger JSON file (``--max-json-bytes``) before reading it.
 
     Returns:
         The dataset's ``dataset.json`` document; ``provenance.skipped`` holds the reader's counts.
@@ -39,13 +41,20 @@ def run_import_gt(
             or ``out`` already holds an instance dataset.
     """
     stats: dict[str, int] = {}
+    # recorded in dataset.json: absolute, so that it means the same from any directory ("gt.json" too)
+    source, out, images = storage.absolute(source), storage.absolute(out), storage.absolute(images)
     if source.lower().endswith(".json"):
         if label != "object":
             raise ValueError("--label is for mask folders; a COCO file's labels are its category names")
         kind = "coco"
         provenance: dict[str, Any] = {"images_root": images or source.rstrip("/").rsplit("/", 1)[0]}
         reader = groundtruth.read_coco_instances(
-            source, options, images_root=images, include_crowd=include_crowd, stats=stats
+            source,
+            options,
+            images_root=images,
+            include_crowd=include_crowd,
+            stats=stats,
+            max_json_bytes=max_json_bytes,
         )
     else:
         if images is not None or include_crowd:
@@ -77,6 +86,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", help="COCO: folder of the file_names (default: the JSON's folder)")
     p.add_argument("--label", default="object", help="mask folder: class name of the masks (object)")
     p.add_argument("--include-crowd", action="store_true", help="COCO: keep iscrowd annotations")
+    add_json_cap_arg(p, "a COCO JSON")
     add_storage_args(p)
     p.set_defaults(func=_import_gt)
 
@@ -89,6 +99,7 @@ def _import_gt(args: argparse.Namespace) -> int:
         label=args.label,
         include_crowd=args.include_crowd,
         options=storage_options(args),
+        max_json_bytes=args.max_json_bytes,
     )
     print(
         f"imported {manifest['num_images']} images, {manifest['num_instances']} instances "

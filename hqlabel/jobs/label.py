@@ -8,6 +8,7 @@ passes through it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,12 +22,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from hqlabel import __version__
-from hqlabel.jobs.cluster import describe_nodes, ray_init
+from hqlabel.jobs.checks import check_compile, check_device, check_hq_weights, check_pretrained
+from hqlabel.jobs.cluster import describe_nodes, is_local, ray_init
 from hqlabel.jobs.resources import ResourcePlan, object_store_limit, plan_label_job
-from hqlabel.jobs.spec import LabelJobSpec
+from hqlabel.jobs.shared_paths import check_shared_paths
+from hqlabel.jobs.spec import LabelJobSpec, absolute_path
 from hqlabel.platform import storage
-from hqlabel.platform.config import LabelerConfig
-from hqlabel.platform.hub import load_pretrained
+from hqlabel.platform.config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, LabelerConfig
+from hqlabel.platform.hub import is_hub_revision, model_revision
 from hqlabel.platform.lease import OutputLease
 from hqlabel.platform.readers import (
     DatasetInput,
@@ -119,6 +122,7 @@ def _labeler_defaults() -> dict:
 
 
 LISTING = "_listing"  # OUT/_listing/SHARD.parquet: the images of each shard of a folder or COCO input
+OUTPUT_NAMES = ("masks", "errors", "images", "_tmp", "_done", LISTING, "_manifest.json", "job.json")
 
 
 def _list(spec: LabelJobSpec, *, write: bool, earlier: list[Shard] | None = None) -> DatasetInput:
@@ -132,6 +136,8 @@ def _list(spec: LabelJobSpec, *, write: bool, earlier: list[Shard] | None = None
         coco_images=spec.coco_images,
         need_boxes=spec.labeler.prompts == "boxes",
         earlier=earlier,
+        allow=tuple(spec.allow_prefix),
+        max_json_bytes=spec.max_json_bytes,
     )
 
 
@@ -140,6 +146,22 @@ def _changed_shards(before: dict, now: dict) -> list[str]:
     old = {e["id"]: e for e in before.get("shards", [])}
     new = {e["id"]: e for e in now["shards"]}
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def changed_settings(before: dict, now: dict, prefix: str = "") -> list[str]:
+    """``"name: EARLIER -> NOW"`` for each setting that differs, nested ones dotted (``labeler.detector``).
+    A relative input path of an older ``job.json`` counts as the same as its absolute path from here."""
+    changed = []
+    for name in sorted(before.keys() | now.keys()):
+        old, new = before.get(name), now.get(name)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += changed_settings(old, new, f"{prefix}{name}.")
+        elif name in ("input", "coco_images") and isinstance(old, str) and old != new:
+            if absolute_path(old) != new:
+                changed.append(f"{prefix}{name}: {old!r} -> {new!r}")
+        elif old != new:
+            changed.append(f"{prefix}{name}: {old!r} -> {new!r}")
+    return changed
 
 
 def prepare_output(spec: LabelJobSpec) -> tuple[DatasetInput, list[Shard]]:
@@ -155,22 +177,23 @@ def prepare_output(spec: LabelJobSpec) -> tuple[DatasetInput, list[Shard]]:
     out, options = spec.out, spec.storage
     earlier = _read_json(storage.join(out, "job.json"), spec)
     if earlier is None or spec.overwrite:
-        for name in ("masks", "errors", "images", "_tmp", "_done", LISTING, "_manifest.json", "job.json"):
+        for name in OUTPUT_NAMES:
             storage.delete(storage.join(out, name), options)
         source = _list(spec, write=True)
         _write_json(storage.join(out, "_manifest.json"), source.manifest(), spec)
         return source, list(source.shards)
     before = {k: earlier["spec"].get(k) for k in LabelJobSpec.OUTPUT_FIELDS}
     if isinstance(before["labeler"], dict):  # fields added since (at their defaults) are no change
-        before["labeler"] = {**_labeler_defaults(), **before["labeler"]}
+        unpinned = {k: getattr(spec.labeler, k) for k in ("detector_revision", "segmenter_revision")}
+        before["labeler"] = {**_labeler_defaults(), **unpinned, **before["labeler"]}  # older runs pinned none
     for name in LabelJobSpec.OUTPUT_FIELDS:  # a job.json from before the field existed: its default then
         if name not in earlier["spec"]:
             before[name] = LabelJobSpec.model_fields[name].get_default(call_default_factory=True)
     now = spec.model_dump(mode="json", include=set(LabelJobSpec.OUTPUT_FIELDS))
-    changed = sorted(k for k in LabelJobSpec.OUTPUT_FIELDS if before[k] != now[k])
+    changed = changed_settings(before, now)
     if changed:
         raise ValueError(
-            f"{out} holds an earlier run with different settings ({', '.join(changed)}); pass "
+            f"{out} holds an earlier run with different settings ({'; '.join(changed)}); pass "
             "--overwrite to replace it, or choose another --out"
         )
     manifest = _read_json(storage.join(out, "_manifest.json"), spec) or {}
@@ -218,20 +241,45 @@ def prepare_retry(
     return ids, todo
 
 
-def check_models(spec: LabelJobSpec) -> None:
-    """Fail fast in the driver, with an actionable message, when a model cannot be loaded."""
-    if spec.labeler.preset is not None:
-        return
-    from transformers import AutoConfig
+def check_models(spec: LabelJobSpec) -> LabelJobSpec:
+    """Fail fast in the driver, with an actionable message, when a model cannot be loaded
+    (``check_pretrained``: the options the user set first; offline from the cache at once); returns ``spec``
+    with its models pinned (``LabelerConfig.detector_revision`` / ``segmenter_revision``).
 
-    if spec.labeler.prompts == "detector":
-        load_pretrained(
-            AutoConfig.from_pretrained, spec.labeler.detector, what="detector", option="--detector"
+    A hub model is pinned to a commit hash (``hub.model_revision``): the revision the spec names, else the
+    one an earlier run in ``spec.out`` recorded for the same model (a resumed run loads the same commit even
+    when the hub's default branch has moved since), else the default branch's commit now. A local directory
+    or ``.pth`` file gets a fingerprint of its files instead: a resumed run whose files changed is refused
+    as a changed setting (``prepare_output``). A preset has none.
+    """
+    if spec.labeler.preset is not None:
+        return spec
+    earlier = None if spec.overwrite else _read_json(storage.join(spec.out, "job.json"), spec)
+    recorded = ((earlier or {}).get("spec") or {}).get("labeler") or {}
+    defaults = {"detector": DEFAULT_DETECTOR, "segmenter": DEFAULT_SEGMENTER}
+    roles = ["detector", "segmenter"] if spec.labeler.prompts == "detector" else ["segmenter"]
+    revisions: dict[str, str | None] = {}
+    models = []  # (name, what, option, default) of the models with a config to load
+    for role in roles:
+        name = getattr(spec.labeler, role)
+        revision = getattr(spec.labeler, f"{role}_revision")
+        if (
+            revision is None
+            and recorded.get(role) == name
+            and is_hub_revision(recorded.get(f"{role}_revision"))
+        ):
+            revision = recorded[f"{role}_revision"]
+        revisions[f"--{role}"] = revision
+        if not Path(name).expanduser().is_file():  # an original .pth checkpoint has no config
+            models.append((name, role, f"--{role}", defaults[role]))
+    check_pretrained(models, revisions=revisions)
+    pinned = {
+        f"{role}_revision": model_revision(
+            getattr(spec.labeler, role), revisions[f"--{role}"], what=role, option=f"--{role}"
         )
-    if not Path(spec.labeler.segmenter).expanduser().is_file():  # an original .pth checkpoint has no config
-        load_pretrained(
-            AutoConfig.from_pretrained, spec.labeler.segmenter, what="segmenter", option="--segmenter"
-        )
+        for role in roles
+    }
+    return spec.model_copy(update={"labeler": spec.labeler.model_copy(update=pinned)})
 
 
 def only_images(batch, *, only: dict[str, list[str]]):
@@ -280,7 +328,7 @@ def init_ray(spec: LabelJobSpec) -> None:
     if ray.is_initialized():
         return
     kwargs = {"address": spec.ray_address, "logging_level": logging.WARNING, "log_to_driver": True}
-    if spec.ray_address is None:
+    if is_local(spec.ray_address):  # never a stray cluster: see cluster.ray_address
         kwargs.update(num_cpus=spec.num_cpus, include_dashboard=False)
     ray_init(**kwargs)  # joining a cluster: with its token
 
@@ -322,6 +370,7 @@ def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan, root: str, run_id
         compute=ray.data.ActorPoolStrategy(**plan.actor_pool()),
         num_cpus=plan.actor_cpus,
         num_gpus=plan.actor_gpus,
+        **({"resources": plan.actor_resources} if plan.actor_resources else {}),  # --actor-resource
         scheduling_strategy="SPREAD",  # the actors over the nodes, not packed onto the first that fits
         max_restarts=spec.max_actor_restarts,
         max_task_retries=spec.max_actor_restarts,
@@ -350,23 +399,68 @@ def run_label_job(spec: LabelJobSpec, *, progress: bool = True) -> LabelSummary:
 
     if spec.labeler.preset == "tiny-random":
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
-    if not storage.is_s3(spec.out):  # workers on other machines or folders must write to the same place
-        spec = spec.model_copy(update={"out": storage.resolve(spec.out)[1]})
+    # Workers on other machines or folders read and write the same places; job.json records them absolute.
+    spec = spec.with_absolute_paths()
     check_input_exists(spec.input, spec.storage)  # the cheap checks first, before anything is written
-    check_models(spec)
+    check_device(spec.labeler.device, spec.labeler.precision, local=is_local(spec.ray_address))
+    check_compile(spec.labeler.compile, spec.labeler.device, local=is_local(spec.ray_address))
+    check_hq_weights(spec.labeler.hq_weights)
+    spec = check_models(spec)  # hub models pinned to commits (an earlier run's, when resuming)
     # One run writes to an output at a time: a second one is refused while this one holds the lease.
-    with OutputLease(spec.out, spec.storage, ttl=spec.lease_ttl, what=f"hqlabel label {spec.input}") as lease:
-        return _label(spec, lease, progress)
+    new_folder = not storage.is_s3(spec.out) and not Path(spec.out).exists()
+    try:
+        with OutputLease(
+            spec.out, spec.storage, ttl=spec.lease_ttl, what=f"hqlabel label {spec.input}"
+        ) as lease:
+            fresh = spec.overwrite or _read_json(storage.join(spec.out, "job.json"), spec) is None
+            try:
+                return _label(spec, lease, progress)
+            except BaseException:
+                if fresh:  # a new run that failed before any shard completed leaves nothing to resume
+                    with contextlib.suppress(OSError):
+                        _discard_unstarted(spec)
+                raise
+    finally:
+        if new_folder:  # the folder this run made, if nothing is left in it
+            with contextlib.suppress(OSError):
+                os.rmdir(spec.out)
+
+
+def _discard_unstarted(spec: LabelJobSpec) -> None:
+    """Delete what a new run wrote to ``spec.out`` when it failed before completing any shard (its
+    ``job.json`` would refuse the corrected rerun's settings without ``--overwrite``); a run that completed
+    shards is kept, to resume."""
+    if done_shards(spec.out, spec.storage):
+        return
+    for name in OUTPUT_NAMES:
+        storage.delete(storage.join(spec.out, name), spec.storage)
+
+
+def check_shared_storage(spec: LabelJobSpec) -> None:
+    """On a cluster of several nodes, refuse local paths that not every node sees (``check_shared_paths``):
+    the input and model files the tasks and actors read, the output folder they write."""
+    reads = {
+        "INPUT": spec.input,
+        "--coco-images": spec.coco_images,
+        "--segmenter": spec.labeler.segmenter,
+        "--hq-weights": spec.labeler.hq_weights,
+        **{f"--allow-prefix {prefix}": prefix for prefix in spec.allow_prefix},
+    }
+    if spec.labeler.prompts == "detector":
+        reads["--detector"] = spec.labeler.detector
+    check_shared_paths(reads, {"--out": spec.out})
 
 
 def _label(spec: LabelJobSpec, lease: OutputLease, progress: bool) -> LabelSummary:
     """``run_label_job`` once its checks passed and it holds the output's lease."""
     import ray
 
-    source, pending = prepare_output(spec)
-    retry, retry_todo = prepare_retry(spec, source, pending) if spec.retry_errors else ({}, {})
+    # Ray and its checks come first: a refused plan or path leaves the output as it was.
     init_ray(spec)
     plan = plan_label_job(spec)
+    check_shared_storage(spec)
+    source, pending = prepare_output(spec)
+    retry, retry_todo = prepare_retry(spec, source, pending) if spec.retry_errors else ({}, {})
     record = {
         "job": "label",
         "spec": spec.model_dump(mode="json"),
@@ -375,6 +469,8 @@ def _label(spec: LabelJobSpec, lease: OutputLease, progress: bool) -> LabelSumma
             if spec.labeler.prompts == "boxes"
             else spec.labeler.preset or spec.labeler.detector,
             "segmenter": spec.labeler.preset or spec.labeler.segmenter,
+            "detector_revision": None if spec.labeler.prompts == "boxes" else spec.labeler.detector_revision,
+            "segmenter_revision": spec.labeler.segmenter_revision,
             "hq_weights": spec.labeler.hq_weights,
             "random_weights": spec.labeler.preset == "tiny-random",
         },

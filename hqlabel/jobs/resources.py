@@ -3,7 +3,9 @@ cluster has."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -26,6 +28,8 @@ class ResourcePlan:
             machine (one actor, one CPU kept for I/O) the actor also uses that kept CPU for torch, because
             decode and write are light next to the models and the OS interleaves them (measured on 2 cores:
             benchmarks/RESULTS.md, 2026-11-26). Elsewhere it equals ``actor_cpus``.
+        actor_resources: custom Ray resources per actor (``--actor-resource``), e.g. ``{"a100": 1}`` to place
+            the actors on the nodes that offer it.
     """
 
     num_actors: int
@@ -35,6 +39,7 @@ class ResourcePlan:
     actor_gpus: float
     task_cpus: float
     actor_threads: int = 1
+    actor_resources: dict[str, float] = field(default_factory=dict)
 
     def actor_pool(self) -> dict[str, int]:
         """Keyword arguments of ``ray.data.ActorPoolStrategy``: a fixed ``size``, or autoscaling bounds."""
@@ -45,6 +50,21 @@ class ResourcePlan:
 
 BATCHES_IN_FLIGHT = 4  # decoded batches the object store may hold per labeling actor
 MIN_OBJECT_STORE_BYTES = 64 * 2**20
+# Ray's own resources: set by --num-workers / --device, never by --actor-resource / --worker-resource.
+BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def check_custom_resources(resources: dict[str, float], option: str) -> dict[str, float]:
+    """Refuse Ray's own resources and amounts <= 0 in ``--actor-resource`` / ``--worker-resource``."""
+    for name, amount in resources.items():
+        if name in BUILTIN_RESOURCES:
+            raise ValueError(
+                f"{option} {name}: Ray's own resource; CPUs and GPUs per actor or worker follow from "
+                "--num-workers/--workers and --device/--gpus-per-worker. Name a custom resource"
+            )
+        if not amount > 0:
+            raise ValueError(f"{option} {name}={amount:g}: the amount must be > 0")
+    return resources
 
 
 def object_store_limit(plan: ResourcePlan, batch_size: int, max_side: int) -> int:
@@ -171,20 +191,50 @@ def plan_resources(
 
 @dataclass(frozen=True)
 class ClusterCapacity:
-    """What the alive nodes of a Ray cluster have: CPUs and GPUs in all, and the most CPUs on one node."""
+    """What the alive nodes of a Ray cluster have: CPUs and GPUs in all, the most CPUs on one node, and each
+    node's resources (Ray's ``Resources``: ``CPU``, ``GPU``, custom ones)."""
 
     cpus: float
     gpus: float
     node_cpus: float
+    nodes: tuple[Mapping[str, float], ...] = ()
 
 
 def cluster_capacity() -> ClusterCapacity:
     """The capacity of the Ray cluster this process has joined, now (an autoscaler may add nodes later)."""
     import ray
 
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    nodes = tuple(node["Resources"] for node in ray.nodes() if node["Alive"])
     cpus = [node.get("CPU", 0.0) for node in nodes]
-    return ClusterCapacity(sum(cpus), sum(node.get("GPU", 0.0) for node in nodes), max(cpus, default=0.0))
+    return ClusterCapacity(
+        sum(cpus), sum(node.get("GPU", 0.0) for node in nodes), max(cpus, default=0.0), nodes
+    )
+
+
+def resource_slots(wanted: Mapping[str, float], nodes: tuple[Mapping[str, float], ...], option: str) -> int:
+    """How many actors (or workers) asking for the custom resources ``wanted`` fit on ``nodes`` at once: per
+    node, how many times it holds all of them, summed (an actor sits on one node).
+
+    Raises:
+        ValueError: no node offers one of them (as much as one actor asks), or none offers all together: one
+            line naming the resource, what the nodes offer and the fix (``option``: the CLI option).
+    """
+    if not wanted:
+        return 0
+    slots = sum(min(math.floor(node.get(k, 0.0) / v + 1e-9) for k, v in wanted.items()) for node in nodes)
+    if slots:
+        return slots
+    offered = sorted({k for node in nodes for k in node if k not in BUILTIN_RESOURCES and ":__" not in k})
+    shown = f"custom resources offered: {', '.join(offered) or 'none'}"
+    for name, amount in sorted(wanted.items()):
+        if not any(node.get(name, 0.0) >= amount for node in nodes):
+            raise ValueError(
+                f"{option} {name}={amount:g}: no node of the Ray cluster offers {amount:g} {name} ({shown}); "
+                f"start the nodes meant for it with `ray start --resources '{{\"{name}\": N}}'`, or drop "
+                f"{option}"
+            )
+    asked = ", ".join(f"{k}={v:g}" for k, v in sorted(wanted.items()))
+    raise ValueError(f"{option} {asked}: no node of the Ray cluster offers all of them together ({shown})")
 
 
 def plan_label_job(spec: LabelJobSpec) -> ResourcePlan:
@@ -196,7 +246,7 @@ def plan_label_job(spec: LabelJobSpec) -> ResourcePlan:
     device = spec.labeler.device
     use_gpus = True if device.startswith("cuda") else False if device == "cpu" else None
     capacity = cluster_capacity()
-    return plan_resources(
+    plan = plan_resources(
         capacity.cpus,
         capacity.gpus,
         spec.num_workers,
@@ -205,6 +255,42 @@ def plan_label_job(spec: LabelJobSpec) -> ResourcePlan:
         node_cpus=capacity.node_cpus,
         use_gpus=use_gpus,
     )
+    if not spec.actor_resources:
+        return plan
+    sized = spec.num_workers is not None or spec.max_workers is not None
+    return fit_actor_resources(plan, spec.actor_resources, capacity.nodes, sized_by_user=sized)
+
+
+def fit_actor_resources(
+    plan: ResourcePlan,
+    wanted: Mapping[str, float],
+    nodes: tuple[Mapping[str, float], ...],
+    *,
+    sized_by_user: bool,
+) -> ResourcePlan:
+    """``plan`` with actors that also ask for the custom resources ``wanted`` (``--actor-resource``).
+
+    A fixed pool must fit on the nodes that offer them now: a default-sized one shrinks to fit, one the user
+    sized (``--num-workers``, or ``--min-workers`` = ``--max-workers``) larger than that is refused. An
+    autoscaling pool starts with what fits (at least its minimum) and grows as nodes that offer them join.
+
+    Raises:
+        ValueError: no node offers a resource; a fixed pool larger than the nodes that offer it hold.
+    """
+    slots = resource_slots(wanted, nodes, "--actor-resource")
+    resources = dict(wanted)
+    if plan.min_actors == plan.max_actors:
+        if plan.num_actors <= slots:
+            return replace(plan, actor_resources=resources)
+        if sized_by_user:
+            shown = ", ".join(f"{k}={v:g}" for k, v in sorted(wanted.items()))
+            raise ValueError(
+                f"{plan.num_actors} labeling actors with --actor-resource {shown} need more than the nodes "
+                f"offer now (room for {slots}); ask for at most {slots}, or add nodes that offer it"
+            )
+        return replace(plan, num_actors=slots, min_actors=slots, max_actors=slots, actor_resources=resources)
+    start = max(plan.min_actors, min(plan.num_actors, slots))
+    return replace(plan, num_actors=start, actor_resources=resources)
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hqlabel.jobs.checks import check_device, check_hq_weights, check_pretrained
 from hqlabel.jobs.label import RANDOM_WEIGHTS_WARNING
 from hqlabel.jobs.spec import SegmentJobSpec
+from hqlabel.platform.config import DEFAULT_SEGMENTER
 from hqlabel.platform.images import decode_image
 from hqlabel.platform.render import overlay_masks
 from hqlabel.segmenters import Prompts, build_segmenter
@@ -54,16 +56,59 @@ def build_prompts(spec: SegmentJobSpec) -> Prompts:
     return Prompts(boxes=boxes, points=points, point_labels=labels)
 
 
+def check_inside(spec: SegmentJobSpec, height: int, width: int) -> None:
+    """Every box and click lies on the image (pixels of the image as decoded: upright after EXIF rotation).
+
+    Raises:
+        ValueError: the first prompt outside ``0..width`` x ``0..height``, with the image's size.
+    """
+    size = f"the {width} x {height} image (x 0..{width}, y 0..{height}; pixels, upright after EXIF rotation)"
+    for x0, y0, x1, y1 in spec.boxes:
+        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+            raise ValueError(f"--box {x0:g},{y0:g},{x1:g},{y1:g} is outside {size}")
+    for x, y, _ in spec.points:
+        if not (0 <= x <= width and 0 <= y <= height):
+            raise ValueError(f"--point {x:g},{y:g} is outside {size}")
+
+
+def read_image(path: Path, spec: SegmentJobSpec) -> np.ndarray:
+    """``path`` decoded under the same limits as ``hqlabel label`` (``--max-bytes``, ``--max-pixels``: the
+    only pixel limit; Pillow's own is lifted to it, as in labeling jobs)."""
+    size = path.stat().st_size
+    if size > spec.max_bytes:
+        raise ValueError(
+            f"image {str(path)!r} is {size} bytes, over --max-bytes {spec.max_bytes}; raise --max-bytes to "
+            "accept it"
+        )
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and spec.max_pixels > limit:
+        Image.MAX_IMAGE_PIXELS = spec.max_pixels
+    try:
+        return decode_image(path.read_bytes(), max_pixels=spec.max_pixels)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
 def run_segment(spec: SegmentJobSpec) -> SegmentResult:
     """Segment the prompted objects of ``spec.image``; write ``STEM_mask_K[_J].png``, ``STEM_overlay.png``
-    and ``STEM_masks.json`` (prompts, predicted IoU, model) to ``spec.out``."""
-    path = Path(spec.image).expanduser()
+    and ``STEM_masks.json`` (prompts, predicted IoU, model) to ``spec.out``.
+
+    Everything is checked before a model is built: the image, the prompts (on the image), the device, the
+    HQ weights and the segmenter's name.
+    """
+    path = Path(spec.image).expanduser().absolute()
     if not path.is_file():
         raise FileNotFoundError(f"image {spec.image!r} does not exist")
+    spec = spec.model_copy(update={"image": str(path), "out": str(Path(spec.out).expanduser().absolute())})
     prompts = build_prompts(spec)
+    check_device(spec.device, "auto", local=True)
+    check_hq_weights(spec.hq_weights)
+    if spec.preset is None and not Path(spec.segmenter).expanduser().is_file():  # a .pth has no config
+        check_pretrained([(spec.segmenter, "segmenter", "--segmenter", DEFAULT_SEGMENTER)])
+    image = read_image(path, spec)
+    check_inside(spec, *image.shape[:2])
     if spec.preset == "tiny-random":
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
-    image = decode_image(path.read_bytes(), max_pixels=spec.max_pixels)
     segmenter = build_segmenter(
         spec.segmenter,
         preset=spec.preset,

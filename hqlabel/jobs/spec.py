@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from hqlabel.jobs.resources import check_custom_resources
+from hqlabel.platform import storage
 from hqlabel.platform.config import DEFAULT_SEGMENTER, LabelerConfig
 from hqlabel.platform.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from hqlabel.platform.lease import DEFAULT_TTL
 from hqlabel.platform.readers import InputColumns
 from hqlabel.platform.references import normalise
-from hqlabel.platform.storage import StorageOptions
+from hqlabel.platform.storage import DEFAULT_MAX_JSON_BYTES, StorageOptions
 from hqlabel.workers.decode import DEFAULT_MAX_SIDE
+
+
+def absolute_path(path: str | None, *, must_exist: bool = False) -> str | None:
+    """``storage.absolute(path)``; with ``must_exist``, a name that is no existing local path (a hub id) as
+    given."""
+    if must_exist and path is not None and not Path(path).expanduser().exists():
+        return path
+    return storage.absolute(path)
 
 
 class LabelJobSpec(BaseModel):
@@ -65,6 +76,12 @@ class LabelJobSpec(BaseModel):
         description="Larger encoded images become error rows (stage 'read'): files are refused by their "
         "stated size before they are read, inline bytes before they are decoded.",
     )
+    max_json_bytes: int = Field(
+        DEFAULT_MAX_JSON_BYTES,
+        ge=1,
+        description="A COCO JSON input larger than this is refused before it is read (parsing takes several "
+        "times its size in memory).",
+    )
     max_side: int = Field(
         DEFAULT_MAX_SIDE, ge=64, description="Images are downscaled to this longest side before the models."
     )
@@ -83,8 +100,16 @@ class LabelJobSpec(BaseModel):
         description="Times Ray restarts one labeling actor that died (a crash, the OOM killer, a broken "
         "device) before the job stops; a rerun resumes it.",
     )
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each labeling actor asks for (--actor-resource NAME=AMOUNT), to "
+        "place the actors on the nodes that offer them (e.g. a node type, or Ray's accelerator_type:A100); "
+        "refused when no node offers one.",
+    )
     ray_address: str | None = Field(
-        None, description="Ray cluster to join ('auto', 'ray://...'); default local."
+        None,
+        description="Ray cluster to join ('HOST:PORT', 'ray://...', or 'auto' for Ray's discovery); default "
+        "RAY_ADDRESS when set, else a new local Ray (never the cluster /tmp/ray/ray_current_cluster names).",
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray instance; default all.")
     lease_ttl: float = Field(
@@ -118,6 +143,31 @@ class LabelJobSpec(BaseModel):
                 raise ValueError("--allow-prefix '' would allow the working directory; give a folder or URI")
             normalise(prefix)  # a scheme other than s3:// or file://, or an S3 prefix without a bucket
         return prefixes
+
+    @field_validator("actor_resources")
+    @classmethod
+    def _check_actor_resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        return check_custom_resources(resources, "--actor-resource")
+
+    def with_absolute_paths(self) -> LabelJobSpec:
+        """This spec with local paths absolute (``file://`` ones too), as ``job.json`` records them: ``show``,
+        ``curate`` and a resume then work from any directory, and workers in other folders read the same
+        files. ``s3://`` URIs stay; so do model names that are no local path (hub ids)."""
+        labeler = self.labeler.model_copy(
+            update={
+                "detector": absolute_path(self.labeler.detector, must_exist=True),
+                "segmenter": absolute_path(self.labeler.segmenter, must_exist=True),
+                "hq_weights": absolute_path(self.labeler.hq_weights),
+            }
+        )
+        return self.model_copy(
+            update={
+                "input": absolute_path(self.input),
+                "out": absolute_path(self.out),
+                "coco_images": absolute_path(self.coco_images),
+                "labeler": labeler,
+            }
+        )
 
     @property
     def storage(self) -> StorageOptions:
@@ -154,3 +204,4 @@ class SegmentJobSpec(BaseModel):
     multimask: Literal["off", "best", "all"] = Field("off", description="One mask, the best of 3, or all 3.")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Larger images are refused.")
+    max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1, description="Larger image files are refused, unread.")

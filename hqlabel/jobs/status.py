@@ -25,10 +25,15 @@ class JobStatus:
 
     def __str__(self) -> str:
         errors = ", ".join(f"{stage} {n}" for stage, n in sorted(self.errors_by_stage.items())) or "none"
+        failed = sum(self.errors_by_stage.values())  # one error row per image that failed
+        done = f"{self.images_done}/{self.images_total}"
+        images = f"{done} labeled"
+        if failed:  # the images done include those that failed
+            images = f"{done} done: {self.images_done - failed} labeled, {failed} failed"
         lines = [
             f"{self.out}",
             f"  shards:    {self.shards_done}/{self.shards_total} done, {len(self.pending)} pending",
-            f"  images:    {self.images_done}/{self.images_total} labeled",
+            f"  images:    {images}",
             f"  instances: {self.instances}",
             f"  errors:    {sum(self.errors_by_stage.values())} ({errors})",
         ]

@@ -112,6 +112,15 @@ class LabelerConfig(BaseModel):
         DEFAULT_SEGMENTER,
         description="SAM-HQ (or SAM) hub id, local directory, or original checkpoint (sam_hq_vit_b.pth).",
     )
+    detector_revision: str | None = Field(
+        None,
+        description="The detector's version: a hub commit hash (or branch / tag, resolved to its commit when "
+        "a job starts), or for a local directory 'files:' and a fingerprint of its files. None: the default "
+        "branch, pinned by the job (recorded in job.json, reused on resume).",
+    )
+    segmenter_revision: str | None = Field(
+        None, description="The segmenter's version, as detector_revision (a .pth checkpoint: 'files:...')."
+    )
     hq_weights: str | None = Field(
         None, description="Fine-tuned HQ-token weights (safetensors) loaded on top of the segmenter."
     )

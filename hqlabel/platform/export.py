@@ -22,11 +22,17 @@ Format decisions:
   hold holes, so holes are dropped: a ring becomes its filled outer outline. Parts with polygon area below
   ``min_part_area`` are dropped, unless that would drop every part of the instance (then the largest stays).
 * masks-png: ``OUT/<image_id without extension>/<instance_id>_<label>.png``, 0/255 single-channel PNG.
+* File names (yolo-seg, masks-png) are the image ids' own (any script, spaces: ``my phöto 猫 1.png`` ->
+  ``labels/my phöto 猫 1.txt``), as YOLO pairs images and labels by stem; only a part that cannot be a file
+  name changes (``..``, control characters, over 255 bytes). ``OUT/image_files.csv`` maps every exported
+  ``image_id`` to its path, and a warning says when a name changed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import hashlib
 import io
 import json
 import logging
@@ -310,19 +316,39 @@ def export_coco(labels: LabelsFolder, out: str) -> ExportSummary:
     return summary
 
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._\-+=@,]+")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._\-+=@,]+")  # class names in masks-png file names
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")  # characters no file name should hold
+MAX_NAME_BYTES = 255  # the longest file name most file systems take (ext4, APFS, NTFS in UTF-16 units)
+FILE_MAP = "image_files.csv"  # image_id -> the path written for it, in every yolo-seg / masks-png export
+
+
+def _usable_name(part: str) -> str:
+    """A path part as a file name: itself unless it holds control characters (each run becomes ``_``), is
+    ``..`` (``_``), or is longer than ``MAX_NAME_BYTES`` in UTF-8 (a prefix plus a hash of the whole)."""
+    part = "_" if part == ".." else _CONTROL.sub("_", part)
+    if len(part.encode()) <= MAX_NAME_BYTES:
+        return part
+    digest = hashlib.sha1(part.encode()).hexdigest()[:12]
+    return part.encode()[: MAX_NAME_BYTES - 13].decode(errors="ignore") + "~" + digest
 
 
 def _stem_path(image_id: str) -> str:
-    """``image_id`` as a safe relative POSIX path without its extension: ``sub/img_1.jpg`` -> ``sub/img_1``.
-
-    Empty and ``.`` parts are dropped, ``..`` and characters outside ``[A-Za-z0-9._-+=@,]`` become ``_``.
+    """``image_id`` as a relative POSIX path without its extension: ``sub/my phöto 猫 1.png`` ->
+    ``sub/my phöto 猫 1``. The image's own names are kept (any script, spaces): YOLO pairs an image with its
+    label file by that stem. Only what cannot be a file name changes: ``\\`` separates folders like ``/``,
+    empty and ``.`` parts are dropped, and ``_usable_name`` applies to each part.
     """
     parts = [p for p in image_id.replace("\\", "/").split("/") if p not in ("", ".")]
-    parts = ["_" if p == ".." else _UNSAFE.sub("_", p) for p in parts] or ["_"]
+    parts = [_usable_name(p) for p in parts] or ["_"]
     last = PurePosixPath(parts[-1])
     parts[-1] = last.stem if last.suffix and last.stem else last.name
     return "/".join(parts)
+
+
+def _own_stem(image_id: str) -> str:
+    """``image_id`` without its extension, as a POSIX path: what ``_stem_path`` gives when no part changes."""
+    path = PurePosixPath(image_id.replace("\\", "/").lstrip("/"))
+    return path.with_suffix("").as_posix() if path.suffix and path.stem else path.as_posix()
 
 
 def _unique_stems(image_ids: list[str]) -> dict[str, str]:
@@ -334,11 +360,31 @@ def _unique_stems(image_ids: list[str]) -> dict[str, str]:
         if stem in owners:
             raise ValueError(
                 f"image ids {owners[stem]!r} and {image_id!r} both export to {stem!r}; "
-                "image ids must differ by more than their extension or unsafe characters"
+                "image ids must differ by more than their extension"
             )
         owners[stem] = image_id
         stems[image_id] = stem
     return stems
+
+
+def _write_file_map(out: str, paths: dict[str, str], options: StorageOptions) -> None:
+    """``OUT/image_files.csv``: ``image_id,path`` per exported image (``path`` relative to ``OUT``), in
+    ``image_id`` order; warns when a name had to change (then the images need that name too for YOLO)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["image_id", "path"])
+    writer.writerows(sorted(paths.items()))
+    storage.write_bytes(storage.join(out, FILE_MAP), buf.getvalue().encode(), options)
+    changed = [i for i in paths if _stem_path(i) != _own_stem(i)]
+    if changed:
+        logger.warning(
+            "%d image id(s) cannot be used as file names as they are (e.g. %r -> %r); %s maps each image "
+            "id to the file written for it",
+            len(changed),
+            changed[0],
+            _stem_path(changed[0]),
+            storage.join(out, FILE_MAP),
+        )
 
 
 def mask_polygons(mask: np.ndarray, min_part_area: float = 4.0) -> tuple[list[np.ndarray], int]:
@@ -420,12 +466,15 @@ def export_yolo_seg(labels: LabelsFolder, out: str, min_part_area: float = 4.0) 
     for image_id in stems:
         if image_id not in written:
             write_label_file(image_id, [])
+    _write_file_map(out, {i: f"labels/{stem}.txt" for i, stem in stems.items()}, labels.options)
 
     names = ", ".join(_yaml_string(name) for name in categories)
     data_yaml = (
         f"# YOLO-seg dataset exported by `hqlabel export` from {labels.uri}\n"
-        "# Label files are labels/<image_id without extension>.txt. YOLO finds an image's label file by\n"
-        "# replacing /images/ with /labels/ in the image path: put (or link) the images under images/\n"
+        "# Label files are labels/<image_id without extension>.txt: the images' own names (image_files.csv\n"
+        "# maps each image_id to its file; a name changes only where it cannot be a file name). YOLO finds\n"
+        "# an image's label file by replacing /images/ with /labels/ in the image path: put (or link) the\n"
+        "# images under images/\n"
         "# next to labels/, with the same relative paths, then point `path` at this folder and\n"
         "# `train`/`val` at the image folders (relative to `path`). The values below are placeholders.\n"
         "# Polygons are outer contours only: YOLO-seg cannot hold holes, so a mask's holes are filled.\n"
@@ -464,6 +513,7 @@ def export_masks_png(labels: LabelsFolder, out: str) -> ExportSummary:
                 storage.join(out, stems[row["image_id"]], name), buf.getvalue(), labels.options
             )
             summary.instances += 1
+    _write_file_map(out, {i: stem for i, stem in stems.items()}, labels.options)
     return summary
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import html
 import io
-import json
 import logging
 import os
 import re
@@ -34,6 +33,7 @@ from PIL import Image, ImageDraw
 
 from hqlabel.platform import storage
 from hqlabel.platform.export import LabelsFolder
+from hqlabel.platform.fonts import draw_text
 from hqlabel.platform.images import DEFAULT_MAX_PIXELS, decode_image
 from hqlabel.platform.render import overlay_masks
 from hqlabel.platform.rle import decode_mask
@@ -112,6 +112,22 @@ def _overlay(image: np.ndarray, instances: list[dict], max_side: int, max_pixels
     return overlay_masks(image, masks(), boxes=boxes, captions=captions)
 
 
+def _plain(value: object) -> str:
+    """A job.json value as text for people: strings bare, None "none", booleans "yes"/"no", a mapping as
+    "key value, ..." (floats to 3 significant digits), a list comma-separated."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_plain(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_plain(v) for v in value)
+    return str(value)
+
+
 def _contact_sheet(thumbs: list[tuple[str, Image.Image]], tile: int) -> Image.Image:
     """A grid of ``tile`` x ``tile`` cells, each a thumbnail (aspect kept) over its image id."""
     columns = min(SHEET_COLUMNS, len(thumbs))
@@ -121,7 +137,7 @@ def _contact_sheet(thumbs: list[tuple[str, Image.Image]], tile: int) -> Image.Im
     for k, (image_id, thumb) in enumerate(thumbs):
         x, y = (k % columns) * tile, (k // columns) * tile
         sheet.paste(thumb, (x + (tile - thumb.width) // 2, y + (tile - 14 - thumb.height) // 2))
-        draw.text((x + 3, y + tile - 13), image_id[-(tile // 6) :], fill=(230, 230, 230))
+        draw_text(draw, (x + 3, y + tile - 13), image_id[-(tile // 6) :], fill=(230, 230, 230))
     return sheet
 
 
@@ -264,15 +280,13 @@ def _index_html(
         parts.append(
             '<p class="warning">This labeling job has not finished; showing the shards done so far.</p>'
         )
-    model_rows = "".join(
-        f"<tr><th>{e(str(k))}</th><td>{e(json.dumps(v))}</td></tr>" for k, v in models.items()
-    )
+    model_rows = "".join(f"<tr><th>{e(str(k))}</th><td>{e(_plain(v))}</td></tr>" for k, v in models.items())
     parts += [
         "<h2>Job</h2><table>",
         f"<tr><th>input</th><td>{e(str(spec.get('input')))}</td></tr>",
         f"<tr><th>classes</th><td>{e(', '.join(classes)) or '(none: given boxes)'}</td></tr>",
         model_rows,
-        f"<tr><th>summary</th><td>{e(json.dumps(job.get('summary')))}</td></tr>",
+        f"<tr><th>summary</th><td>{e(_plain(job.get('summary')))}</td></tr>",
         "</table>",
         f"<p>{total} images shown (limit {limit}).</p>",
     ]

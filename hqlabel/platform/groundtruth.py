@@ -125,6 +125,7 @@ def read_coco_instances(
     images_root: str | None = None,
     include_crowd: bool = False,
     stats: dict[str, int] | None = None,
+    max_json_bytes: int = storage.DEFAULT_MAX_JSON_BYTES,
 ) -> Iterator[ImageInstances]:
     """Images with their ground-truth masks from a COCO instances JSON (local or ``s3://``).
 
@@ -135,6 +136,7 @@ def read_coco_instances(
         stats: filled in while iterating: ``images``, ``instances``, ``skipped_crowd``,
             ``skipped_no_segmentation`` (missing or empty segmentation, or an empty mask),
             ``skipped_images_without_annotations``.
+        max_json_bytes: refuse a JSON file larger than this (``--max-json-bytes``) before reading it.
 
     Yields:
         One ``ImageInstances`` per image with at least one kept annotation, in the JSON's image order;
@@ -142,6 +144,7 @@ def read_coco_instances(
 
     Raises:
         FileNotFoundError: the JSON or an image is missing.
+        TooLargeError: the JSON is over ``max_json_bytes`` (the message names ``--max-json-bytes``).
         ValueError: malformed COCO (see ``hqlabel.platform.coco.read_coco``), an image whose size differs
             from the JSON's ``height`` / ``width``, an unreadable image, a malformed segmentation.
     """
@@ -149,8 +152,8 @@ def read_coco_instances(
     for key in ("images", "instances", "skipped_crowd", "skipped_no_segmentation"):
         stats.setdefault(key, 0)
     stats.setdefault("skipped_images_without_annotations", 0)
-    doc = load_document(storage.read_bytes(uri, options))
-    root = images_root or uri.rstrip("/").rsplit("/", 1)[0]
+    doc = load_document(storage.read_bytes(uri, options, max_bytes=max_json_bytes, option="--max-json-bytes"))
+    root = images_root or storage.absolute(uri).rstrip("/").rsplit("/", 1)[0]  # "gt.json": from here
     names = categories_by_id(doc)
     entries = [parse_image(entry, k, root) for k, entry in enumerate(require_list(doc, "images"))]
     by_id: dict[int, list[dict[str, Any]]] = {entry.coco_id: [] for entry in entries}

@@ -52,7 +52,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     The format is detected from the content, never from a file name. EXIF orientation is applied, and
     every PIL mode is converted to RGB: transparent pixels are composited on a white background, 16-bit
     and 32-bit integer greyscale is scaled to 0..255 by its bit depth, float greyscale is clipped to
-    0..255. Multi-frame files (GIF, TIFF) yield their first frame.
+    0..255. Multi-frame files (animated GIF, WebP or PNG, multi-page TIFF) yield their first frame. PNG text
+    and ICC chunks that decompress to more than Pillow's ``PngImagePlugin.MAX_TEXT_CHUNK`` (1 MB) are
+    refused (``ImageDecodeError``). Error messages never quote the data.
 
     Args:
         data: the encoded file contents (JPEG, PNG, WebP, BMP, TIFF, GIF, ...); ``bytes``, ``bytearray``
@@ -103,8 +105,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
             "to accept it"
         ) from e
     except Image.UnidentifiedImageError as e:
-        raise ImageDecodeError(
-            f"not a recognised image ({len(data)} bytes, starting {bytes(data[:8])!r})"
+        raise ImageDecodeError(  # never quote the bytes: they may be anything the reference reached
+            f"not a recognised image ({len(data)} bytes): not JPEG, PNG, WebP, BMP, TIFF, GIF or another "
+            "format Pillow reads"
         ) from e
     except MemoryError:
         raise

@@ -5,7 +5,7 @@ synthetic fine-structure set), self-contained so that a cluster job needs nothin
 
     DIR/dataset.json                  {"format": "hqlabel-instances/1", "kind", "source", "provenance",
                                        "num_images", "num_instances", "labels"}
-    DIR/instances/part-00000.parquet  one row per image, INSTANCES_SCHEMA
+    DIR/instances/part-00000.parquet  one row per image, INSTANCES_SCHEMA, row groups of ROW_GROUP_SIZE
 
     image_id   string
     image      binary            the encoded image (JPEG / PNG bytes)
@@ -41,6 +41,7 @@ from hqlabel.platform.storage import StorageOptions
 
 FORMAT = "hqlabel-instances/1"
 DEFAULT_PART_SIZE = 256  # images per Parquet part
+ROW_GROUP_SIZE = 8  # images per Parquet row group: what reading one image lazily reads (training's index)
 
 INSTANCE_ENTRY_TYPE = pa.struct(
     [
@@ -112,13 +113,14 @@ class ImageInstances:
     width: int
     instances: list[Instance] = field(default_factory=list)
 
-    def masks(self) -> np.ndarray:
-        """N x H x W bool, in ``instances`` order."""
+    def masks(self, indices: Iterable[int] | None = None) -> np.ndarray:
+        """N x H x W bool, in ``instances`` order; only those at ``indices`` (in their order) if given."""
         from hqlabel.platform.rle import decode_mask
 
-        if not self.instances:
+        chosen = self.instances if indices is None else [self.instances[int(k)] for k in indices]
+        if not chosen:
             return np.zeros((0, self.height, self.width), dtype=bool)
-        return np.stack([decode_mask(i.mask) for i in self.instances])
+        return np.stack([decode_mask(i.mask) for i in chosen])
 
     def to_row(self) -> dict[str, Any]:
         for inst in self.instances:
@@ -209,7 +211,8 @@ def write_instances(
         nonlocal parts, rows
         if rows:
             table = pa.Table.from_pylist(rows, schema=INSTANCES_SCHEMA)
-            storage.write_parquet(table, part_uri(out, parts), options)
+            with storage.parquet_writer(part_uri(out, parts), INSTANCES_SCHEMA, options) as writer:
+                writer.write_table(table, row_group_size=ROW_GROUP_SIZE)
             parts += 1
             rows = []
 
@@ -256,14 +259,17 @@ def read_manifest(uri: str, options: StorageOptions = StorageOptions()) -> dict[
     return manifest
 
 
-def iter_instances(uri: str, options: StorageOptions = StorageOptions()) -> Iterator[ImageInstances]:
-    """Images of an instance dataset written by ``write_instances``, part by part, in order."""
+def part_uris(uri: str, options: StorageOptions = StorageOptions()) -> list[str]:
+    """The Parquet parts of the instance dataset at ``uri``, in order."""
     manifest = read_manifest(uri, options)
     if "num_parts" in manifest:  # exactly the parts this dataset.json describes
-        parts = [part_uri(uri, k) for k in range(int(manifest["num_parts"]))]
-    else:
-        parts = storage.list_files(storage.join(uri, "instances"), (".parquet",), options)
-    for part in parts:
+        return [part_uri(uri, k) for k in range(int(manifest["num_parts"]))]
+    return storage.list_files(storage.join(uri, "instances"), (".parquet",), options)
+
+
+def iter_instances(uri: str, options: StorageOptions = StorageOptions()) -> Iterator[ImageInstances]:
+    """Images of an instance dataset written by ``write_instances``, part by part, in order."""
+    for part in part_uris(uri, options):
         table = storage.read_parquet(part, options)
         for row in table.to_pylist():
             yield ImageInstances.from_row(row)

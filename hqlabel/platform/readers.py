@@ -146,6 +146,8 @@ def list_input(
     coco_images: str | None = None,
     need_boxes: bool = False,
     earlier: list[Shard] | None = None,
+    allow: tuple[str, ...] = (),
+    max_json_bytes: int = storage.DEFAULT_MAX_JSON_BYTES,
 ) -> DatasetInput:
     """Resolve a folder of images, a Parquet file or folder of shards, or a COCO JSON file (local or S3).
 
@@ -158,10 +160,14 @@ def list_input(
             have them (a ``boxes`` column, or COCO annotations).
         earlier: the shards of an earlier listing of the same input (a resumed job): Parquet files whose size
             and version have not changed are not opened again.
+        allow: places outside the input (``--allow-prefix``) that a local folder's symlinks may lead to;
+            other symlinks leading out of the folder are skipped, with a warning (``storage.walk``).
+        max_json_bytes: a COCO file larger than this is refused (``--max-json-bytes``) before it is read.
 
     Raises:
         FileNotFoundError: ``uri`` does not exist.
-        ValueError: no images in it, or it lacks the columns the job needs.
+        ValueError: no images in it, or it lacks the columns the job needs (or they have the wrong types).
+        TooLargeError: a COCO file over ``max_json_bytes``.
     """
     if shard_size < 1:
         raise ValueError(f"shard size must be >= 1, got {shard_size}")
@@ -173,7 +179,7 @@ def list_input(
         coco_images = storage.resolve(coco_images, options)[1]
     writer = _ListingWriter(listing, shard_size, options, write=write_listing)
     if uri.lower().endswith(".json"):
-        return _list_coco(uri, coco_images, writer, options)
+        return _list_coco(uri, coco_images, writer, options, max_json_bytes)
     if not storage.is_dir(uri, options):
         if not uri.lower().endswith(".parquet"):
             raise ValueError(
@@ -182,8 +188,8 @@ def list_input(
         entry = storage.FileEntry(uri, 0, "")
         root = uri.rsplit("/", 1)[0]
         return _list_parquet([entry], root, columns, options, need_boxes, stat=True, earlier=earlier)
-    if next(storage.walk(uri, (".parquet",), options), None) is not None:
-        parquet = list(storage.walk(uri, (".parquet",), options))  # one entry per shard
+    if next(storage.walk(uri, (".parquet",), options, allow=allow), None) is not None:
+        parquet = list(storage.walk(uri, (".parquet",), options, allow=allow))  # one entry per shard
         return _list_parquet(parquet, uri, columns, options, need_boxes, earlier=earlier)
     if need_boxes:
         raise ValueError(
@@ -191,7 +197,7 @@ def list_input(
             "Parquet with a boxes column"
         )
     prefix = uri.rstrip("/")
-    for image in storage.walk(uri, IMAGE_EXTENSIONS, options):
+    for image in storage.walk(uri, IMAGE_EXTENSIONS, options, allow=allow):
         writer.add(image.uri[len(prefix) :].lstrip("/"), image.uri, size=image.size, version=image.version)
     shards = writer.close()
     if not shards:
@@ -249,9 +255,33 @@ def _parquet_shard(
         info = storage.with_retries(lambda: fs.get_file_info(path), entry.uri)
         version = str(info.mtime_ns) if info.mtime_ns is not None else ""
         entry = FileEntry(entry.uri, info.size or 0, version)
-    meta = storage.with_retries(lambda: pq.read_metadata(path, filesystem=fs), entry.uri)
-    names = meta.schema.to_arrow_schema().names  # top-level columns (not nested leaves)
-    problems = []
+
+    def corrupt(error: Exception) -> ValueError:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return ValueError(
+            f"Parquet input {entry.uri} is not a readable Parquet file (corrupt or truncated footer: "
+            f"{reason}); replace or remove it"
+        )
+
+    def footer() -> pq.FileMetaData:
+        try:
+            return pq.read_metadata(path, filesystem=fs)
+        except OSError as e:  # garbage metadata is an OSError too: a corrupt file, not a fault to retry
+            if "thrift" in str(e).lower():
+                raise corrupt(e) from None
+            raise
+
+    try:
+        meta = storage.with_retries(footer, entry.uri)
+        arrow_schema = meta.schema.to_arrow_schema()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:  # not OSError: a corrupt file, not a fault
+        raise corrupt(e) from None
+    names = arrow_schema.names  # top-level columns (not nested leaves)
+    problems = [
+        f"column '{name}' ({option}) is {arrow_schema.field(name).type}, expected {wanted}"
+        for name, option, wanted, ok in _column_checks(columns)
+        if name in names and not ok(arrow_schema.field(name).type)
+    ]
     if columns.id not in names:
         problems.append(f"no image id column '{columns.id}' (--id-column)")
     if columns.image not in names and columns.uri not in names:
@@ -263,6 +293,57 @@ def _parquet_shard(
     if problems:
         raise ValueError(f"Parquet input {entry.uri}: {'; '.join(problems)}. Its columns: {names}")
     return Shard(_shard_id(index), meta.num_rows, entry.uri, _file_fingerprint(entry, meta.num_rows))
+
+
+def _list(type_: pa.DataType) -> bool:
+    return pa.types.is_list(type_) or pa.types.is_large_list(type_) or pa.types.is_fixed_size_list(type_)
+
+
+def _is_boxes(type_: pa.DataType) -> bool:
+    """A list (per image) of lists (per box) of numbers: castable to ``PROMPT_BOXES_TYPE``."""
+    return (
+        _list(type_)
+        and _list(type_.value_type)
+        and (
+            pa.types.is_integer(type_.value_type.value_type)
+            or pa.types.is_floating(type_.value_type.value_type)
+        )
+    )
+
+
+def _values(type_: pa.DataType) -> pa.DataType:
+    """A dictionary-encoded type's value type (a pandas categorical's strings); other types as they are."""
+    return type_.value_type if pa.types.is_dictionary(type_) else type_
+
+
+def _is_string(type_: pa.DataType) -> bool:
+    type_ = _values(type_)
+    return pa.types.is_string(type_) or pa.types.is_large_string(type_) or pa.types.is_string_view(type_)
+
+
+def _is_id(type_: pa.DataType) -> bool:
+    return _is_string(type_) or pa.types.is_integer(_values(type_))
+
+
+def _is_bytes(type_: pa.DataType) -> bool:
+    type_ = _values(type_)
+    return pa.types.is_binary(type_) or pa.types.is_large_binary(type_) or pa.types.is_binary_view(type_)
+
+
+def _is_labels(type_: pa.DataType) -> bool:
+    return _list(type_) and _is_string(type_.value_type)
+
+
+def _column_checks(columns: InputColumns):
+    """``(column, option, expected, check)`` of each input column: what a Parquet column's type must be for
+    ``read_parquet_shards`` to read it (so a wrong type is refused at listing, before the job starts)."""
+    return [
+        (columns.id, "--id-column", "strings or integers", _is_id),
+        (columns.image, "--image-column", "binary (encoded image bytes)", _is_bytes),
+        (columns.uri, "--uri-column", "strings (image references)", _is_string),
+        (columns.boxes, "--boxes-column", "a list of [x0, y0, x1, y1] number lists per image", _is_boxes),
+        (columns.labels, "--labels-column", "a list of strings per image", _is_labels),
+    ]  # fmt: skip
 
 
 def _file_fingerprint(entry: FileEntry, num_rows: int) -> str:
@@ -301,10 +382,13 @@ def _list_parquet(
     return DatasetInput("parquet", root, shards)
 
 
-def _list_coco_here(uri: str, root: str, writer: _ListingWriter, options: StorageOptions) -> DatasetInput:
+def _list_coco_here(
+    uri: str, root: str, writer: _ListingWriter, options: StorageOptions, max_json_bytes: int
+) -> DatasetInput:
     from hqlabel.platform.coco import read_coco
 
-    images, _ = read_coco(storage.read_bytes(uri, options), root)
+    data = storage.read_bytes(uri, options, max_bytes=max_json_bytes, option="--max-json-bytes")
+    images, _ = read_coco(data, root)
     if not images:
         raise ValueError(f"COCO file {uri} lists no images")
     for im in images:
@@ -313,7 +397,7 @@ def _list_coco_here(uri: str, root: str, writer: _ListingWriter, options: Storag
 
 
 def _list_coco(
-    uri: str, images_root: str | None, writer: _ListingWriter, options: StorageOptions
+    uri: str, images_root: str | None, writer: _ListingWriter, options: StorageOptions, max_json_bytes: int
 ) -> DatasetInput:
     """A COCO file's listing. The JSON document is parsed whole (its annotations are grouped by image), so a
     large one is parsed in a short-lived child process: the parse's memory (several times the file's size)
@@ -321,10 +405,15 @@ def _list_coco(
     root = images_root or uri.rsplit("/", 1)[0]
     fs, path = storage.resolve(uri, options)
     size = storage.with_retries(lambda: fs.get_file_info(path), uri).size or 0
+    if size > max_json_bytes:  # before a child process is started for it
+        raise storage.TooLargeError(
+            f"COCO file {uri} is {size} bytes, over the cap of {max_json_bytes} bytes; raise "
+            "--max-json-bytes to read it"
+        )
     if size <= COCO_IN_PROCESS_BYTES:
-        return _list_coco_here(uri, root, writer, options)
+        return _list_coco_here(uri, root, writer, options, max_json_bytes)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_list_coco_here, uri, root, writer, options).result()
+        return pool.submit(_list_coco_here, uri, root, writer, options, max_json_bytes).result()
 
 
 def _resolve_uri(reference: str, root: str) -> str:

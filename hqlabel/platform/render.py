@@ -8,6 +8,8 @@ from collections.abc import Iterable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from hqlabel.platform.fonts import draw_text, text_box
+
 
 def colour(i: int) -> tuple[int, int, int]:
     """The ``i``-th of well-separated, saturated RGB colours (golden-ratio hues); ``palette(n)[i]``."""
@@ -64,9 +66,9 @@ def overlay_masks(
         draw.rectangle([float(v) for v in box], outline=box_colour, width=2)
         if captions and k < len(captions):
             x0, y0 = float(box[0]), float(box[1])
-            left, top, right, bottom = draw.textbbox((x0, y0), captions[k])
+            left, top, right, bottom = text_box(draw, (x0, y0), captions[k])
             draw.rectangle((left, top - 2, right + 2, bottom), fill=box_colour)
-            draw.text((x0 + 1, y0 - 1), captions[k], fill=(0, 0, 0))
+            draw_text(draw, (x0 + 1, y0 - 1), captions[k], fill=(0, 0, 0))  # any script: see fonts
     for x, y, label in points or []:
         point_colour = (40, 220, 40) if label == 1 else (230, 40, 40)
         draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=point_colour, outline=(255, 255, 255))

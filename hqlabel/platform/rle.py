@@ -99,6 +99,11 @@ def _to_pycocotools(rle: dict[str, Any]) -> dict[str, Any]:
     elif isinstance(counts, (bytearray, memoryview)):
         counts = bytes(counts)
     elif isinstance(counts, (list, tuple, np.ndarray)):
+        if len(counts) > height * width + 1:  # runs alternate, each at least one pixel (the first may be 0)
+            raise ValueError(
+                f'rle["counts"] holds {len(counts)} runs, more than a {height} x {width} mask can have; '
+                "the RLE is corrupt"
+            )
         uncompressed = {"size": [height, width], "counts": [int(c) for c in counts]}
         return _mask_utils().frPyObjects(uncompressed, height, width)
     elif not isinstance(counts, bytes):

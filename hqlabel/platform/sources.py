@@ -23,9 +23,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hqlabel.platform import storage
+from hqlabel.platform.images import DEFAULT_MAX_BYTES
 from hqlabel.platform.readers import DatasetInput, InputColumns, list_input, read_parquet_shards
 from hqlabel.platform.references import ReferencePolicy, RefusedReference
-from hqlabel.platform.storage import StorageOptions
+from hqlabel.platform.storage import StorageOptions, TooLargeError
 
 __all__ = ["ImageSource", "files_by_shard", "job_columns", "job_images", "list_job_source"]
 
@@ -60,7 +61,8 @@ def job_images(labels: str, spec: dict[str, Any], images: str | None, options: S
     is now, if it has moved: a folder or COCO input keeps its listing, each image looked up at the same
     relative path (its id) under the new root; a Parquet input is listed again there (one entry per file).
     A labels folder from a version without listings is listed again too. References are read only inside
-    the input's root or under the job's ``allow_prefix`` (``ReferencePolicy``), as the job read them.
+    the input's root or under the job's ``allow_prefix`` (``ReferencePolicy``), and image files up to the
+    job's ``max_bytes``, as the job read them.
 
     Raises:
         ValueError: the spec names no input and ``images`` is None.
@@ -68,13 +70,14 @@ def job_images(labels: str, spec: dict[str, Any], images: str | None, options: S
     """
     columns = job_columns(spec)
     allow = tuple(spec.get("allow_prefix") or ())
+    max_bytes = spec.get("max_bytes", DEFAULT_MAX_BYTES)
     try:
         manifest = json.loads(storage.read_bytes(storage.join(labels, "_manifest.json"), options))
         source = DatasetInput.from_manifest(manifest)
     except (FileNotFoundError, ValueError, KeyError):
         source = None  # no usable manifest: list the input again
     if source is not None and images is None:
-        return ImageSource(source, options, columns, allow=allow)
+        return ImageSource(source, options, columns, allow=allow, max_bytes=max_bytes)
     if source is not None and source.kind != "parquet":
         assert images is not None
         if not storage.exists(images, options):
@@ -84,8 +87,9 @@ def job_images(labels: str, spec: dict[str, Any], images: str | None, options: S
             root = spec.get("coco_images") or images.rsplit("/", 1)[0]
         else:
             root = images.rstrip("/")
-        return ImageSource(source, options, columns, root=root, allow=allow)
-    return ImageSource(list_job_source(spec, images, options), options, columns, allow=allow)
+        return ImageSource(source, options, columns, root=root, allow=allow, max_bytes=max_bytes)
+    source = list_job_source(spec, images, options)
+    return ImageSource(source, options, columns, allow=allow, max_bytes=max_bytes)
 
 
 def list_job_source(spec: dict[str, Any], images: str | None, options: StorageOptions) -> DatasetInput:
@@ -108,6 +112,8 @@ def list_job_source(spec: dict[str, Any], images: str | None, options: StorageOp
             options=options,
             shard_size=spec.get("shard_size", 1000),
             coco_images=spec.get("coco_images"),
+            allow=tuple(spec.get("allow_prefix") or ()),
+            max_json_bytes=spec.get("max_json_bytes", storage.DEFAULT_MAX_JSON_BYTES),
         )
     except FileNotFoundError as e:
         shutil.rmtree(folder, ignore_errors=True)
@@ -125,6 +131,7 @@ class ImageSource:
     ``root``: a folder or COCO input that has moved there; each image is read from ``root/image_id``.
     ``allow``: the job's ``allow_prefix``: references are read only under the input's root (``root`` when
     given) or these prefixes (``ReferencePolicy``); others are refused, unread.
+    ``max_bytes``: the job's ``--max-bytes``: a larger image file is refused, unread (None: no cap).
     """
 
     def __init__(
@@ -134,8 +141,9 @@ class ImageSource:
         columns: InputColumns,
         root: str | None = None,
         allow: tuple[str, ...] = (),
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
     ):
-        self.source, self.options, self.root = source, options, root
+        self.source, self.options, self.root, self.max_bytes = source, options, root, max_bytes
         self.references = ReferencePolicy(root or source.root, allow)
         self.columns = source.columns_override or columns
         self.sources = {shard.shard_id: shard.source for shard in source.shards}
@@ -173,9 +181,11 @@ class ImageSource:
 
     def _bytes(self, uri: str) -> tuple[bytes | None, str]:
         try:
-            return storage.read_bytes(self.references.check(uri), self.options), ""
+            return storage.read_bytes(self.references.check(uri), self.options, max_bytes=self.max_bytes), ""
         except RefusedReference as e:
             return None, f"refused: {e}"
+        except TooLargeError as e:
+            return None, str(e)
         except FileNotFoundError:
             return None, f"not found in the job's input: {uri}"
         except OSError as e:

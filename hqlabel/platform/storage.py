@@ -26,6 +26,10 @@ import pyarrow.parquet as pq
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_MAX_JSON_BYTES = 2 << 30
+"""Default cap on a JSON document read whole (``--max-json-bytes``: a COCO input, ground truth, a decisions
+file): parsing takes several times its size in memory."""
+
 RETRIES = 4  # attempts for a transient S3 failure (pyarrow's AWS client retries inside each attempt too)
 
 
@@ -119,7 +123,11 @@ class TooLargeError(ValueError):
 
 
 def read_bytes(
-    uri: str, options: StorageOptions = StorageOptions(), *, max_bytes: int | None = None
+    uri: str,
+    options: StorageOptions = StorageOptions(),
+    *,
+    max_bytes: int | None = None,
+    option: str = "--max-bytes",
 ) -> bytes:
     """The whole object / file at ``uri``.
 
@@ -127,16 +135,17 @@ def read_bytes(
         max_bytes: refuse a file larger than this many bytes. Its stated size (a local ``stat``, an S3
             ``HEAD``) is checked before a byte is read, and the read stops after ``max_bytes + 1`` bytes,
             since a file can grow in between (and some, such as ``/proc`` files, state no size). None: no cap.
+        option: the command-line option that raises the cap, named in the error.
 
     Raises:
         FileNotFoundError: it does not exist.
-        TooLargeError: it is larger than ``max_bytes`` (the message names both and ``--max-bytes``).
+        TooLargeError: it is larger than ``max_bytes`` (the message names both and ``option``).
         ValueError: ``max_bytes`` is negative.
     """
     if max_bytes is not None and max_bytes < 0:
         raise ValueError(f"max_bytes must be >= 0 (or None: no cap), got {max_bytes}")
     if is_s3(uri):
-        return with_retries(lambda: _get_object(uri, options, max_bytes), f"reading {uri}")
+        return with_retries(lambda: _get_object(uri, options, max_bytes, option), f"reading {uri}")
     fs, path = resolve(uri, options)
 
     def read() -> bytes:
@@ -151,7 +160,7 @@ def read_bytes(
         size = info.size or 0
         if size > max_bytes:
             raise TooLargeError(
-                f"{uri} is {size} bytes, over the cap of {max_bytes} bytes; raise --max-bytes to read it"
+                f"{uri} is {size} bytes, over the cap of {max_bytes} bytes; raise {option} to read it"
             )
         with fs.open_input_stream(path) as f:
             data = f.read(size + 1)  # one byte more than stated: has it grown?
@@ -160,7 +169,7 @@ def read_bytes(
         if len(data) > max_bytes:
             raise TooLargeError(
                 f"{uri} holds more than the cap of {max_bytes} bytes (it stated {size} bytes); "
-                "raise --max-bytes to read it"
+                f"raise {option} to read it"
             )
         return data
 
@@ -176,7 +185,9 @@ def read_record(uri: str, options: StorageOptions = StorageOptions()) -> bytes |
         except FileNotFoundError:
             return None
     try:
-        return with_retries(lambda: _get_object(uri, options, None, check_dir=False), f"reading {uri}")
+        return with_retries(
+            lambda: _get_object(uri, options, None, "--max-bytes", check_dir=False), f"reading {uri}"
+        )
     except FileNotFoundError:
         return None
 
@@ -227,7 +238,9 @@ def delete_record(uri: str, options: StorageOptions = StorageOptions()) -> None:
     with_retries(remove, f"deleting {uri}")
 
 
-def _get_object(uri: str, options: StorageOptions, max_bytes: int | None, *, check_dir: bool = True) -> bytes:
+def _get_object(
+    uri: str, options: StorageOptions, max_bytes: int | None, option: str, *, check_dir: bool = True
+) -> bytes:
     """``read_bytes`` on S3 in one GET (pyarrow's streams send two HEADs first): the size comes with the
     answer's headers, so an object over ``max_bytes`` is refused before its body is read. Errors become the
     ``OSError`` kinds ``with_retries`` understands (the client has retried transient ones already)."""
@@ -254,7 +267,7 @@ def _get_object(uri: str, options: StorageOptions, max_bytes: int | None, *, che
         size = int(answer.get("ContentLength") or 0)
         if max_bytes is not None and size > max_bytes:
             raise TooLargeError(
-                f"{uri} is {size} bytes, over the cap of {max_bytes} bytes; raise --max-bytes to read it"
+                f"{uri} is {size} bytes, over the cap of {max_bytes} bytes; raise {option} to read it"
             )
         data = body.read() if max_bytes is None else body.read(max_bytes + 1)
     except BotoCoreError as e:
@@ -264,7 +277,7 @@ def _get_object(uri: str, options: StorageOptions, max_bytes: int | None, *, che
     if max_bytes is not None and len(data) > max_bytes:
         raise TooLargeError(
             f"{uri} holds more than the cap of {max_bytes} bytes (it stated {size} bytes); "
-            "raise --max-bytes to read it"
+            f"raise {option} to read it"
         )
     return data
 
@@ -385,10 +398,16 @@ def _s3_client(options: StorageOptions) -> Any:
 _SORTED_CHUNK = 4096  # names gathered as Python strings before they become an Arrow chunk
 
 
-def _sorted_names(path: str, suffixes: tuple[str, ...]) -> pa.Array:
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix if prefix.endswith("/") else f"{prefix}/")
+
+
+def _sorted_names(path: str, suffixes: tuple[str, ...], inside: tuple[str, ...]) -> pa.Array:
     """The wanted entries of one local directory, sorted as their full paths sort: files by name, folders as
     ``name/`` (so ``a.png`` < ``a/x.png``, as a global sort of paths has it). Held as an Arrow string array:
-    a flat folder of a million names costs tens of MB, not the hundreds Python strings and lists would."""
+    a flat folder of a million names costs tens of MB, not the hundreds Python strings and lists would.
+    A symlink (to a file or a folder) whose target is not under one of ``inside`` (real paths) is skipped
+    with a warning: its target is outside the dataset."""
     chunks, names = [], []
     with os.scandir(path) as entries:
         for entry in entries:
@@ -399,6 +418,13 @@ def _sorted_names(path: str, suffixes: tuple[str, ...]) -> pa.Array:
                 name.encode()
             except UnicodeEncodeError:
                 logger.warning("skipping %s/%r: its name is not valid UTF-8", path, name)
+                continue
+            if entry.is_symlink() and not any(_under(os.path.realpath(entry.path), p) for p in inside):
+                logger.warning(
+                    "skipping %s: a symlink leading outside the dataset root (pass --allow-prefix with "
+                    "where it leads to include it)",
+                    entry.path,
+                )
                 continue
             if entry.is_dir():
                 names.append(name + "/")
@@ -412,17 +438,19 @@ def _sorted_names(path: str, suffixes: tuple[str, ...]) -> pa.Array:
     return array.take(pc.sort_indices(array)).combine_chunks()
 
 
-def _walk_local(path: str, suffixes: tuple[str, ...], seen: set[tuple[int, int]]) -> Iterator[FileEntry]:
+def _walk_local(
+    path: str, suffixes: tuple[str, ...], seen: set[tuple[int, int]], inside: tuple[str, ...]
+) -> Iterator[FileEntry]:
     status = os.stat(path)
     if (status.st_dev, status.st_ino) in seen:  # a symlinked folder that loops back
         return
     seen.add((status.st_dev, status.st_ino))
-    names = _sorted_names(path, suffixes)
+    names = _sorted_names(path, suffixes, inside)
     for start in range(0, len(names), 4096):
         for name in names.slice(start, 4096).to_pylist():
             full = f"{path.rstrip('/')}/{name.rstrip('/')}"
             if name.endswith("/"):
-                yield from _walk_local(full, suffixes, seen)
+                yield from _walk_local(full, suffixes, seen, inside)
                 continue
             try:
                 status = os.stat(full)
@@ -447,17 +475,28 @@ def _walk_s3(uri: str, suffixes: tuple[str, ...], options: StorageOptions) -> It
 
 
 def walk(
-    uri: str, suffixes: tuple[str, ...], options: StorageOptions = StorageOptions()
+    uri: str,
+    suffixes: tuple[str, ...],
+    options: StorageOptions = StorageOptions(),
+    *,
+    allow: tuple[str, ...] = (),
 ) -> Iterator[FileEntry]:
     """Stream the files under ``uri`` (recursive) whose lower-cased name ends in one of ``suffixes``, sorted
     by path (names and folders starting with ``.`` or ``_`` skipped), without holding the listing: S3 one
-    page of 1,000 keys at a time, local folders a directory at a time."""
+    page of 1,000 keys at a time, local folders a directory at a time.
+
+    Local symlinks are followed only while they stay inside ``uri`` (after resolving it) or under one of
+    ``allow`` (local folders; the job's ``--allow-prefix``): a symlinked file or folder leading elsewhere is
+    skipped at listing, with a warning naming it, so a folder input never lists (or later reads) what lies
+    outside it. S3 has no symlinks."""
     if is_s3(uri):
         yield from _walk_s3(uri, suffixes, options)
         return
     _, path = resolve(uri, options)
     if os.path.isdir(path):
-        yield from _walk_local(path, suffixes, set())
+        local = [resolve(prefix)[1] for prefix in allow if not is_s3(prefix)]
+        inside = tuple(os.path.realpath(p) for p in (path, *local))
+        yield from _walk_local(path, suffixes, set(), inside)
 
 
 def list_files(uri: str, suffixes: tuple[str, ...], options: StorageOptions = StorageOptions()) -> list[str]:
@@ -474,3 +513,11 @@ def delete(uri: str, options: StorageOptions = StorageOptions()) -> None:
         fs.delete_dir(path)
     elif info.type == pafs.FileType.File:
         fs.delete_file(path)
+
+
+def absolute(uri: str | None) -> str | None:
+    """A local path (or ``file://`` URI) as an absolute path, as outputs record it (so that it means the same
+    from any directory); other URIs (``s3://``) and None as given."""
+    if uri is None or ("://" in uri and not uri.startswith("file://")):
+        return uri
+    return str(Path(uri.removeprefix("file://")).expanduser().absolute())

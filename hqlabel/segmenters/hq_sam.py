@@ -119,7 +119,9 @@ class HQSamSegmenter:
         return autocast(self.device, self.autocast_dtype)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, hq_weights: str | None = None, **kwargs) -> HQSamSegmenter:
+    def from_pretrained(
+        cls, name_or_path: str, *, hq_weights: str | None = None, revision: str | None = None, **kwargs
+    ) -> HQSamSegmenter:
         """Load HQ-SAM or SAM.
 
         Args:
@@ -128,6 +130,7 @@ class HQSamSegmenter:
                 a local directory saved by ``save_pretrained``, or an original checkpoint file
                 (``sam_hq_vit_b.pth``, ``sam_vit_b_01ec64.pth``).
             hq_weights: fine-tuned HQ-token weights (``save_hq_weights``) to load on top.
+            revision: a hub id's commit hash, branch or tag (ignored for a directory or a file).
         """
         if Path(name_or_path).expanduser().is_file():
             from hqlabel.segmenters.checkpoints import load_original_checkpoint
@@ -136,17 +139,12 @@ class HQSamSegmenter:
         else:
             from transformers import AutoConfig
 
-            config = load_pretrained(
-                AutoConfig.from_pretrained, name_or_path, what="segmenter", option="--segmenter"
-            )
+            where = dict(what="segmenter", option="--segmenter", revision=revision)
+            config = load_pretrained(AutoConfig.from_pretrained, name_or_path, **where)
             plain = config.model_type == "sam"
             model_cls, processor_cls = (SamModel, SamProcessor) if plain else (SamHQModel, SamHQProcessor)
-            model = load_pretrained(
-                model_cls.from_pretrained, name_or_path, what="segmenter", option="--segmenter"
-            )
-            processor = load_pretrained(
-                processor_cls.from_pretrained, name_or_path, what="segmenter", option="--segmenter"
-            )
+            model = load_pretrained(model_cls.from_pretrained, name_or_path, **where)
+            processor = load_pretrained(processor_cls.from_pretrained, name_or_path, **where)
         if hq_weights is not None:
             from hqlabel.segmenters.hq_weights import load_hq_weights
 

@@ -9,9 +9,10 @@
     RUN/best/metrics.json
     RUN/metrics.json                            per-epoch history
 
-Randomness is reseeded from (seed, epoch, rank) at every epoch start, so resuming from the end of epoch k
-reproduces the uninterrupted run; no RNG state needs saving. That holds for the same number of workers only
-(each worker's share of an epoch, its seed and the gradient average depend on it), so the checkpoint's config
+Randomness is reseeded at every epoch start (each example's from (seed, epoch, its place in the epoch), the
+prompts' and loss points' from (seed, epoch, rank)), so resuming from the end of epoch k reproduces the
+uninterrupted run; no RNG state needs saving. That holds for the same number of workers only (each worker's
+share of an epoch, its seed and the gradient average depend on it), so the checkpoint's config
 records the world (``config["world"]``: workers, per-worker batch and share) and ``--resume`` with another
 ``--workers`` is refused.
 """

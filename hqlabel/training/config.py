@@ -38,7 +38,12 @@ class TrainConfig(BaseModel):
     lr_drop_epoch: int = Field(10, ge=1, description="The learning rate is multiplied by lr_gamma from here.")
     lr_gamma: float = Field(0.1, gt=0, description="Step decay factor.")
     batch_size: int = Field(4, ge=1, description="Images per optimizer step, per worker.")
-    max_instances: int = Field(8, ge=1, description="Instances sampled per image per step.")
+    instances_per_image: int = Field(
+        8,
+        ge=1,
+        description="At most this many of an image's instances train per step, drawn anew each epoch "
+        "(sam-hq trains one mask per image: 1).",
+    )
     num_points: int = Field(112 * 112, ge=1, description="Uncertain points per mask for the loss.")
     prompt_types: list[PromptType] = Field(
         default_factory=lambda: ["box", "point", "noise_mask"], description="Prompt kinds sampled per image."
@@ -52,12 +57,18 @@ class TrainConfig(BaseModel):
         "code does ('hq'), or the SAM + HQ logits that labeling uses ('sam+hq').",
     )
     seed: int = Field(0, description="Seeds shuffling, augmentation, prompts and loss points.")
+    loader_threads: int = Field(
+        2, ge=0, description="Threads per worker that read, decode and augment the next batches (0: none)."
+    )
+    prefetch_batches: int = Field(2, ge=1, description="Batches made ahead of the training step.")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'; Ray Train workers use their GPU.")
     s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL.")
     s3_region: str | None = Field(None, description="S3 region.")
 
     # Fields that do not change what a run computes; --resume accepts a change in them.
-    RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = ("out", "device", "s3_endpoint", "s3_region", "epochs")
+    RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = (
+        "out", "device", "s3_endpoint", "s3_region", "epochs", "loader_threads", "prefetch_batches"
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -6,19 +6,22 @@ workers, each takes an equal share of every epoch's images and the step runs und
 ``DistributedDataParallel``, which averages the HQ parameters' gradients across workers. Rank 0 writes every
 file.
 
-Per step and worker: ``batch_size`` images, each flipped and large-scale jittered to the encoder's square
-input; the frozen encoder runs without gradients; per image one prompt kind is drawn (GT box, positive
-points, or a noisy low-res mask) for up to ``max_instances`` of its objects; the HQ logits alone
-(``hq_token_only``) are scored with BCE + dice on uncertain points against the jittered GT masks.
+Per step and worker: ``batch_size`` images, each with up to ``instances_per_image`` of its objects, flipped
+and large-scale jittered to the encoder's square input by background threads ahead of the step
+(``training/data.py``: each worker reads only its share's rows); the frozen encoder runs without
+gradients; per image one prompt kind is drawn (GT box, positive points, or a noisy low-res mask); the HQ
+logits alone (``hq_token_only``) are scored with BCE + dice on uncertain points against the jittered GT masks.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+import os
+import signal
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,12 +30,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from hqlabel.platform import storage
-from hqlabel.platform.images import decode_image
-from hqlabel.platform.instances import ImageInstances, open_instances
+from hqlabel.platform.instances import ImageInstances
 from hqlabel.segmenters import HQSamSegmenter, Prompts, build_segmenter
 from hqlabel.training import checkpoint
-from hqlabel.training.augment import large_scale_jitter, random_hflip
 from hqlabel.training.config import TrainConfig
+from hqlabel.training.data import Example, ExampleLoader, load_splits
 from hqlabel.training.evaluate import evaluate_segmenter, shard
 from hqlabel.training.losses import mask_loss
 from hqlabel.training.metrics import MaskMetrics
@@ -43,56 +45,6 @@ from hqlabel.workers.labeler import resolve_device
 logger = logging.getLogger(__name__)
 
 Report = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class Example:
-    """One augmented training image: S x S x 3 uint8 (content at the top-left), N x S x S bool masks."""
-
-    image: np.ndarray
-    masks: np.ndarray
-    valid: tuple[int, int]
-
-
-def _is_val(image_id: str, fraction: float) -> bool:
-    digest = hashlib.sha1(image_id.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
-
-
-def load_splits(config: TrainConfig) -> tuple[list[ImageInstances], list[ImageInstances]]:
-    """The training and validation images (those with at least one mask).
-
-    Without ``val_data``, ``val_fraction`` of the images (by a hash of their id: stable across runs and
-    workers) are held out.
-    """
-    options = config.storage
-    images = [i for i in open_instances(config.data, options, images_root=config.images_root) if i.instances]
-    if config.val_data is not None:
-        train = images
-        val = [
-            i for i in open_instances(config.val_data, options, images_root=config.images_root) if i.instances
-        ]
-    else:
-        train = [i for i in images if not _is_val(i.image_id, config.val_fraction)]
-        val = [i for i in images if _is_val(i.image_id, config.val_fraction)]
-    if not train:
-        raise ValueError(
-            f"{config.data} has no training images with masks"
-            + (f" after holding out {config.val_fraction:.0%} for validation" if val else "")
-        )
-    return train, val
-
-
-def make_example(item: ImageInstances, size: int, config: TrainConfig, rng: np.random.Generator) -> Example:
-    """Decode, flip, jitter; drop objects the crop removed; keep at most ``max_instances`` of them."""
-    image, masks = decode_image(item.image), item.masks()
-    if config.flip:
-        image, masks = random_hflip(image, masks, rng)
-    image, masks, valid = large_scale_jitter(image, masks, size, config.jitter, rng)
-    masks = masks[masks.reshape(len(masks), -1).any(1)]
-    if len(masks) > config.max_instances:
-        masks = masks[np.sort(rng.choice(len(masks), config.max_instances, replace=False))]
-    return Example(image, masks, valid)
 
 
 def train_step(
@@ -168,7 +120,11 @@ def _barrier(device: torch.device) -> None:
 
 
 def validate(
-    segmenter: HQSamSegmenter, val: list[ImageInstances], config: TrainConfig, rank: int, world_size: int
+    segmenter: HQSamSegmenter,
+    val: Sequence[ImageInstances],
+    config: TrainConfig,
+    rank: int,
+    world_size: int,
 ) -> dict[str, Any]:
     """mIoU / mBIoU with GT-box prompts on the validation images, each worker a share, summed across.
 
@@ -245,7 +201,7 @@ def run_training(
         )
     if not history:  # the untrained HQ token: the baseline, and the best until an epoch beats it
         history.append({"epoch": 0, **_prefixed("val_", validate(segmenter, val, config, rank, world_size))})
-        if val:
+        if len(val):
             best = history[0]
             if rank == 0:
                 checkpoint.save_best(
@@ -257,17 +213,23 @@ def run_training(
         step_module = _distributed(step_module, device)
     world = checkpoint.world_layout(world_size, config.batch_size, len(train))
     steps = world["steps_per_epoch"]
+    fault = _fault_point()
     for epoch in range(start, config.epochs + 1):
         # Reseeded every epoch: resuming after epoch k replays epoch k+1 exactly.
         order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
         padded = np.resize(order, world["images_per_worker"] * world_size)  # equal shares
-        mine = padded[rank::world_size]
-        rng = np.random.default_rng([config.seed, epoch, rank])
-        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        mine = np.arange(rank, len(padded), world_size)  # this worker's slots of the epoch's order
+        batches = [mine[s * config.batch_size : (s + 1) * config.batch_size] for s in range(steps)]
+        loader = ExampleLoader(
+            train, padded, batches, size, config, epoch,
+            threads=config.loader_threads, prefetch=config.prefetch_batches,
+        )  # fmt: skip
+        seed = np.random.default_rng([config.seed, epoch, 0, rank]).integers(2**62)
+        generator = torch.Generator().manual_seed(int(seed))
         loss_sum, mask_count = 0.0, 0
-        for step in range(steps):
-            batch = mine[step * config.batch_size : (step + 1) * config.batch_size]
-            examples = [make_example(train[j], size, config, rng) for j in batch]
+        for step, examples in enumerate(loader):
+            if fault is not None:
+                fault(rank, epoch, step)
             optimizer.zero_grad(set_to_none=True)
             loss, count = step_module(examples, generator)
             loss.backward()  # under DDP, gradients arrive averaged across workers
@@ -285,7 +247,7 @@ def run_training(
             **_prefixed("val_", validate(segmenter, val, config, rank, world_size)),
         }
         history.append(record)
-        improved = best is None or not val or _better(record, best)
+        improved = best is None or not len(val) or _better(record, best)
         if improved:
             best = record
         if rank == 0:
@@ -317,17 +279,51 @@ def _prefixed(prefix: str, summary: dict[str, Any]) -> dict[str, Any]:
     return {f"{prefix}{k}": v for k, v in summary.items()}
 
 
+FAULT_ENV = "HQLABEL_TRAIN_FAULT"
+
+
+def _fault_point() -> Callable[[int, int, int], None] | None:
+    """Fault injection for the worker-failure tests: ``HQLABEL_TRAIN_FAULT=RANK:EPOCH:STEP:MARKER`` makes
+    worker RANK kill its own process (SIGKILL, as the OOM killer or a lost node would) before step STEP
+    (0-based) of epoch EPOCH, once: it first creates the file MARKER, and does nothing if it exists."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    rank_s, epoch_s, step_s, marker = spec.split(":", 3)
+    where = (int(rank_s), int(epoch_s), int(step_s))
+
+    def fault(rank: int, epoch: int, step: int) -> None:
+        if (rank, epoch, step) == where and not os.path.exists(marker):
+            Path(marker).write_text(json.dumps({"rank": rank, "epoch": epoch, "step": step}))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return fault
+
+
 def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train's per-worker function: ``config`` = ``{"train": TrainConfig dump, "resume": bool}``."""
+    """Ray Train's per-worker function: ``config`` = ``{"train": TrainConfig dump, "resume": bool}``.
+
+    Ray Train calls it again on every worker after a worker failure (``FailureConfig(max_failures)``); the
+    driver refused to start a new run over a run folder with checkpoints, so a checkpoint found here was
+    written by this run: the restarted workers resume from it.
+    """
     import ray.train
     import ray.train.torch
 
     context = ray.train.get_context()
+    train = TrainConfig(**config["train"])
+    resume = config["resume"]
+    restarted = not resume and checkpoint.latest_epoch(train.out, train.storage) is not None
+    if restarted and context.get_world_rank() == 0:
+        logger.warning(
+            "restarted after a worker failure: resuming from epoch %d",
+            checkpoint.latest_epoch(train.out, train.storage),
+        )
     run_training(
-        TrainConfig(**config["train"]),
+        train,
         rank=context.get_world_rank(),
         world_size=context.get_world_size(),
         device=ray.train.torch.get_device(),
-        resume=config["resume"],
+        resume=resume or restarted,
         report=lambda metrics: ray.train.report(metrics),
     )

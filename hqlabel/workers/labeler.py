@@ -69,8 +69,16 @@ def build_models(config: LabelerConfig) -> tuple[GroundingDinoDetector | None, H
     return (
         None
         if config.prompts == "boxes"
-        else build_detector(config.detector, preset=config.preset, **det_kwargs),
-        build_segmenter(config.segmenter, preset=config.preset, hq_weights=config.hq_weights, **seg_kwargs),
+        else build_detector(
+            config.detector, preset=config.preset, revision=config.detector_revision, **det_kwargs
+        ),
+        build_segmenter(
+            config.segmenter,
+            preset=config.preset,
+            hq_weights=config.hq_weights,
+            revision=config.segmenter_revision,
+            **seg_kwargs,
+        ),
     )
 
 

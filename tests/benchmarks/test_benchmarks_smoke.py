@@ -54,3 +54,17 @@ def test_gpu_runner_on_the_cpu_with_tiny_models(tmp_path):
     split = results["detector_split"]
     assert split["detect_s_per_image"]["value"] > 0
     assert split["forward_s_per_image"]["value"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_training_throughput_section(tmp_path):
+    """``benchmarks.train``'s throughput section with one worker on 4 images: it trains and reports."""
+    from benchmarks.train import main as train_main
+
+    out = tmp_path / "train.json"
+    train_main(
+        ["--only", "throughput", "--workers", "1", "--images", "4", "--val-images", "1", "--out", str(out)]
+    )
+    result = json.loads(out.read_text())["results"]["throughput"]["workers_1"]
+    assert result["images_per_worker_per_epoch"]["value"] == 4
+    assert result["samples_per_s_per_worker"]["value"] > 0 and result["epoch_s"]["unit"] == "s"

@@ -1,7 +1,8 @@
 """Bad inputs through the real labeling job: one dataset holding every case, one run, one assertion per case.
 
 Each case is a row of one Parquet shard (inline ``image`` bytes, or a ``uri`` to a file next to it); the job
-runs once on the session's 2-CPU Ray and each test reads what became of its row.
+runs once on the session's 2-CPU Ray and each test reads what became of its row. The whole bad-input set (45
+kinds, 24 of them here) is listed in ``tests/platform/test_untrusted_inputs.py``'s docstring.
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ from hqlabel.jobs.spec import LabelJobSpec
 from hqlabel.platform.config import LabelerConfig
 from hqlabel.platform.rle import decode_mask
 from hqlabel.workers import Labeler
+from tests.platform.test_untrusted_inputs import (
+    SECRET,
+    _chunk,
+    animated,
+    giant_header_png,
+    inflating_chunk,
+    png_with_chunks,
+    sixteen_bit_tiff,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -73,6 +83,11 @@ def run(ray_session, tmp_path_factory) -> Run:
     files.mkdir(parents=True)
     (files / "png-named.jpg").write_bytes(encode(random_image(1, (36, 52)), "PNG"))
     (files / "zero-size.jpg").write_bytes(b"")
+    outside = root / "outside"  # a Parquet shard reached through a symlinked folder: not part of the input
+    outside.mkdir()
+    linked = pa.table({"image_id": ["through-symlink"], "image": [encode(random_image(8, (20, 20)))]})
+    pq.write_table(linked, outside / "linked.parquet")
+    (dataset / "linked").symlink_to(outside)
     many_bytes = encode(np.random.default_rng(9).integers(0, 256, (120, 120, 3), np.uint8))  # noise: 43 kB
     (files / "many-bytes.png").write_bytes(many_bytes)
     cases: dict[str, tuple[bytes | None, str | None]] = {  # id -> (inline bytes, uri)
@@ -90,6 +105,14 @@ def run(ray_session, tmp_path_factory) -> Run:
         "exif-rotated.jpg": (_exif_rotated_jpeg(), None),
         "many-bytes-inline.png": (many_bytes, None),
         "many-bytes-file.png": (None, "files/many-bytes.png"),
+        "animated.gif": (animated("GIF"), None),
+        "animated.webp": (animated("WEBP"), None),
+        "16bit.tif": (sixteen_bit_tiff(), None),
+        "giant-header.png": (giant_header_png(), None),
+        "ztxt-bomb.png": (png_with_chunks(inflating_chunk(b"zTXt")), None),
+        "iccp-bomb.png": (png_with_chunks(inflating_chunk(b"iCCP")), None),
+        "big-text.png": (png_with_chunks(_chunk(b"tEXt", b"note\x00" + b"B" * 20_000)), None),
+        "secret.txt": (f"{SECRET}: not an image".encode(), None),
     }
     table = pa.table(
         {
@@ -136,6 +159,7 @@ def _labeled(size: tuple[int, int]) -> Result:
 
 
 def test_every_input_row_is_in_the_images_table_exactly_once(run):
+    """... and no row of the Parquet file behind the symlinked folder ``linked/`` leading out of the input."""
     assert run.image_ids == run.input_ids
 
 
@@ -196,6 +220,39 @@ def test_zero_size_file_is_a_decode_error(results):
 
 def test_exif_rotated_jpeg_is_labeled_upright(results):
     assert results["exif-rotated.jpg"] == _labeled((56, 32))  # stored 32 high x 56 wide, orientation 6
+
+
+@pytest.mark.parametrize("image_id", ["animated.gif", "animated.webp"])
+def test_animated_image_is_labeled_from_its_first_frame(results, image_id):
+    assert results[image_id] == _labeled((20, 30))
+
+
+def test_sixteen_bit_tiff_is_labeled(results):
+    assert results["16bit.tif"] == _labeled((20, 30))
+
+
+def test_giant_declared_size_is_a_decode_error_naming_max_pixels(results):
+    result = results["giant-header.png"]
+    assert (result.stage, result.rows, "--max-pixels" in result.error) == ("decode", 1, True)
+
+
+@pytest.mark.parametrize("image_id", ["ztxt-bomb.png", "iccp-bomb.png"])
+def test_png_chunk_bomb_is_a_decode_error(results, image_id):
+    result = results[image_id]
+    assert (result.stage, "MAX_TEXT_CHUNK" in result.error) == ("decode", True)
+
+
+def test_png_with_a_large_plain_text_chunk_is_labeled(results):
+    assert results["big-text.png"] == _labeled((8, 8))
+
+
+def test_non_image_is_a_decode_error_quoting_none_of_it(results):
+    result = results["secret.txt"]
+    assert (result.stage, "TOP" in result.error, "bytes" in result.error) == ("decode", False, True)
+
+
+def test_no_error_row_quotes_file_contents(results):
+    assert not any(r.error and SECRET[:8] in r.error for r in results.values())
 
 
 @pytest.fixture(scope="module")

@@ -136,3 +136,13 @@ def test_decision_files_and_bad_input(labels, tmp_path, capsys):
     assert "curated" in capsys.readouterr().out
     with pytest.raises(ValueError, match="already holds"):
         args.func(args)
+
+
+def test_keeping_nothing_or_an_unknown_class_warns(labels, tmp_path, caplog, monkeypatch):
+    monkeypatch.chdir(labels.parent)
+    with caplog.at_level(logging.WARNING):
+        manifest = run_curate("labels", "none", classes=["cat", "horse"], min_pred_iou=1.0, min_score=1.0)
+    assert manifest["num_instances"] == 0
+    assert "--labels horse: not a class of" in caplog.text and "its classes: cat, dog" in caplog.text
+    assert "curate kept 0 masks" in caplog.text and "loosen the filters" in caplog.text
+    assert manifest["source"] == str(labels)  # recorded absolute: a relative name means nothing elsewhere

@@ -193,6 +193,13 @@ def test_show_and_curate_refuse_a_reference_outside_the_dataset(referenced, tmp_
     assert (found["rel"], found["abs"].startswith("refused: ")) == ("", True)
 
 
+def test_show_and_curate_refuse_an_image_file_over_the_jobs_max_bytes_unread(referenced, tmp_path):
+    source = list_input(str(referenced), listing=str(tmp_path / "listing"))
+    reader = ImageSource(source, StorageOptions(), InputColumns(), max_bytes=10)
+    found = {image_id: (data, problem) for image_id, data, problem in reader.read("00000", {"rel"})}
+    assert found["rel"][0] is None and "over the cap of 10 bytes; raise --max-bytes" in found["rel"][1]
+
+
 @pytest.mark.parametrize("given", ["index.parquet", ".", "./index.parquet"])
 def test_parquet_relative_references_resolve_from_any_working_directory(
     given, referenced, tmp_path, monkeypatch

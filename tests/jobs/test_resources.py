@@ -164,3 +164,85 @@ def test_plan_label_job_reads_the_cluster_and_the_device(ray_session, tmp_path):
         plan_label_job(spec("cuda"))
     plan = plan_label_job(spec("cuda", max_workers=2))
     assert (plan.actor_gpus, plan.actor_pool()) == (1.0, {"min_size": 1, "max_size": 2, "initial_size": 1})
+
+
+# Ray's ``Resources`` of three nodes: a CPU head, two GPU node types told apart by a custom resource.
+NODES = (
+    {"CPU": 4.0, "node:__internal_head__": 1.0},
+    {"CPU": 8.0, "GPU": 1.0, "a100": 1.0, "accelerator_type:A100": 1.0},
+    {"CPU": 8.0, "GPU": 2.0, "l4": 2.0, "accelerator_type:L4": 1.0},
+)
+
+
+def test_resource_slots_count_whole_units_per_node():
+    from hqlabel.jobs.resources import resource_slots
+
+    assert resource_slots({"l4": 1}, NODES, "--actor-resource") == 2
+    assert resource_slots({"l4": 0.5}, NODES, "--actor-resource") == 4
+    assert resource_slots({"accelerator_type:A100": 1}, NODES, "--actor-resource") == 1
+    assert resource_slots({"l4": 1, "accelerator_type:L4": 1}, NODES, "--actor-resource") == 1
+    expected = (
+        "--actor-resource h100=1: no node of the Ray cluster offers 1 h100 (custom resources offered: a100, "
+        "accelerator_type:A100, accelerator_type:L4, l4); start the nodes meant for it with "
+        """`ray start --resources '{"h100": N}'`, or drop --actor-resource"""
+    )
+    with pytest.raises(ValueError) as refused:
+        resource_slots({"h100": 1}, NODES, "--actor-resource")
+    assert str(refused.value) == expected
+    with pytest.raises(ValueError, match="offers 2 a100"):  # a node offers 1, no node 2: an actor needs 2
+        resource_slots({"a100": 2}, NODES, "--worker-resource")
+    with pytest.raises(
+        ValueError, match="a100=1, l4=1: no node of the Ray cluster offers all of them together"
+    ):
+        resource_slots({"a100": 1, "l4": 1}, NODES, "--actor-resource")  # each offered, never on one node
+
+
+def test_actor_resources_fit_the_pool_to_the_nodes_that_offer_them():
+    from hqlabel.jobs.resources import fit_actor_resources
+
+    cpu_pool = plan_resources(24, 0)  # 4 actors of 4 CPUs by default
+    assert cpu_pool.num_actors == 4
+    fitted = fit_actor_resources(cpu_pool, {"l4": 1}, NODES, sized_by_user=False)  # shrinks to the 2 l4s
+    assert (fitted.num_actors, fitted.actor_pool(), fitted.actor_resources) == (2, {"size": 2}, {"l4": 1})
+    assert fit_actor_resources(plan_resources(3, 0), {"l4": 1}, NODES, sized_by_user=True).num_actors == 1
+    with pytest.raises(ValueError, match=r"3 labeling actors with --actor-resource l4=1 need more than the "
+                       r"nodes offer now \(room for 2\); ask for at most 2"):  # fmt: skip
+        fit_actor_resources(plan_resources(24, 0, num_workers=3), {"l4": 1}, NODES, sized_by_user=True)
+    growing = plan_resources(8, 0, max_workers=4, use_gpus=True)  # GPU pool: starts with what fits, grows
+    fitted = fit_actor_resources(growing, {"a100": 1}, NODES, sized_by_user=True)
+    assert fitted.actor_pool() == {"min_size": 1, "max_size": 4, "initial_size": 1}
+
+
+def test_custom_resource_options_are_parsed_and_checked():
+    import argparse
+
+    from hqlabel.jobs.args import resource_amount
+    from hqlabel.jobs.spec import LabelJobSpec
+    from hqlabel.platform.config import LabelerConfig
+
+    assert resource_amount("accelerator_type:A100=0.5") == ("accelerator_type:A100", 0.5)
+    assert resource_amount("a100") == ("a100", 1.0)
+    for bad in ("a100=0", "a100=x", "=1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="NAME=AMOUNT"):
+            resource_amount(bad)
+    labeler = LabelerConfig(classes=["cat"], preset="tiny-random")
+    with pytest.raises(ValueError, match="--actor-resource GPU: Ray's own resource"):
+        LabelJobSpec(input="in", out="out", labeler=labeler, actor_resources={"GPU": 1})
+
+
+def test_train_refuses_worker_resources_the_cluster_lacks(ray_session, tmp_path):
+    from hqlabel.jobs.train import run_train_job
+    from hqlabel.training.config import TrainConfig
+    from hqlabel.training.synthetic import write_fine_structure_dataset
+
+    write_fine_structure_dataset(str(tmp_path / "data"), 2, size=64, seed=1)
+    config = TrainConfig(
+        data=str(tmp_path / "data"), out=str(tmp_path / "run"), preset="tiny-random", epochs=1
+    )
+    with pytest.raises(
+        ValueError, match="--worker-resource a100=1: no node of the Ray cluster offers 1 a100"
+    ):
+        run_train_job(config, workers=1, worker_resources={"a100": 1})
+    with pytest.raises(ValueError, match="--worker-resource GPU: Ray's own resource"):
+        run_train_job(config, workers=1, worker_resources={"GPU": 1})
+    assert not (tmp_path / "run" / "config.json").exists()  # refused before training started

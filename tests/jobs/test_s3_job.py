@@ -122,7 +122,7 @@ def test_s3_parquet_dataset_to_s3_output(ray_session, s3_endpoint, s3_client, s3
     capsys.readouterr()
     assert main(["status", out, "--s3-endpoint", s3_endpoint]) == 0
     status = capsys.readouterr().out
-    assert "3/3 done" in status and "6/6 labeled" in status and "read 1" in status
+    assert "3/3 done" in status and "6/6 done: 5 labeled, 1 failed" in status and "read 1" in status
 
     again = run_label_job(spec, progress=False)  # every shard has its marker: nothing to redo
     assert (again.images_this_run, again.instances) == (0, summary.instances)

@@ -117,7 +117,7 @@ def test_another_batch_size_is_another_run(tmp_path):
     folder = _folder(tmp_path / "in", 2)
     spec = LabelJobSpec(input=str(folder), out=str(tmp_path / "out"), labeler=LABELER)
     _start(spec)
-    with pytest.raises(ValueError, match=r"different settings \(batch_size\)"):
+    with pytest.raises(ValueError, match=r"different settings \(batch_size: 8 -> 4\)"):
         prepare_output(spec.model_copy(update={"batch_size": 4}))
 
 

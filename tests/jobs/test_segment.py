@@ -82,3 +82,34 @@ def test_points_attach_to_a_single_box_as_one_object():
     prompts = build_prompts(spec)
     assert len(prompts) == 1
     assert prompts.points.shape == (1, 2, 2) and prompts.point_labels.tolist() == [[1, 0]]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--box", "10,20,121,70"], "--box 10,20,121,70 is outside the 120 x 90 image"),
+        (["--point", "30,95"], "--point 30,95 is outside the 120 x 90 image"),
+        (
+            ["--box", "10,20,60,70", "--max-pixels", "10000"],
+            "over the limit of 10000 pixels; raise --max-pixels",
+        ),
+        (["--box", "10,20,60,70", "--max-bytes", "100"], "over --max-bytes 100; raise --max-bytes"),
+        (["--box", "10,20,60,70", "--hq-weights", "runs/nope"], "--hq-weights: HQ weights file"),
+        (["--box", "10,20,60,70", "--device", "gpu"], "--device 'gpu' is not a device"),
+    ],
+)
+def test_segment_checks_everything_before_building_a_model(
+    image_path, tmp_path, capsys, monkeypatch, extra, message
+):
+    import hqlabel.jobs.segment as segment_job
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(segment_job, "build_segmenter", refuse)
+    out = tmp_path / "seg"
+    code = main(["segment", str(image_path), "--preset", "tiny-random", "--out", str(out), *extra])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("hqlabel: error:")]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err and not out.exists()

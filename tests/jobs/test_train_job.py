@@ -15,6 +15,7 @@ from hqlabel.platform.instances import iter_instances
 from hqlabel.segmenters import build_segmenter
 from hqlabel.training.config import TrainConfig
 from hqlabel.training.evaluate import evaluate_segmenter
+from hqlabel.training.recipe import FAULT_ENV
 from hqlabel.training.synthetic import write_fine_structure_dataset
 
 
@@ -46,6 +47,32 @@ def test_ray_train_job_with_two_cpu_workers(ray_session, dataset, tmp_path, caps
     assert more["history"][:3] == history
     with pytest.raises(ValueError, match="--resume"):
         run_train_job(config, workers=2)
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_session, dataset, tmp_path, monkeypatch):
+    """Rank 1 kills its own process (SIGKILL) before the first step of epoch 2; Ray Train restarts both
+    workers (``--max-failures 1``), which resume from epoch 1's checkpoint, and the run finishes."""
+    out, marker = tmp_path / "run", tmp_path / "killed.json"
+    monkeypatch.setenv(FAULT_ENV, f"1:2:0:{marker}")
+    config = TrainConfig(
+        data=dataset, out=str(out), preset="tiny-random", epochs=2, batch_size=2, val_fraction=0.25,
+        num_points=256,
+    )  # fmt: skip
+    result = run_train_job(config, workers=2, max_failures=1)
+    assert json.loads(marker.read_text()) == {"rank": 1, "epoch": 2, "step": 0}  # the kill happened, once
+    killed = marker.stat().st_mtime_ns
+    assert [h["epoch"] for h in result["history"]] == [0, 1, 2]
+    files = ("hq_weights.safetensors", "trainer.pt", "state.json")
+    first, last = out / "checkpoints" / "epoch-0001", out / "checkpoints" / "epoch-0002"
+    # Resumed, not restarted from scratch: epoch 1's checkpoint was written once, before the kill.
+    assert all((first / f).stat().st_mtime_ns < killed for f in files)
+    assert all((last / f).stat().st_mtime_ns > killed for f in files)
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["epoch"] == 2
+    state = json.loads((last / "state.json").read_text())
+    assert state["epoch"] == 2 and state["history"] == result["history"]
+    assert state["config"]["world"]["workers"] == 2
+    assert set(load_file(last / "hq_weights.safetensors")) == set(load_file(first / "hq_weights.safetensors"))
+    assert torch.load(last / "trainer.pt")["scheduler"]["last_epoch"] == 2  # complete: the second step
 
 
 def test_eval_compares_sam_base_and_retrained(dataset, tmp_path, capsys):

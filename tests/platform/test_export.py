@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -246,11 +249,15 @@ def test_mask_polygons_outer_contours_only():
     assert polygons[0][:, 0].min() == 10
 
 
-def test_file_names_are_made_safe():
+def test_file_names_are_the_images_own_where_they_can_be():
     assert _stem_path("sub/img_1.jpg") == "sub/img_1"
+    assert _stem_path("sub/my phöto 猫 1.png") == "sub/my phöto 猫 1"  # YOLO pairs by this stem
     assert _stem_path("../../etc/passwd") == "_/_/etc/passwd"
     assert _stem_path("/abs//x.tar.png") == "abs/x.tar"
     assert _stem_path("noext") == "noext"
+    assert _stem_path("a\x00b\nc.png") == "a_b_c"
+    long = _stem_path("é" * 200 + ".png")  # 400 bytes: cut to a prefix and a hash of the whole
+    assert len(long.encode()) <= 255 and long.startswith("é" * 100) and long != _stem_path("é" * 201 + ".png")
     assert _label_file_name("traffic light/sign") == "traffic_light_sign"
     assert _label_file_name("..") == "label"
 
@@ -319,3 +326,34 @@ def test_the_mask_cap_is_the_labeling_job_max_pixels(tmp_path):
     job["spec"]["max_pixels"] = 60 * 64
     (out / "job.json").write_text(json.dumps(job))
     assert export_labels(str(out), str(tmp_path / "y"), "masks-png").instances == 6
+
+
+@pytest.mark.parametrize("fmt", ["yolo-seg", "masks-png"])
+def test_non_ascii_and_spaced_names_are_kept_and_mapped(tmp_path, monkeypatch, caplog, fmt):
+    if fmt == "yolo-seg":
+        pytest.importorskip("cv2")
+    name = "my phöto 猫 1.png"
+    images = {
+        name: {"shard": "a", "size": (20, 24), "instances": [("square", rect((20, 24), 2, 10, 3, 12))]},
+        "sub/ok.png": {"shard": "b", "size": (20, 24), "instances": []},
+        "bad\x01name.png": {"shard": "b", "size": (20, 24), "instances": []},
+    }
+    monkeypatch.setattr(sys.modules[__name__], "source_images", lambda: images)
+    write_labels_folder(str(tmp_path / "labels"))
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        export_labels(str(tmp_path / "labels"), str(out), fmt)
+    with open(out / "image_files.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if fmt == "yolo-seg":
+        assert (out / "labels" / "my phöto 猫 1.txt").read_text().startswith("0 ")
+        paths = ["labels/bad_name.txt", "labels/my phöto 猫 1.txt", "labels/sub/ok.txt"]
+    else:
+        assert (out / "my phöto 猫 1" / "0_square.png").is_file()
+        paths = ["bad_name", "my phöto 猫 1", "sub/ok"]
+    assert rows == [
+        ["image_id", "path"],
+        *map(list, zip(["bad\x01name.png", name, "sub/ok.png"], paths, strict=True)),
+    ]
+    assert all((out / p).exists() for p in paths if fmt == "yolo-seg" or p.endswith("1"))
+    assert "1 image id(s) cannot be used as file names" in caplog.text  # only the control character

@@ -64,7 +64,9 @@ def test_show_writes_overlays_sheets_and_index(labels, tmp_path, capsys):
         assert f'src="overlays/{name}.png"' in page
     assert 'class="warning" id="random-weights"' in page
     assert "broken.png</td><td>decode</td>" in page  # the failed image, with its stage
-    assert "tiny-random" in page and "<td>cat</td>" in page  # models and classes
+    assert "<td>tiny-random</td>" in page and "<td>cat</td>" in page  # models and classes
+    assert "&quot;" not in page and "<th>random_weights</th><td>yes</td>" in page  # plain values, no JSON
+    assert "<th>summary</th><td>images " in page and ", instances " in page
 
 
 def test_limit_caps_the_overlays(labels, tmp_path):

@@ -113,6 +113,19 @@ def test_coco_size_mismatch_names_image_and_fix(tmp_path):
         list(read_coco_instances(str(path)))
 
 
+def test_import_gt_bare_file_name_from_its_folder(tmp_path, monkeypatch):
+    """`hqlabel import-gt instances.json --out ds` in the JSON's folder: the images are next to it, and the
+    dataset records the source as an absolute path."""
+    make_coco(tmp_path / "coco")
+    monkeypatch.chdir(tmp_path / "coco")
+    manifest = run_import_gt("instances.json", "ds")
+    assert manifest["num_images"] == 2 and manifest["num_instances"] == 3
+    assert manifest["source"] == str(tmp_path / "coco" / "instances.json")
+    assert manifest["provenance"]["images_root"] == str(tmp_path / "coco")
+    monkeypatch.chdir(tmp_path)  # read from elsewhere
+    assert [i.image_id for i in iter_instances(str(tmp_path / "coco" / "ds"))] == ["a.png", "sub/b.png"]
+
+
 def test_import_gt_coco_with_images_root(tmp_path):
     path = make_coco(tmp_path / "coco")
     moved = tmp_path / "ann.json"

@@ -13,8 +13,9 @@ from hqlabel.platform.instances import iter_instances
 from hqlabel.segmenters import build_segmenter, tiny_random_sam_hq
 from hqlabel.segmenters.hq_weights import is_hq_parameter, resolve_hq_weights
 from hqlabel.training.config import TrainConfig
+from hqlabel.training.data import load_splits, make_example
 from hqlabel.training.model import encode, freeze_all_but_hq, sam_from_sam_hq
-from hqlabel.training.recipe import load_splits, make_example, run_training, train_step
+from hqlabel.training.recipe import run_training, train_step
 from hqlabel.training.synthetic import write_fine_structure_dataset
 
 
@@ -190,8 +191,8 @@ def test_trains_straight_from_a_mask_folder_and_a_coco_json(tmp_path):
     for data, name in ((str(folder), "from-folder"), (str(coco), "from-coco")):
         config = _config(data, tmp_path / name, epochs=1, val_fraction=0.5, jitter=(1.0, 1.0))
         train, val = load_splits(config)
-        assert sorted(i.image_id for i in train + val) == [f"{k}.png" for k in range(4)]
-        assert all(len(i.instances) == 1 and i.masks()[0, 13:50, 20].all() for i in train + val)
+        assert sorted(i.image_id for i in [*train, *val]) == [f"{k}.png" for k in range(4)]
+        assert all(len(i.instances) == 1 and i.masks()[0, 13:50, 20].all() for i in [*train, *val])
         result = run_training(config)
         assert [h["epoch"] for h in result["history"]] == [0, 1]
         assert result["history"][1]["train_masks"] == len(train)  # every object once (no crop at scale 1)
