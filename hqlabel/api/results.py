@@ -43,6 +43,8 @@ class LabelResult:
         rles: N COCO compressed RLE dicts ``{"size": [H, W], "counts": bytes}``.
         image_id: the image's id in a labels folder (``read_labels``); None for in-memory images.
         classes: the class list that ``class_ids`` index (the labeler's or the job's, then other labels).
+        max_pixels: ``masks`` refuses an RLE declaring more pixels (read from files: the job's
+            ``--max-pixels``); None: no cap.
     """
 
     height: int
@@ -56,7 +58,7 @@ class LabelResult:
     image_id: str | None = None
     classes: list[str] = field(default_factory=list)
     max_pixels: int | None = DEFAULT_MAX_PIXELS
-    _masks: np.ndarray | None = field(default=None, repr=False)
+    _masks: np.ndarray | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_instances(
