@@ -2,6 +2,7 @@
 the CLI's rows, the in-memory ``Labeler`` gives an image the job's rows, ``read_labels`` streams them back,
 supervision interop, and the README's examples run as written."""
 
+import io
 import json
 import os
 import re
@@ -285,3 +286,29 @@ def test_readme_examples_run(ray_session, tmp_path, monkeypatch):
     assert namespace["annotated"].shape == (96, 128, 3)
     assert namespace["summary"].images == 2
     assert (tmp_path / "labels.coco.json").is_file() and (tmp_path / "curated").is_dir()
+
+
+def test_in_memory_labeler_downscales_as_the_job_steps():
+    """With ``max_side`` below the image size, the in-memory labeler works on the downscaled copy and reports
+    at the original size exactly as the job's own steps (``decode_batch`` -> ``LabelWorker``) do."""
+    import pyarrow as pa
+
+    from hqlabel.platform.config import LabelerConfig
+    from hqlabel.platform.schema import SOURCE_SCHEMA, results_to_tables
+    from hqlabel.workers import LabelWorker, decode_batch
+
+    data = encode(random_image(5, (96, 128)))
+    source = pa.Table.from_pylist(
+        [{"shard": "s", "row": 0, "image_id": "big.png", "image": data}], schema=SOURCE_SCHEMA
+    )
+    config = LabelerConfig(classes=CLASSES, preset="tiny-random", box_threshold=0.3)
+    decoded = decode_batch(source, max_side=64)
+    assert decoded["width"].to_pylist() == [64]  # 96 x 128 worked on at 48 x 64
+    masks, _, _ = results_to_tables(LabelWorker(config)(decoded))
+    labeler = hqlabel.Labeler.from_pretrained(
+        classes=CLASSES, preset="tiny-random", box_threshold=0.3, max_side=64
+    )
+    result = labeler(Image.open(io.BytesIO(data)))
+    result.image_id = "big.png"
+    assert result.rows() == masks.to_pylist() and len(result)
+    assert result.masks.shape[1:] == (96, 128)
