@@ -159,12 +159,13 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _label(args: argparse.Namespace) -> int:
-    from hqlabel.jobs.label import run_label_job
-    from hqlabel.jobs.spec import LabelJobSpec
-    from hqlabel.platform.config import LabelerConfig
+    from hqlabel.jobs.functions import label
 
-    labeler = LabelerConfig(
+    summary = label(
+        args.input,
+        out=args.out,
         classes=args.classes,
+        progress=not args.no_progress,
         prompts=args.prompts,
         detector=args.detector,
         segmenter=args.segmenter,
@@ -181,24 +182,17 @@ def _label(args: argparse.Namespace) -> int:
         precision=args.precision,
         compile=args.compile,
         preprocess=args.preprocess,
-    )
-    optional = {
-        "max_pixels": args.max_pixels,
-        "max_bytes": args.max_bytes,
-        "max_json_bytes": args.max_json_bytes,
-        "max_side": args.max_side,
-        "num_workers": args.num_workers,
-        "min_workers": args.min_workers,
-        "max_workers": args.max_workers,
-        "num_cpus": args.num_cpus,
-        "shard_size": args.shard_size,
-        "lease_ttl": args.lease_ttl,
-        "max_actor_restarts": args.max_actor_restarts,
-    }
-    spec = LabelJobSpec(
-        input=args.input,
-        out=args.out,
-        labeler=labeler,
+        max_pixels=args.max_pixels,
+        max_bytes=args.max_bytes,
+        max_json_bytes=args.max_json_bytes,
+        max_side=args.max_side,
+        num_workers=args.num_workers,
+        min_workers=args.min_workers,
+        max_workers=args.max_workers,
+        num_cpus=args.num_cpus,
+        shard_size=args.shard_size,
+        lease_ttl=args.lease_ttl,
+        max_actor_restarts=args.max_actor_restarts,
         id_column=args.id_column,
         image_column=args.image_column,
         uri_column=args.uri_column,
@@ -213,9 +207,7 @@ def _label(args: argparse.Namespace) -> int:
         retry_errors=args.retry_errors,
         actor_resources=dict(args.actor_resource),
         ray_address=args.address,
-        **{k: v for k, v in optional.items() if v is not None},
     )
-    summary = run_label_job(spec, progress=not args.no_progress)
     print(summary)
     return 0
 
@@ -329,10 +321,19 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from hqlabel.jobs.export import run_export
+    from hqlabel.jobs.functions import export
 
     try:
-        print(run_export(args))
+        print(
+            export(
+                args.labels,
+                out=args.out,
+                format=args.format,
+                min_part_area=args.min_part_area,
+                s3_endpoint=args.s3_endpoint,
+                s3_region=args.s3_region,
+            )
+        )
     except ImportError as e:  # a missing optional extra (OpenCV for yolo-seg): its install hint, one line
         if args.verbose:
             raise

@@ -37,7 +37,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from hqlabel.jobs.args import add_json_cap_arg, add_storage_args, storage_options
+from hqlabel.jobs.args import add_json_cap_arg, add_storage_args
 from hqlabel.platform import storage
 from hqlabel.platform.export import LabelsFolder
 from hqlabel.platform.groundtruth import image_size
@@ -366,19 +366,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _curate(args: argparse.Namespace) -> int:
-    classes = None
-    if args.classes is not None:
-        classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-    manifest = run_curate(
+    from hqlabel.jobs.functions import curate
+
+    manifest = curate(
         args.labels,
-        args.out,
+        out=args.out,
         min_pred_iou=args.min_pred_iou,
         min_score=args.min_score,
-        classes=classes,
+        classes=args.classes,
         min_area=args.min_area,
         decisions=args.decisions,
         images=args.images,
-        options=storage_options(args),
+        s3_endpoint=args.s3_endpoint,
+        s3_region=args.s3_region,
         max_json_bytes=args.max_json_bytes,
     )
     counts = manifest["provenance"]["counts"]

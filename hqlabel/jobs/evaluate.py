@@ -10,7 +10,7 @@ import argparse
 import json
 from typing import Any
 
-from hqlabel.jobs.args import add_storage_args, storage_options
+from hqlabel.jobs.args import add_storage_args
 from hqlabel.platform import storage
 from hqlabel.platform.config import DEFAULT_SEGMENTER, PRESETS
 from hqlabel.platform.instances import open_instances
@@ -123,18 +123,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _eval(args: argparse.Namespace) -> int:
     if args.preset:
         print(f"hqlabel: warning: --preset {args.preset} evaluates randomly initialised models")
-    report = run_eval(
+    from hqlabel.jobs.functions import evaluate
+
+    report = evaluate(
         args.data,
         base=args.base,
         preset=args.preset,
         weights=args.weights,
         sam=args.sam,
         out=args.out,
-        images_root=args.images,
+        images=args.images,
         hq_token_only=args.hq_token_only,
         batch_size=args.batch_size,
         device=args.device,
-        options=storage_options(args),
+        s3_endpoint=args.s3_endpoint,
+        s3_region=args.s3_region,
     )
     print(report["table"], end="")
     return 0

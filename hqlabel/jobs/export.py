@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from hqlabel.jobs.args import storage_options
-from hqlabel.platform.export import ExportSummary, export_labels
+from hqlabel.platform.export import ExportSummary
 
 
 def run_export(args: argparse.Namespace) -> ExportSummary:
@@ -18,12 +17,13 @@ def run_export(args: argparse.Namespace) -> ExportSummary:
         ValueError: a mask of LABELS declares more pixels than its job's ``--max-pixels`` (yolo-seg,
             masks-png: refused before decoding).
     """
-    if args.min_part_area < 0:
-        raise ValueError(f"--min-part-area must be >= 0 pixels, got {args.min_part_area}")
-    return export_labels(
+    from hqlabel.jobs.functions import export
+
+    return export(
         args.labels,
-        args.out,
-        args.format,
-        storage_options(args),
+        out=args.out,
+        format=args.format,
         min_part_area=args.min_part_area,
+        s3_endpoint=args.s3_endpoint,
+        s3_region=args.s3_region,
     )

@@ -61,6 +61,13 @@ RANDOM_WEIGHTS_WARNING = (
 
 @dataclass
 class LabelSummary:
+    """What a labeling job did (``hqlabel.label``'s result; also ``OUT/job.json`` ``summary``).
+
+    Attributes:
+        images: all images of the job, including shards finished by an earlier run; ``instances``, ``errors``
+            likewise; ``images_this_run``: those labeled by this run, in ``seconds``; ``out``: the folder.
+    """
+
     images: int  # all images of the job, including shards finished by an earlier run
     instances: int
     errors: int

@@ -260,14 +260,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     from hqlabel.training.evaluate import format_percent
 
-    config = TrainConfig(
-        data=args.data,
+    if args.preset:
+        print(
+            f"hqlabel: warning: --preset {args.preset} trains a randomly initialised model; "
+            "its numbers mean nothing"
+        )
+    from hqlabel.jobs.functions import train
+
+    summary = train(
+        args.data,
         out=args.out,
+        preset=args.preset,
+        max_failures=args.max_failures,
         val_data=args.val_data,
         val_fraction=args.val_fraction,
         images_root=args.images,
         base=args.base,
-        preset=args.preset,
         init_weights=args.init_weights,
         epochs=args.epochs,
         lr=args.lr,
@@ -280,21 +288,12 @@ def _train(args: argparse.Namespace) -> int:
         loader_threads=args.loader_threads,
         s3_endpoint=args.s3_endpoint,
         s3_region=args.s3_region,
-    )
-    if args.preset:
-        print(
-            f"hqlabel: warning: --preset {args.preset} trains a randomly initialised model; "
-            "its numbers mean nothing"
-        )
-    summary = run_train_job(
-        config,
         workers=args.workers,
         gpus_per_worker=args.gpus_per_worker,
         worker_resources=dict(args.worker_resource),
         resume=args.resume,
         ray_address=args.address,
         num_cpus=args.num_cpus,
-        max_failures=args.max_failures,
     )
     first, best = summary["history"][0], summary["best"]
 
