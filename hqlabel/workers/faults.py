@@ -37,6 +37,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 
 from hqlabel.platform import storage
@@ -205,11 +206,15 @@ class Failpoints:
       would end it (every time, in every actor).
     - ``device``: raise ``torch.AcceleratorError`` (a CUDA illegal memory access) in an actor that Ray has
       not restarted yet; from then on every call of that process raises it, as after a sticky CUDA error.
+    - ``stall``: the actor sleeps ``STALL_SECONDS`` before labeling the batch, as a slow model or device
+      would (every time): with one batch in flight per actor, the other actors take the next batches
+      meanwhile (the multi-node test uses it to have every actor label).
 
     Unset or empty: no effect (one dictionary lookup per image).
     """
 
-    ACTIONS = ("exit", "device")
+    ACTIONS = ("exit", "device", "stall")
+    STALL_SECONDS = 10.0
 
     def __init__(self, spec: str | None) -> None:
         self.points: dict[str, str] = {}
@@ -231,6 +236,9 @@ class Failpoints:
             if action == "exit":
                 logger.error("failpoint: killing this labeling actor on %s", image_id)
                 os.kill(os.getpid(), signal.SIGKILL)
+            elif action == "stall":
+                logger.warning("failpoint: stalling %.0f s on %s", self.STALL_SECONDS, image_id)
+                time.sleep(self.STALL_SECONDS)
             elif action == "device" and not _restarted_actor():
                 self.broken = _device_error()
                 raise self.broken

@@ -141,12 +141,14 @@ def test_label_address_with_actor_resource_labels_on_both_worker_nodes(cluster, 
     args = [*_label_args(images, out, batch_size=1), "--address", cluster.address]
     args += ["--min-workers", "2", "--max-workers", "2", "--actor-resource", f"{SLOT}=1"]
     # Ray Data hands batches to the actors that are up, preferring the one beside the data (decoding runs on
-    # the 2-CPU node): here it waits for both actors and gives each one batch at a time, so the six batches
-    # do not all go to one of them.
+    # the 2-CPU node), and a tiny model may finish each batch before the next is decoded. So here it waits
+    # for both actors, gives each one batch at a time, and the actor that gets the first image stalls on it
+    # (a fault point, ``Failpoints.STALL_SECONDS``): the other actor must take the next batches meanwhile.
     env = clean_env(
         **ENV,
         RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S="180",
         RAY_DATA_ACTOR_DEFAULT_MAX_TASKS_IN_FLIGHT_TO_MAX_CONCURRENCY_FACTOR="1",
+        HQLABEL_FAILPOINTS="stall:img_0.png",
     )
     result = _hqlabel(*args, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -258,7 +260,7 @@ def test_local_paths_a_node_does_not_see_are_refused(cluster, images, instances,
         )
         assert node["NodeID"][:12] in errors[0] and "NFS" in errors[0] and "s3://" in errors[0]
         assert not (out / "job.json").exists() and not (out / "_listing").exists()
-        assert not [p for p in out.iterdir() if p.name.startswith(".hqlabel-shared-check")]  # marker gone
+        assert not out.exists()  # the marker gone, and the folder the refused run made too
         assert errors[1].startswith(f"hqlabel: error: --data {instances} is a local path that 1 of the 4 Ray")
         assert not (run / "config.json").exists()
     finally:
