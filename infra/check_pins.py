@@ -136,8 +136,11 @@ def resolve(commands: list[list[str]], args: dict[str, str]) -> list[tuple[bool,
     torch_pin = f"torch=={args['TORCH_VERSION']}"
     with tempfile.TemporaryDirectory(prefix="hqlabel-pins-") as tmp:
         venv = Path(tmp) / "venv"
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        pip = [str(venv / "bin" / "python"), "-m", "pip", "--isolated", "--disable-pip-version-check"]
+        # --without-pip + this pip's --python: no ensurepip needed (Debian's python3 lacks it without
+        # python3-venv), and the resolution still sees only the clean environment's (empty) site-packages.
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        python = str(venv / "bin" / "python")
+        pip = [sys.executable, "-m", "pip", "--python", python, "--isolated", "--disable-pip-version-check"]
         for argv in commands:
             note = ""
             index = _index_url(argv)
