@@ -1,7 +1,8 @@
 """The deployment files in infra/ agree with each other and with the real CLI.
 
-Static checks only (no docker, no Kubernetes): one image everywhere, one GPU per GPU worker, credentials
-only from secrets, and a RayJob entrypoint that ``hqlabel``'s own parser accepts.
+Static checks only (no docker, no Kubernetes) of our own intent: one image everywhere, one GPU per GPU worker,
+credentials only from secrets, and a RayJob entrypoint that ``hqlabel``'s own parser accepts. Whether the
+manifests are well-formed at all is checked against the upstream schemas in test_schemas.py.
 """
 
 from __future__ import annotations
@@ -69,11 +70,6 @@ def _env_vars(node) -> list[dict]:
     if isinstance(node, list):
         return [e for value in node for e in _env_vars(value)]
     return []
-
-
-@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
-def test_manifests_parse(path):
-    assert isinstance(_load(path), dict)
 
 
 def test_one_image_everywhere():
