@@ -78,7 +78,9 @@ def write_labels_folder(out: str, classes: list[str] = CLASSES, options=storage.
                         "error_stage": "decode",
                     }
                 )
-                error_rows.append({"image_id": image_id, "stage": "decode", "error": "not an image"})
+                error_rows.append(
+                    {"image_id": image_id, "stage": "decode", "error": "not an image", "retryable": False}
+                )
                 continue
             h, w = item["size"]
             image_rows.append(
