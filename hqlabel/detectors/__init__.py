@@ -5,7 +5,7 @@ from __future__ import annotations
 from hqlabel.detectors.base import Detections, Detector, batched_nms, box_iou
 from hqlabel.detectors.grounding_dino import GroundingDinoDetector, tiny_random_grounding_dino
 from hqlabel.detectors.owlv2 import Owlv2Detector, tiny_random_owlv2
-from hqlabel.platform.config import DEFAULT_DETECTOR
+from hqlabel.platform.config import DEFAULT_DETECTOR, DETECTOR_FAMILIES
 
 PRESETS = ("tiny-random",)
 # config.json's model_type -> the wrapper that loads it
@@ -15,6 +15,7 @@ DETECTORS: dict[str, type[GroundingDinoDetector] | type[Owlv2Detector]] = {
 }
 # architecture family -> its tiny random builder (``--preset tiny-random --detector FAMILY``)
 TINY_RANDOM = {"grounding-dino": tiny_random_grounding_dino, "owlv2": tiny_random_owlv2}
+assert tuple(TINY_RANDOM) == DETECTOR_FAMILIES, "LabelerConfig validates --detector against DETECTOR_FAMILIES"
 
 
 def detector_type(name_or_path: str, *, revision: str | None = None) -> str:

@@ -6,8 +6,8 @@ every query: the score of box ``p`` for class ``c`` is ``sigmoid(logits[p, c])``
 (not a softmax over classes, and not a token score as in Grounding DINO, whose class score is the best of the
 class's prompt tokens). ``box_threshold`` keeps a box whose best class score is above it; ``text_threshold``
 drops a class from a box whose score for it is under it (as for Grounding DINO; with one query per class it
-only matters when it is above ``box_threshold``). OWLv2's scores run lower than Grounding DINO's: its authors
-and transformers' examples use 0.1 where Grounding DINO uses 0.35.
+only matters when it is above ``box_threshold``). OWLv2's scores run lower than Grounding DINO's:
+transformers' OWLv2 examples use 0.1 where Grounding DINO's default is 0.35.
 
 Images are padded at the bottom and right to a square (``max(H, W)``) before they are resized, so the
 model's boxes are relative to that square: both axes scale by ``max(H, W)``, as in transformers'
