@@ -37,7 +37,13 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
         help="detector: boxes from --classes; boxes: the dataset's own boxes (COCO / a boxes column)",
     )
     p.add_argument("--out", required=True, help="output folder, local or s3:// (masks/, errors/, images/)")
-    p.add_argument("--detector", default=DEFAULT_DETECTOR, help="Grounding DINO hub id or local dir")
+    p.add_argument(
+        "--detector",
+        default=DEFAULT_DETECTOR,
+        help="detector hub id or local dir: Grounding DINO (default) or OWLv2, e.g. "
+        "google/owlv2-base-patch16-ensemble (chosen by its config); with --preset tiny-random a family: "
+        "grounding-dino or owlv2",
+    )
     p.add_argument(
         "--segmenter", default=DEFAULT_SEGMENTER, help="SAM-HQ / SAM hub id, local dir or original .pth file"
     )

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
 DEFAULT_SEGMENTER = "syscv-community/sam-hq-vit-base"
 PRESETS = ("tiny-random",)
+# what --detector may name under --preset tiny-random (tiny random models of these architectures)
+DETECTOR_FAMILIES = ("grounding-dino", "owlv2")
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Preprocess = Literal["auto", "processor", "torch"]  # see hqlabel.platform.preprocess
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
@@ -107,7 +109,12 @@ class LabelerConfig(BaseModel):
         "detector",
         description="'detector': boxes from the text prompt; 'boxes': the dataset's own boxes (no detector).",
     )
-    detector: str = Field(DEFAULT_DETECTOR, description="Grounding DINO hub id or local directory.")
+    detector: str = Field(
+        DEFAULT_DETECTOR,
+        description="Detector hub id or local directory: Grounding DINO or OWLv2 (picked by its config's "
+        "model_type). Under preset 'tiny-random': an architecture family, 'grounding-dino' (also the default "
+        "id) or 'owlv2'.",
+    )
     segmenter: str = Field(
         DEFAULT_SEGMENTER,
         description="SAM-HQ (or SAM) hub id, local directory, or original checkpoint (sam_hq_vit_b.pth).",
@@ -176,5 +183,15 @@ class LabelerConfig(BaseModel):
         if self.prompts == "detector" and not self.classes:
             raise ValueError(
                 "the detector needs --classes (e.g. --classes 'cat, dog'), or use --prompts boxes"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _preset_detector_is_a_family(self) -> LabelerConfig:
+        families = (DEFAULT_DETECTOR, *DETECTOR_FAMILIES)
+        if self.preset is not None and self.prompts == "detector" and self.detector not in families:
+            raise ValueError(
+                f"under --preset {self.preset}, --detector names an architecture family, one of "
+                f"{list(DETECTOR_FAMILIES)}; got {self.detector!r}"
             )
         return self

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from hqlabel.detectors import Detector, GroundingDinoDetector, build_detector
+from hqlabel.detectors import Detector, GroundingDinoDetector, Owlv2Detector, build_detector
 from hqlabel.platform.config import LabelerConfig
 from hqlabel.platform.rle import encode_masks, mask_area
 from hqlabel.platform.schema import RESULT_SCHEMA
@@ -43,7 +43,9 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def build_models(config: LabelerConfig) -> tuple[GroundingDinoDetector | None, HQSamSegmenter]:
+def build_models(
+    config: LabelerConfig,
+) -> tuple[GroundingDinoDetector | Owlv2Detector | None, HQSamSegmenter]:
     """The detector and segmenter that ``config`` names (``preset`` overrides the model ids); no detector
     when the prompts are given boxes."""
     device = resolve_device(config.device)
