@@ -37,6 +37,7 @@ def test_results_split_into_masks_and_errors():
             {"image_id": "b", "instances": None, "error_stage": "decode", "error": "truncated"},
             {"image_id": "c", "instances": [], "error_stage": None, "error": None},
             {"image_id": "d", "instances": [_instance(0, "dog")], "error_stage": None, "error": None},
+            {"image_id": "e", "instances": None, "error_stage": "read", "error": "EIO", "retryable": True},
         ],
         schema=RESULT_SCHEMA,
     )
@@ -48,11 +49,14 @@ def test_results_split_into_masks_and_errors():
     assert masks["label"].to_pylist() == ["cat", "dog", "dog"]
     assert masks["area"].to_pylist() == [7, 8, 7]
     assert masks["mask"][0].as_py() == {"size": [4, 5], "counts": b"abc"}
-    assert errors.to_pylist() == [{"image_id": "b", "stage": "decode", "error": "truncated"}]
+    assert errors.to_pylist() == [  # an error row without the flag (an older result) is not retryable
+        {"image_id": "b", "stage": "decode", "error": "truncated", "retryable": False},
+        {"image_id": "e", "stage": "read", "error": "EIO", "retryable": True},
+    ]
     assert images.schema == IMAGES_SCHEMA
-    assert images["image_id"].to_pylist() == ["a", "b", "c", "d"]
-    assert images["num_instances"].to_pylist() == [2, 0, 0, 1]
-    assert images["error_stage"].to_pylist() == [None, "decode", None, None]
+    assert images["image_id"].to_pylist() == ["a", "b", "c", "d", "e"]
+    assert images["num_instances"].to_pylist() == [2, 0, 0, 1, 0]
+    assert images["error_stage"].to_pylist() == [None, "decode", None, None, "read"]
     assert images["height"].to_pylist()[0] == 4
 
 
