@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -99,11 +100,18 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # Pillow checks its own limit while opening, before ours; name the one limit that refused it.
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = int(found.group(1)) if found else None
+        if pixels is not None and pixels > max_pixels:
+            raise ImageDecodeError(
+                f"image is {pixels} pixels, over the limit of {max_pixels} pixels; raise --max-pixels to "
+                "accept it"
+            ) from None
         raise ImageDecodeError(
-            f"image exceeds Pillow's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS = "
-            f"{Image.MAX_IMAGE_PIXELS}): {e}; raise --max-pixels (labeling jobs lift Pillow's limit to it) "
-            "to accept it"
-        ) from e
+            f"image is {pixels or 'more'} pixels, over Pillow's decompression-bomb limit "
+            f"(PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}; labeling jobs lift it to --max-pixels)"
+        ) from None
     except Image.UnidentifiedImageError as e:
         raise ImageDecodeError(  # never quote the bytes: they may be anything the reference reached
             f"not a recognised image ({len(data)} bytes): not JPEG, PNG, WebP, BMP, TIFF, GIF or another "

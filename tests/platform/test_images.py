@@ -193,8 +193,18 @@ def test_at_max_pixels_is_accepted() -> None:
 @pytest.mark.parametrize("pil_limit", [50, 10], ids=["bomb-warning", "bomb-error"])
 def test_pillow_bomb_limit_becomes_decode_error(monkeypatch: pytest.MonkeyPatch, pil_limit: int) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pil_limit)
-    with pytest.raises(ImageDecodeError, match="decompression-bomb"):
+    with pytest.raises(ImageDecodeError, match="decompression-bomb") as info:
         decode_image(_encode(_gradient_rgb(10, 10), "PNG"))
+    assert "image is 100 pixels" in str(info.value) and "max-pixels to accept" not in str(info.value)
+
+
+def test_pillow_refusing_over_max_pixels_names_max_pixels_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow refuses at open, before our check: the message names ``--max-pixels``, one limit only."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(_encode(_gradient_rgb(10, 10), "PNG"), max_pixels=50)
+    expected = "image is 100 pixels, over the limit of 50 pixels; raise --max-pixels to accept it"
+    assert str(info.value) == expected
 
 
 @pytest.mark.parametrize("max_pixels", [0, -1, 1.5])
