@@ -1,19 +1,23 @@
 """``python -m benchmarks.train``: HQ-token training throughput and a training worker's memory.
 
-Two sections, with the tiny random preset on CPU (random weights: only speed and memory mean anything):
+Two sections, random weights (only speed and memory mean anything):
 
 - ``throughput``: training samples (images) per second per worker, for 1 and 2 workers
   (``--workers 1 2``). The recipe runs as Ray Train's CPU workers run it (``run_training`` under a gloo
   process group, DDP), started with ``torch.multiprocessing`` so that Ray's start-up stays out of the figure;
   each worker gets ``cpu_count // workers`` torch threads. The figure is an epoch after the first (the
   second of 2): images per worker / seconds between the two epochs' reports, which includes that epoch's
-  validation (on ``--val-images`` images) and rank 0's checkpoint.
+  validation (on ``--val-images`` images) and rank 0's checkpoint. ``--model`` picks the base: ``tiny``
+  (the tiny random preset's model) or a random-weight SAM-HQ ``vit-b`` / ``vit-l`` at full size (1024 x 1024
+  input); it is written with ``save_pretrained`` to a local folder that the run loads as its ``base``, the
+  path a real base takes. ``--device cuda`` trains one worker on the GPU (one GPU cannot host two NCCL
+  ranks) and adds the GPU's mean utilisation over the measured epoch and the peak allocated memory.
 - ``memory``: the peak RSS of one training process (``run_training`` in a fresh process, ``VmHWM``) on
   datasets of ``--memory-images`` N and 4N random-noise ``--memory-side``-pixel BMP images, one mask each,
   1 epoch. With ``--code DIR`` it measures another checkout (an older commit, for a before/after).
 
     python -m benchmarks.train [--only throughput memory] [--workers 1 2] [--code DIR]
-        [--out benchmarks/results/NAME.json]
+        [--device cpu|cuda] [--model tiny|vit-b|vit-l] [--out benchmarks/results/NAME.json]
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 SECTIONS = ("throughput", "memory")
+DEVICES = ("cpu", "cuda")
+MODELS = ("tiny", "vit-b", "vit-l")
 
 
 def write_noise_dataset(out: str, images: int, side: int, *, seed: int = 0) -> str:
@@ -111,7 +118,60 @@ def run_memory(images: int, side: int, work: Path, code: Path | None) -> dict:
     return results
 
 
-def _throughput_worker(rank: int, workers: int, store: str, config: dict, times: str) -> None:
+def save_random_base(model: str, directory: Path) -> str:
+    """Write a random-weight SAM-HQ of size ``model`` (``MODELS``) to ``directory`` with ``save_pretrained``
+    and return it, a local folder that ``TrainConfig.base`` loads as it loads a downloaded model."""
+    from benchmarks.compute_limit import build_segmenter
+
+    if model not in MODELS:
+        raise ValueError(f"unknown --model {model!r}; choose one of {MODELS}")
+    if model == "tiny":
+        segmenter = build_segmenter("tiny-random")
+    else:
+        segmenter = build_segmenter("real-size", vit=model.removeprefix("vit-"))
+    segmenter.save_pretrained(directory)
+    return str(directory)
+
+
+def _gpu_utilisation() -> float | None:
+    """The GPU's busy percentage now (NVML through torch, else ``nvidia-smi``); None when neither answers."""
+    import torch
+
+    try:
+        return float(torch.cuda.utilization())
+    except Exception:  # no pynvml / amdsmi, or NVML failed (its own error types): ask nvidia-smi
+        pass
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"],
+            capture_output=True, text=True, timeout=5, check=True,
+        )  # fmt: skip
+        return float(out.stdout.split()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+class UtilisationSampler(threading.Thread):
+    """Samples ``(perf_counter, busy %)`` of the GPU every ``interval`` seconds until ``stop``."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.interval, self.samples = interval, []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            value = _gpu_utilisation()
+            if value is not None:
+                self.samples.append((time.perf_counter(), value))
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+def _throughput_worker(rank: int, workers: int, store: str, config: dict, times: str, device: str) -> None:
     import torch
     import torch.distributed as dist
 
@@ -122,21 +182,40 @@ def _throughput_worker(rank: int, workers: int, store: str, config: dict, times:
     if workers > 1:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=workers)
     stamps: list[float] = []
+    sampler = UtilisationSampler() if device == "cuda" else None
+    if sampler:
+        sampler.start()
     try:
         run_training(
             TrainConfig(**config),
             rank=rank,
             world_size=workers,
-            device="cpu",
+            device="cuda:0" if device == "cuda" else "cpu",
             report=lambda _: stamps.append(time.perf_counter()),
         )
     finally:
+        if sampler:
+            sampler.stop()
         if workers > 1:
             dist.destroy_process_group()
-    Path(times, f"{rank}.json").write_text(json.dumps(stamps))
+    record: dict = {"stamps": stamps}
+    if sampler:
+        during = [value for t, value in sampler.samples if stamps[0] <= t <= stamps[1]]
+        record["gpu_utilisation"] = sum(during) / len(during) if during else None
+        record["gpu_samples"] = len(during)
+        record["peak_memory_allocated"] = torch.cuda.max_memory_allocated()
+    Path(times, f"{rank}.json").write_text(json.dumps(record))
 
 
-def run_throughput(worker_counts: list[int], images: int, val_images: int, work: Path) -> dict:
+def run_throughput(
+    worker_counts: list[int],
+    images: int,
+    val_images: int,
+    work: Path,
+    *,
+    device: str = "cpu",
+    model: str = "tiny",
+) -> dict:
     import torch.multiprocessing as mp
 
     from hqlabel.training import checkpoint
@@ -145,30 +224,38 @@ def run_throughput(worker_counts: list[int], images: int, val_images: int, work:
     data, val = str(work / "synthetic"), str(work / "synthetic-val")
     write_fine_structure_dataset(data, images, size=256, seed=1)
     write_fine_structure_dataset(val, val_images, size=256, seed=2)
+    base = save_random_base(model, work / f"sam-hq-{model}")
     results = {}
     for workers in worker_counts:
         run = work / f"throughput-{workers}"
         times = run / "times"
         times.mkdir(parents=True)
         config = dict(
-            data=data, val_data=val, out=str(run / "out"), preset="tiny-random", epochs=2, batch_size=4,
-            num_points=256,
+            data=data, val_data=val, out=str(run / "out"), base=base, epochs=2, batch_size=4,
+            num_points=256, device=device,
         )  # fmt: skip
         mp.spawn(
             _throughput_worker,
-            args=(workers, str(run / "store"), config, str(times)),
+            args=(workers, str(run / "store"), config, str(times), device),
             nprocs=workers,
             join=True,
         )
-        stamps = [json.loads((times / f"{r}.json").read_text()) for r in range(workers)]
-        epoch_s = max(s[1] - s[0] for s in stamps)
+        records = [json.loads((times / f"{r}.json").read_text()) for r in range(workers)]
+        epoch_s = max(r["stamps"][1] - r["stamps"][0] for r in records)
         per_worker = checkpoint.world_layout(workers, 4, images)["images_per_worker"]
-        results[f"workers_{workers}"] = {
+        result = results[f"workers_{workers}"] = {
             "images_per_worker_per_epoch": {"value": per_worker, "unit": "images"},
             "epoch_s": {"value": round(epoch_s, 2), "unit": "s"},
             "samples_per_s_per_worker": {"value": round(per_worker / epoch_s, 2), "unit": "images/s"},
             "samples_per_s_total": {"value": round(workers * per_worker / epoch_s, 2), "unit": "images/s"},
         }
+        if device == "cuda":  # one worker (main refuses more)
+            utilisation = records[0]["gpu_utilisation"]
+            result["gpu_utilisation_mean"] = {
+                "value": None if utilisation is None else round(utilisation, 1), "unit": "%",
+            }  # fmt: skip
+            result["gpu_utilisation_samples"] = {"value": records[0]["gpu_samples"], "unit": "samples"}
+            result["peak_memory_allocated"] = {"value": records[0]["peak_memory_allocated"], "unit": "bytes"}
     return results
 
 
@@ -177,7 +264,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="throughput: worker counts")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", help="throughput: worker counts (default: 1 2; on cuda: 1)"
+    )
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="throughput: where workers train")
+    parser.add_argument(
+        "--model", choices=MODELS, default="tiny", help="throughput: random-weight SAM-HQ base to train"
+    )
     parser.add_argument("--images", type=int, default=64, help="throughput: 256 px training images")
     parser.add_argument("--val-images", type=int, default=4, help="throughput: validation images")
     parser.add_argument("--memory-images", type=int, default=24, help="memory: N (and 4N) images")
@@ -185,11 +278,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--code", type=Path, help="memory: another HQLabel checkout to measure")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    report: dict = {"machine": machine_info("cpu"), "results": {}}
+    if args.workers is None:
+        args.workers = [1] if args.device == "cuda" else [1, 2]
+    if args.device == "cuda" and args.workers != [1]:
+        parser.error(
+            f"--device cuda trains one worker on one GPU (one GPU cannot host two NCCL ranks), got --workers "
+            f"{' '.join(map(str, args.workers))}; pass --workers 1"
+        )
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(
+                "--device cuda: torch sees no CUDA GPU here; run on a GPU machine or use --device cpu"
+            )
+    report: dict = {"machine": machine_info(args.device), "results": {}}
     with tempfile.TemporaryDirectory(prefix="hqlabel-train-bench-") as tmp:
         if "throughput" in args.only:
+            report["model"] = args.model
             report["results"]["throughput"] = run_throughput(
-                args.workers, args.images, args.val_images, Path(tmp)
+                args.workers, args.images, args.val_images, Path(tmp), device=args.device, model=args.model
             )
         if "memory" in args.only:
             code = args.code.resolve() if args.code else None

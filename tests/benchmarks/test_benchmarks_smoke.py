@@ -58,13 +58,27 @@ def test_gpu_runner_on_the_cpu_with_tiny_models(tmp_path):
 
 @pytest.mark.timeout(180)
 def test_training_throughput_section(tmp_path):
-    """``benchmarks.train``'s throughput section with one worker on 4 images: it trains and reports."""
+    """``benchmarks.train``'s throughput section with one worker on 4 images, through the ``--device`` /
+    ``--model`` path a GPU run takes (the base saved with ``save_pretrained`` and loaded from that folder):
+    it trains and reports, with no GPU fields on the CPU."""
     from benchmarks.train import main as train_main
 
     out = tmp_path / "train.json"
-    train_main(
-        ["--only", "throughput", "--workers", "1", "--images", "4", "--val-images", "1", "--out", str(out)]
-    )
-    result = json.loads(out.read_text())["results"]["throughput"]["workers_1"]
+    args = ["--only", "throughput", "--workers", "1", "--images", "4", "--val-images", "1"]
+    train_main([*args, "--device", "cpu", "--model", "tiny", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["model"] == "tiny" and report["machine"]["device"] == "cpu"
+    result = report["results"]["throughput"]["workers_1"]
     assert result["images_per_worker_per_epoch"]["value"] == 4
     assert result["samples_per_s_per_worker"]["value"] > 0 and result["epoch_s"]["unit"] == "s"
+    assert not any(key.startswith(("gpu_", "peak_memory")) for key in result)
+
+
+def test_training_throughput_on_cuda_refuses_two_workers(capsys):
+    """One GPU cannot host two NCCL ranks: ``--device cuda --workers 1 2`` stops with the fix, before any
+    work."""
+    from benchmarks.train import main as train_main
+
+    with pytest.raises(SystemExit):
+        train_main(["--only", "throughput", "--device", "cuda", "--workers", "1", "2"])
+    assert "pass --workers 1" in capsys.readouterr().err
