@@ -257,6 +257,8 @@ def _get_object(
             ):  # a prefix with objects under it (only asked on this error path)
                 raise IsADirectoryError(f"{uri} is not a file") from None
             raise FileNotFoundError(f"{uri} does not exist") from None
+        if code == "NoSuchBucket":  # no retry can find it: not transient
+            raise FileNotFoundError(f"{uri}: there is no bucket {bucket!r}") from None
         if code in ("AccessDenied", "403"):
             raise PermissionError(f"{uri}: access denied") from None
         raise OSError(f"{uri}: {code or e}") from None

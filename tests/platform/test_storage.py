@@ -38,6 +38,15 @@ def test_bytes_round_trip_and_overwrite(root):
     assert storage.read_bytes(uri, options) == b"\x00second\xff"
 
 
+def test_a_missing_bucket_is_a_missing_file_not_a_transient_error(s3_endpoint):
+    """A read from a bucket that does not exist fails at once as FileNotFoundError (an error row that
+    ``--retry-errors`` leaves alone), not as a transient error retried with backoff."""
+    options = StorageOptions(s3_endpoint=s3_endpoint)
+    with pytest.raises(FileNotFoundError, match="there is no bucket 'hqlabel-no-such-bucket'") as info:
+        storage.read_bytes("s3://hqlabel-no-such-bucket/a.png", options)
+    assert not storage.is_transient(info.value)
+
+
 def test_parquet_round_trip_file_and_folder(root):
     base, options = root
     folder = storage.join(base, "tables")
