@@ -327,19 +327,10 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from hqlabel.jobs.functions import export
+    from hqlabel.jobs.export import run_export
 
     try:
-        print(
-            export(
-                args.labels,
-                out=args.out,
-                format=args.format,
-                min_part_area=args.min_part_area,
-                s3_endpoint=args.s3_endpoint,
-                s3_region=args.s3_region,
-            )
-        )
+        print(run_export(args))
     except ImportError as e:  # a missing optional extra (OpenCV for yolo-seg): its install hint, one line
         if args.verbose:
             raise
