@@ -19,9 +19,9 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from hqlabel.api.labeler import Labeler
     from hqlabel.api.results import LabelResult, read_detections, read_labels
+    from hqlabel.formats import ExportSummary
     from hqlabel.jobs.functions import curate, evaluate, export, label, train
     from hqlabel.jobs.label import LabelSummary
-    from hqlabel.platform.export import ExportSummary
 
 _MODULES = {
     "Labeler": "hqlabel.api.labeler",
@@ -34,7 +34,7 @@ _MODULES = {
     "evaluate": "hqlabel.jobs.functions",
     "export": "hqlabel.jobs.functions",
     "LabelSummary": "hqlabel.jobs.label",
-    "ExportSummary": "hqlabel.platform.export",
+    "ExportSummary": "hqlabel.formats",
 }
 
 __all__ = [

@@ -183,7 +183,7 @@ def read_labels(
     Raises:
         FileNotFoundError: ``path`` is not a labels folder (no ``job.json`` or no ``images/``).
     """
-    from hqlabel.platform.export import LabelsFolder
+    from hqlabel.platform.labels import LabelsFolder
     from hqlabel.platform.sources import files_by_shard
 
     folder = LabelsFolder(path, StorageOptions(s3_endpoint, s3_region))

@@ -302,25 +302,35 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    from hqlabel.formats import FORMATS
+
     p = sub.add_parser(
         "export",
-        help="export a labeling job's output folder as COCO JSON, YOLO-seg polygons or mask PNGs",
+        help="export a labeling job's output folder as COCO JSON, YOLO-seg polygons, mask PNGs or "
+        "Label Studio tasks",
         description="Convert the labels folder LABELS (a label --out) into a training format, streaming.",
     )
     p.add_argument("labels", help="the labeling job's --out folder (local or s3://)")
     p.add_argument(
         "--format",
         required=True,
-        choices=("coco", "yolo-seg", "masks-png"),
+        choices=tuple(FORMATS),
         help="coco: one instances JSON (RLE masks); yolo-seg: labels/*.txt polygons + data.yaml; "
-        "masks-png: one 0/255 PNG per instance",
+        "masks-png: one 0/255 PNG per instance; label-studio: tasks JSON with brush pre-annotations + "
+        "its labeling config XML",
     )
-    p.add_argument("--out", required=True, help="coco: the JSON file; otherwise a folder (local or s3://)")
+    p.add_argument(
+        "--out", required=True, help="coco, label-studio: the JSON file; otherwise a folder (local or s3://)"
+    )
     p.add_argument(
         "--min-part-area",
         type=float,
-        default=4.0,
         help="yolo-seg: drop mask parts with a smaller polygon area in pixels (default 4)",
+    )
+    p.add_argument(
+        "--image-root-url",
+        help="label-studio: prefix of every task's image URL, followed by the image id (default "
+        "/data/local-files/?d=, Label Studio's local file serving; e.g. https://host/images/ or s3://bucket/)",
     )
     add_storage_args(p)
     p.set_defaults(func=_export)

@@ -39,9 +39,9 @@ import pyarrow.compute as pc
 
 from hqlabel.jobs.args import add_json_cap_arg, add_storage_args
 from hqlabel.platform import storage
-from hqlabel.platform.export import LabelsFolder
 from hqlabel.platform.groundtruth import image_size
 from hqlabel.platform.instances import ImageInstances, Instance, write_instances
+from hqlabel.platform.labels import LabelsFolder
 from hqlabel.platform.sources import files_by_shard, job_images
 from hqlabel.platform.storage import StorageOptions
 

@@ -16,9 +16,9 @@ from hqlabel.platform.config import DEFAULT_SEGMENTER
 from hqlabel.platform.storage import DEFAULT_MAX_JSON_BYTES, StorageOptions
 
 if TYPE_CHECKING:
+    from hqlabel.formats import ExportSummary
     from hqlabel.jobs.label import LabelSummary
     from hqlabel.jobs.spec import LabelJobSpec
-    from hqlabel.platform.export import ExportSummary
 
 __all__ = ["curate", "evaluate", "export", "label", "label_spec", "train"]
 
@@ -200,21 +200,34 @@ def export(
     *,
     out: str,
     format: str,
-    min_part_area: float = 4.0,
+    min_part_area: float | None = None,
+    image_root_url: str | None = None,
     s3_endpoint: str | None = None,
     s3_region: str | None = None,
 ) -> ExportSummary:
-    """Export a labels folder as ``format`` ``"coco"`` (``out`` a JSON file), ``"yolo-seg"`` or
-    ``"masks-png"`` (``out`` a folder), streaming (``hqlabel export``).
+    """Export a labels folder as ``format`` ``"coco"`` or ``"label-studio"`` (``out`` a JSON file),
+    ``"yolo-seg"`` or ``"masks-png"`` (``out`` a folder), streaming (``hqlabel export``).
+
+    Args:
+        min_part_area: yolo-seg only: smallest mask part written as a polygon, in pixels (default 4).
+        image_root_url: label-studio only: prefix of the tasks' image URLs (default
+            ``/data/local-files/?d=``, Label Studio's local file serving).
 
     Raises:
-        ValueError: ``min_part_area`` < 0 or an unknown format; FileNotFoundError: not a labels folder;
-        ImportError: yolo-seg without OpenCV (``pip install hqlabel[export]``).
+        ValueError: ``min_part_area`` < 0, an unknown format, or an option of another format;
+        FileNotFoundError: not a labels folder; ImportError: yolo-seg without OpenCV
+        (``pip install hqlabel[export]``), label-studio without label-studio-converter
+        (``pip install hqlabel[labelstudio]``).
     """
-    from hqlabel.platform.export import export_labels
+    from hqlabel.formats import export_labels
 
-    if min_part_area < 0:
+    if min_part_area is not None and min_part_area < 0:
         raise ValueError(f"--min-part-area must be >= 0 pixels, got {min_part_area}")
     return export_labels(
-        labels, out, format, StorageOptions(s3_endpoint, s3_region), min_part_area=min_part_area
+        labels,
+        out,
+        format,
+        StorageOptions(s3_endpoint, s3_region),
+        min_part_area=min_part_area,
+        image_root_url=image_root_url,
     )

@@ -11,7 +11,7 @@ from PIL import Image
 
 from hqlabel.jobs.cli import main
 from hqlabel.platform import storage
-from tests.platform.test_export import CLASSES, add_shard_with_mask, write_labels_folder
+from tests.formats.labels_folder import CLASSES, add_shard_with_mask, write_labels_folder
 from tests.platform.test_rle import huge_rle
 
 
