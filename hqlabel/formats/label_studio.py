@@ -126,6 +126,17 @@ def config_path(out: str) -> str:
     return stem + ".label_config.xml"
 
 
+def _model_version(labeler: dict[str, Any]) -> str:
+    """What made the predictions: ``hqlabel --preset tiny-random`` (random weights: says so), else
+    ``hqlabel DETECTOR+SEGMENTER`` (``+hq-weights PATH`` when retrained HQ weights were used)."""
+    if labeler.get("preset"):
+        return f"hqlabel --preset {labeler['preset']}"
+    parts = [str(labeler[k]) for k in ("detector", "segmenter") if labeler.get(k)]
+    if labeler.get("hq_weights"):
+        parts.append(f"hq-weights {labeler['hq_weights']}")
+    return " ".join(["hqlabel", "+".join(parts)]) if parts else "hqlabel"
+
+
 def _task(image_id: str, url: str, model_version: str, results: list[dict[str, Any]], scores: list[float]):
     prediction = {"model_version": model_version, "result": results}
     if scores:
@@ -152,9 +163,7 @@ def export_label_studio(
     sizes = {row["image_id"]: (row["height"], row["width"]) for row in images.to_pylist()}
     summary.images = len(sizes)
     categories = labels.categories()
-    labeler = labels.job.get("spec", {}).get("labeler", {})
-    models = "+".join(str(labeler[k]) for k in ("detector", "segmenter") if labeler.get(k))
-    model_version = f"hqlabel {models}" if models else "hqlabel"
+    model_version = _model_version(labels.job.get("spec", {}).get("labeler", {}))
 
     tmp, publish = open_output(out, labels.options)
     try:

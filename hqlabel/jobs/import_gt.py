@@ -95,7 +95,8 @@ def run_import_gt(
     else:
         if images is not None or include_crowd:
             raise ValueError(
-                "--images and --include-crowd are for COCO files; a mask folder holds its own images"
+                "--images is for COCO and Label Studio files, --include-crowd for COCO; a mask folder "
+                "holds its own images"
             )
         if not storage.exists(source, options):
             raise FileNotFoundError(

@@ -76,6 +76,17 @@ def test_export_decodes_with_the_converter_to_the_exact_masks(labels, tmp_path):
     assert config["label"]["inputs"] == [{"type": "Image", "value": "image"}]
 
 
+def test_model_version_names_the_models_or_the_random_preset():
+    from hqlabel.formats.label_studio import _model_version
+
+    assert _model_version({"detector": "d", "segmenter": "s", "preset": "tiny-random"}) == (
+        "hqlabel --preset tiny-random"
+    )
+    assert _model_version({"detector": "d", "segmenter": "s", "hq_weights": "runs/a"}) == (
+        "hqlabel d+s+hq-weights runs/a"
+    )
+
+
 def test_image_urls_under_a_root_and_back():
     name = "sub/my phöto #1&2.png"
     url = image_url("https://host/images/", name)
