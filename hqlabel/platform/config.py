@@ -22,7 +22,7 @@ DETECTOR_FAMILIES = ("grounding-dino", "owlv2")
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Preprocess = Literal["auto", "processor", "torch"]  # see hqlabel.platform.preprocess
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
-# --tile: the smallest tile side (detectors upsample their input to ~800 pixels: smaller tiles add passes, not
+# --tile: the smallest tile side (detectors enlarge their input to ~800 pixels: smaller tiles add passes, not
 # detail), the largest overlap (a stride of 10% of a tile already means 100 tiles per tile-sized area), and
 # the overlap a tile gets by default (SAHI's)
 TILE_MIN = 256
@@ -225,8 +225,9 @@ class LabelerConfig(BaseModel):
             return self
         if self.tile < TILE_MIN:
             raise ValueError(
-                f"--tile {self.tile} is too small: tiles must be at least {TILE_MIN} pixels (the detector "
-                f"upsamples smaller ones, adding passes but no detail); give --tile {TILE_MIN} or more"
+                f"--tile {self.tile} is too small: tiles must be at least {TILE_MIN} pixels (a detector "
+                "enlarges smaller ones 3x or more to its ~800-pixel input: more passes, no more detail); "
+                f"give --tile {TILE_MIN} or more"
             )
         if not 0.0 <= self.tile_overlap <= TILE_OVERLAP_MAX:
             raise ValueError(
