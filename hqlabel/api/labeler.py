@@ -1,9 +1,9 @@
 """In-memory labeling, no Ray: ``hqlabel.Labeler.from_pretrained(...)(images)`` -> ``LabelResult`` per image.
 
 A thin layer over the labeling job's own Ray-free core (``hqlabel.workers.labeler.Labeler``): the same models
-(``build_models``), the same downscale to ``max_side`` before the models (masks and boxes come out at the
-image's own size), the same batches; so with the same options and batch size an image gets the rows a
-labeling job writes for it.
+(``build_models``), the same downscale to ``max_side`` before the models (none for the images that a
+``tile`` option tiles; masks and boxes come out at the image's own size), the same batches; so with the same
+options and batch size an image gets the rows a labeling job writes for it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import numpy as np
 from hqlabel.api.interop import as_box_prompts
 from hqlabel.api.results import LabelResult
 from hqlabel.platform.config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, LabelerConfig
-from hqlabel.platform.images import DEFAULT_MAX_PIXELS, resize_longest_side
+from hqlabel.platform.images import DEFAULT_MAX_PIXELS
+from hqlabel.workers.tiling import working_image
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -119,6 +120,8 @@ class Labeler:
             batch_size: images per model call (the labeling job's ``batch_size``; Grounding DINO pads a
                 batch to its largest image, which changes the others' boxes slightly).
             max_side / max_pixels: as the labeling job's ``--max-side`` / ``--max-pixels``.
+            tile / tile_overlap / tile_full_image: tiled detection for small objects in large images, as
+                the labeling job's ``--tile`` options (``hqlabel.workers.tiling``).
             options: other ``LabelerConfig`` fields: ``box_threshold``, ``text_threshold``,
                 ``nms_threshold``, ``hq_weights``, ``hq_token_only``, ``multimask``, ``device``,
                 ``precision``, ``detector_revision``, ``segmenter_revision``, ...
@@ -199,7 +202,7 @@ class Labeler:
                 to_rgb(image, max_pixels=self.max_pixels) for image in batch[start : start + self.batch_size]
             ]
             sizes = [image.shape[:2] for image in chunk]
-            work = [resize_longest_side(image, self.max_side) for image in chunk]
+            work = [working_image(image, self.max_side, self.config.tile) for image in chunk]
             given = None
             if prompts is not None:
                 given = [(b.tolist(), n) for b, n in prompts[start : start + self.batch_size]]

@@ -119,6 +119,27 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
         help="image files (or inline bytes) larger than this many bytes become error rows, unread (512 MiB)",
     )
     p.add_argument("--max-side", type=int, help="downscale longer images to this side first (1333)")
+    p.add_argument(
+        "--tile",
+        type=int,
+        metavar="SIZE",
+        help="small objects in large images: images whose longer side is over SIZE pixels keep their full "
+        "resolution and the detector runs on overlapping SIZE x SIZE tiles (one detector pass per tile); "
+        "masks stay whole, at the original resolution (default: no tiling)",
+    )
+    p.add_argument(
+        "--tile-overlap",
+        type=float,
+        metavar="FRACTION",
+        help="with --tile: share of a tile its neighbour also covers, in [0, 0.9] (default 0.2)",
+    )
+    p.add_argument(
+        "--tile-full-image",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --tile: also detect on the whole downscaled image, for objects larger than a tile "
+        "(default: on)",
+    )
     add_json_cap_arg(p, "a COCO JSON input")
     p.add_argument("--id-column", default="image_id", help="Parquet input: image id column")
     p.add_argument("--image-column", default="image", help="Parquet input: encoded image bytes column")
@@ -192,6 +213,9 @@ def _label(args: argparse.Namespace) -> int:
         max_bytes=args.max_bytes,
         max_json_bytes=args.max_json_bytes,
         max_side=args.max_side,
+        tile=args.tile,
+        tile_overlap=args.tile_overlap,
+        tile_full_image=args.tile_full_image,
         num_workers=args.num_workers,
         min_workers=args.min_workers,
         max_workers=args.max_workers,

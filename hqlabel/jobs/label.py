@@ -360,6 +360,7 @@ def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan, root: str, run_id
             "max_side": spec.max_side,
             "options": spec.storage,
             "references": ReferencePolicy(root, tuple(spec.allow_prefix)),
+            "tile": spec.labeler.tile,  # tiled images keep their full resolution
         },
     )
     # Crashes are bounded (Ray Data's default is to restart actors and retry their tasks forever): a batch

@@ -22,6 +22,12 @@ DETECTOR_FAMILIES = ("grounding-dino", "owlv2")
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Preprocess = Literal["auto", "processor", "torch"]  # see hqlabel.platform.preprocess
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+# --tile: the smallest tile side (detectors enlarge their input to ~800 pixels: smaller tiles add passes, not
+# detail), the largest overlap (a stride of 10% of a tile already means 100 tiles per tile-sized area), and
+# the overlap a tile gets by default (SAHI's)
+TILE_MIN = 256
+TILE_OVERLAP_MAX = 0.9
+DEFAULT_TILE_OVERLAP = 0.2
 
 
 def resolve_precision(precision: str, device: str | torch.device) -> torch.dtype | None:
@@ -172,11 +178,67 @@ class LabelerConfig(BaseModel):
         description="Where images are resized and normalised for the models: 'processor' (transformers' "
         "processors, CPU), 'torch' (on the model's device), 'auto' (torch on CUDA, the processor elsewhere).",
     )
+    tile: int | None = Field(
+        None,
+        description="Tiled detection (hqlabel.workers.tiling): images whose longer side is over this many "
+        "pixels keep their full resolution and the detector runs on overlapping tiles of this side; masks "
+        "stay whole. None: no tiling.",
+    )
+    tile_overlap: float | None = Field(
+        None,
+        description=f"With tile: share of a tile its neighbour also covers, in [0, {TILE_OVERLAP_MAX}] "
+        f"(default {DEFAULT_TILE_OVERLAP}).",
+    )
+    tile_full_image: bool | None = Field(
+        None,
+        description="With tile: also detect on the whole (downscaled) image, for objects larger than a tile "
+        "(default True).",
+    )
 
     @field_validator("classes", mode="before")
     @classmethod
     def _clean_classes(cls, value: str | list[str]) -> list[str]:
         return [] if value in ("", []) else parse_classes(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tile_defaults(cls, data):
+        if isinstance(data, dict) and data.get("tile") is not None:
+            data = {
+                **data,
+                "tile_overlap": DEFAULT_TILE_OVERLAP
+                if data.get("tile_overlap") is None
+                else data["tile_overlap"],
+                "tile_full_image": True if data.get("tile_full_image") is None else data["tile_full_image"],
+            }
+        return data
+
+    @model_validator(mode="after")
+    def _check_tiling(self) -> LabelerConfig:
+        if self.tile is None:
+            given = [name for name in ("tile_overlap", "tile_full_image") if getattr(self, name) is not None]
+            if given:
+                option = "--" + given[0].replace("_", "-")
+                raise ValueError(
+                    f"{option} applies to tiled detection: give --tile SIZE too, or leave it out"
+                )
+            return self
+        if self.tile < TILE_MIN:
+            raise ValueError(
+                f"--tile {self.tile} is too small: tiles must be at least {TILE_MIN} pixels (a detector "
+                "enlarges smaller ones 3x or more to its ~800-pixel input: more passes, no more detail); "
+                f"give --tile {TILE_MIN} or more"
+            )
+        if not 0.0 <= self.tile_overlap <= TILE_OVERLAP_MAX:
+            raise ValueError(
+                f"--tile-overlap {self.tile_overlap} is out of range: give a fraction of the tile in "
+                f"[0, {TILE_OVERLAP_MAX}], e.g. {DEFAULT_TILE_OVERLAP}"
+            )
+        if self.prompts == "boxes":
+            raise ValueError(
+                "--tile tiles the detector's input; --prompts boxes runs no detector: drop --tile"
+            )
+        return self
 
     @model_validator(mode="after")
     def _classes_for_the_detector(self) -> LabelerConfig:

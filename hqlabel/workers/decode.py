@@ -11,11 +11,11 @@ from hqlabel.platform.images import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     decode_image,
-    resize_longest_side,
 )
 from hqlabel.platform.references import ReferencePolicy
 from hqlabel.platform.schema import DECODED_SCHEMA
 from hqlabel.platform.storage import StorageOptions, TooLargeError
+from hqlabel.workers.tiling import working_image
 
 DEFAULT_MAX_SIDE = 1333  # Grounding DINO's longest edge; SAM-HQ resizes to 1024 on top of this
 
@@ -44,6 +44,7 @@ def decode_batch(
     options: StorageOptions = StorageOptions(),
     max_bytes: int | None = DEFAULT_MAX_BYTES,
     references: ReferencePolicy | None = None,
+    tile: int | None = None,
 ) -> pa.Table:
     """Decode a batch of ``SOURCE_SCHEMA`` rows for the labeling actors.
 
@@ -55,6 +56,8 @@ def decode_batch(
             original resolution).
         references: the references (``uri``) rows may read: a refused one is not read and becomes an error
             row (stage "read", the reason). None: any (only for rows from a trusted source).
+        tile: the labeler's tile size (``--tile``): images whose longer side is over it keep their full
+            resolution (``tiling.working_image``: the detector runs on full-resolution tiles of them).
 
     Returns:
         One ``DECODED_SCHEMA`` row per input row, in order: pixels and sizes, or ``error_stage`` /
@@ -82,7 +85,7 @@ def decode_batch(
             data = _read(row, options, max_bytes, references)
             stage = "decode"
             image = decode_image(data, max_pixels=max_pixels)
-            work = resize_longest_side(image, max_side)
+            work = working_image(image, max_side, tile)
         except (OSError, ValueError, ImageDecodeError) as e:
             # A read that failed after the storage layer's retries (a timeout, a 5xx, a dropped connection)
             # may succeed later; a missing, refused, oversized or undecodable image will not.

@@ -27,6 +27,7 @@ from hqlabel.workers.faults import (
     is_device_error,
     is_transient_label_error,
 )
+from hqlabel.workers.tiling import Tiling, detect_tiled
 
 logger = logging.getLogger(__name__)
 
@@ -100,24 +101,28 @@ class Labeler:
         classes: list[str],
         *,
         resize_budget: int = RESIZE_BUDGET_BYTES,
+        tiling: Tiling | None = None,
     ) -> None:
         self.detector = detector
         self.segmenter = segmenter
         self.classes = list(classes)
         self.resize_budget = resize_budget
+        self.tiling = tiling  # detect on tiles of images over tiling.size (hqlabel.workers.tiling)
 
     @classmethod
     def from_config(cls, config: LabelerConfig) -> Labeler:
         detector, segmenter = build_models(config)
-        return cls(detector, segmenter, config.classes)
+        return cls(detector, segmenter, config.classes, tiling=Tiling.from_config(config))
 
     def _detect(self, images: list[np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         if self.detector is None:
             raise RuntimeError("this Labeler has no detector (prompts='boxes'); pass the boxes to label()")
-        return [
-            (d.boxes, d.scores, [self.classes[int(k)] for k in d.labels])
-            for d in self.detector.detect(images, self.classes)
-        ]
+        detections = (
+            self.detector.detect(images, self.classes)
+            if self.tiling is None
+            else detect_tiled(self.detector, images, self.classes, self.tiling)
+        )
+        return [(d.boxes, d.scores, [self.classes[int(k)] for k in d.labels]) for d in detections]
 
     def label(
         self,
