@@ -20,9 +20,9 @@ from hqlabel.jobs.label import run_label_job
 from hqlabel.jobs.spec import LabelJobSpec
 from hqlabel.platform import storage
 from hqlabel.platform.config import LabelerConfig
-from hqlabel.platform.gallery import safe_name, write_gallery
 from hqlabel.platform.rle import encode_mask
 from hqlabel.platform.schema import IMAGES_SCHEMA, MASKS_SCHEMA
+from hqlabel.review.gallery import safe_name, write_gallery
 from tests.platform.test_rle import huge_rle
 
 pytestmark = pytest.mark.timeout(240)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hqlabel.jobs.cli import main
-from tests.platform.test_gallery import make_labels
+from tests.review.test_gallery import make_labels
 
 pytestmark = pytest.mark.timeout(120)
 
