@@ -27,6 +27,7 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from hqlabel.platform import storage
@@ -49,6 +50,7 @@ MAX_LIMIT = 500
 MAX_BODY_BYTES = 1 << 20
 MAX_POINTS = 64
 MAX_SIDE = 1024  # overlays are downscaled to this longer side
+MIN_SIDE = 512  # and enlarged by a whole factor towards this one
 
 
 class ApiError(Exception):
@@ -165,15 +167,30 @@ class ReviewApp:
             raise ApiError(410, f"image {image_id!r} is {image.shape[:2]} now, {mask.shape} when labeled")
         label = state.label if state.decision == "relabel" else row["label"]
         caption = f"{label} {row['score']:.2f}" + (" (fixed)" if state.corrected else "")
+        height, width = image.shape[:2]
+        # small images are enlarged (whole pixels, nearest) so that caption and points stay readable; large
+        # ones shrink to MAX_SIDE. The page maps clicks through the item's width and height, not this size.
+        scale = (
+            MAX_SIDE / max(height, width)
+            if max(height, width) > MAX_SIDE
+            else max(1, MIN_SIDE // max(height, width))
+        )
+        if scale != 1:
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            up = scale > 1
+            image = np.asarray(
+                Image.fromarray(image).resize(
+                    size, Image.Resampling.NEAREST if up else Image.Resampling.BILINEAR
+                )
+            )
+            mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
         canvas = overlay_masks(
             image,
             [mask],
-            boxes=[tuple(row["box"])],
+            boxes=[tuple(float(v) * scale for v in row["box"])],
             captions=[caption],
-            points=[tuple(p) for p in state.points],
+            points=[(x * scale, y * scale, int(v)) for x, y, v in state.points],
         )
-        if max(canvas.size) > MAX_SIDE:
-            canvas.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.BILINEAR)
         buf = io.BytesIO()
         canvas.save(buf, format="PNG")
         return buf.getvalue()
@@ -339,6 +356,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(200, self.app.list_items(query))
             elif method == "GET" and path.startswith("/api/items/"):
                 image_id, _, instance = path.removeprefix("/api/items/").rpartition("/")
+                self.app.store.refresh()  # what other servers and scripts wrote since
                 self._json(200, self.app.item(urllib.parse.unquote(image_id), _instance(instance)))
             elif method == "GET" and path == "/api/overlay.png":
                 key = (query.get("image_id", ""), _instance(query.get("instance_id", "")))

@@ -88,7 +88,8 @@ def test_keys_and_clicks_on_the_review_page_land_in_parquet(labels, tmp_path):
         _until(devtools, "review.fixes === 2 && review.pending === 0")
         _click(devtools, 0.9, 0.9, button="right")  # right click: negative
         _until(devtools, "review.fixes === 3 && review.pending === 0")
-        assert _value(devtools, "document.getElementById('overlay').naturalWidth") == ranked[3]["width"]
+        shown = json.loads(_value(devtools, "JSON.stringify([overlay.naturalWidth, overlay.naturalHeight])"))
+        assert shown[0] * ranked[3]["height"] == shown[1] * ranked[3]["width"]  # the image, aspect kept
         assert _value(devtools, "review.errors.length") == 0
         assert page_errors(devtools) == []
         devtools.ws.close()

@@ -4,6 +4,8 @@ files of LABELS/review."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import urllib.request
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from reviewing import SIZES, api, copy_labels, make_labels, running
+from reviewing import api, copy_labels, make_labels, running
 
 from hqlabel.jobs.cli import build_parser
 from hqlabel.platform.rle import decode_mask
@@ -75,7 +77,7 @@ def test_one_item_its_overlay_and_bad_requests(served):
     assert api(base, "/api/items/sub/c.png/0")[1]["image_id"] == "sub/c.png"  # a raw slash works too
     with urllib.request.urlopen(base + item["overlay"]) as response:
         assert response.headers["Content-Type"] == "image/png"
-        assert Image.open(response).size == SIZES["sub/c.png"][::-1]
+        assert Image.open(response).size == (480, 480)  # 40 x 40, enlarged 12 times (whole pixels)
     bad = [
         ("/api/items/nope.png/0", None, 404),
         ("/api/items/a.png/x", None, 400),
@@ -193,3 +195,29 @@ def test_review_cli_options():
         "auto",
         False,
     )
+
+
+def test_the_review_command_serves_until_stopped(labels, tmp_path):
+    """``hqlabel review`` itself: binds loopback, prints its address and the random-weights warning, serves
+    the page and the API (here without the click-fix model), and keeps what it saved after it stops."""
+    folder = copy_labels(labels, tmp_path / "labels")
+    command = [sys.executable, "-m", "hqlabel", "review", str(folder), "--port", "0", "--reviewer", "cli"]
+    process = subprocess.Popen([*command, "--no-fix"], stdout=subprocess.PIPE, text=True)
+    try:
+        first = process.stdout.readline()
+        assert first.startswith(f"reviewing {folder} (") and "at http://127.0.0.1:" in first, first
+        assert process.stdout.readline().startswith("WARNING: RANDOM WEIGHTS")
+        base = first.split(" at ")[1].split("/;")[0]
+        with urllib.request.urlopen(base + "/") as response:
+            page = response.read().decode()
+        assert "<title>hqlabel review</title>" in page and 'id="random-weights"' in page
+        item = api(base, "/api/items?limit=1")[1]["items"][0]
+        key = {"image_id": item["image_id"], "instance_id": item["instance_id"]}
+        assert api(base, "/api/decisions", key | {"decision": "reject"})[0] == 200
+        status, answer = api(base, "/api/fix", key | {"points": [[1, 1, 1]]})
+        assert status == 409 and "--no-fix" in answer["error"]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    state = read_review(str(folder / "review"))[(item["image_id"], item["instance_id"])]
+    assert (state.decision, state.reviewer) == ("reject", "cli")
