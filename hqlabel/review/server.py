@@ -95,7 +95,7 @@ class ReviewApp:
 
     def info(self) -> dict[str, Any]:
         self.store.refresh()
-        decided = sum(1 for k, s in self.store.states.items() if s.decision and k in self.items)
+        decided = sum(1 for k, s in self.store.snapshot().items() if s.decision and k in self.items)
         return {
             "labels": self.items.folder.uri,
             "review": self.store.uri,
@@ -376,7 +376,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(500, {"error": f"{type(e).__name__}: {e}".splitlines()[0]})
 
     def _body(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise ApiError(400, "Content-Length is not an integer") from None
         if length > MAX_BODY_BYTES:
             raise ApiError(
                 413, f"request body of {length} bytes is over {MAX_BODY_BYTES}; send smaller batches"

@@ -171,9 +171,15 @@ class ReviewStore:
         uri = storage.join(self.uri, f"part-{stamp}-{uuid.uuid4().hex[:12]}.parquet")
         storage.write_parquet(table, uri, self.options)
         with self._lock:
-            self._seen.add(uri)
-            self._apply(uri, table)
+            if uri not in self._seen:  # a concurrent refresh may have applied it already
+                self._seen.add(uri)
+                self._apply(uri, table)
         return uri
+
+    def snapshot(self) -> dict[tuple[str, int], ReviewState]:
+        """A copy of the states, safe to iterate while other threads write."""
+        with self._lock:
+            return dict(self.states)
 
     def state(self, image_id: str, instance_id: int) -> ReviewState:
         with self._lock:
