@@ -10,6 +10,7 @@ import threading
 import urllib.request
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -221,3 +222,26 @@ def test_the_review_command_serves_until_stopped(labels, tmp_path):
         process.wait(timeout=30)
     state = read_review(str(folder / "review"))[(item["image_id"], item["instance_id"])]
     assert (state.decision, state.reviewer) == ("reject", "cli")
+
+
+def test_ranking_uses_the_quality_columns_a_labels_folder_has(labels, tmp_path):
+    """Outputs with ``stability`` / ``box_iou`` columns rank by the lowest signal, nulls skipped."""
+    folder = copy_labels(labels, tmp_path / "labels")
+    for path in (folder / "masks").glob("*.parquet"):
+        table = pq.read_table(path)
+        n = table.num_rows
+        stability = [None if k % 5 == 0 else -1 + 0.01 * ((k * 37) % 100) for k in range(n)]  # < pred_iou
+        table = table.append_column("stability", pa.array(stability, pa.float32()))
+        table = table.append_column("box_iou", pa.array([0.99] * n, pa.float32()))
+        pq.write_table(table, path)
+    app = ReviewApp(str(folder), reviewer="ann", device=None)
+    assert app.items.signals == ["stability", "box_iou", "pred_iou", "score"]
+    items = app.list_items({"limit": "500"})["items"]
+    for item in items:
+        present = [item[s] for s in ("stability", "box_iou", "pred_iou", "score") if item[s] is not None]
+        assert item["trust"] == pytest.approx(min(present))
+    assert [i["trust"] for i in items] == sorted(i["trust"] for i in items)
+    assert any(i["stability"] is None for i in items)
+    unstable = [i for i in items if i["stability"] is not None]
+    assert items[: len(unstable)] == unstable  # the lowest signal decides: these come first
+    assert all(i["trust"] == pytest.approx(i["stability"]) for i in unstable)
