@@ -474,9 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_parser(sub)
     _add_submit_parser(sub)
     _add_jobs_parser(sub)
-    from hqlabel.jobs import curate, evaluate, import_gt, synthetic, train
+    from hqlabel.jobs import curate, evaluate, import_gt, review, synthetic, train
 
     curate.add_parser(sub)
+    review.add_parser(sub)
     import_gt.add_parser(sub)
     synthetic.add_synthetic_parser(sub)
     train.add_parser(sub)

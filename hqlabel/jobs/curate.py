@@ -9,9 +9,15 @@ it passes every filter given (a filter left at None does not filter):
 * ``min_pred_iou``: HQ-SAM predicted IoU >= this (e.g. 0.9);
 * ``min_area``: mask pixels >= this.
 
-A decisions file (a reviewer's verdicts) goes over the filters: ``reject`` always drops the mask, ``accept``
-keeps it whatever score, predicted IoU or area say (it is still restricted to ``labels``, which defines the
-dataset's classes). Accepted masks that a threshold would have dropped are counted as ``overridden``.
+Decisions (``decisions``) go over the filters. They come from a file (CSV / JSON, ``read_decisions``:
+accept or reject) or from a review folder (``LABELS/review`` written by ``hqlabel review``, ``read_review``:
+accept, reject, relabel, and corrected masks). ``reject`` always drops the mask; ``accept`` and ``relabel``
+keep it whatever score, predicted IoU or area say (it is still restricted to ``labels``, which defines the
+dataset's classes, checked against the new class of a relabel); a corrected mask without a decision counts as
+accepted (the reviewer drew it). A relabelled mask takes its new class; a corrected mask replaces the
+labeler's and becomes the training target (box: its tight box; area and ``pred_iou``: its own). Kept rows say
+what happened in ``review`` ("accept", "relabel", "fix") and ``corrected``; unreviewed rows leave both null.
+Masks kept by a decision that a threshold would have dropped are counted as ``overridden``.
 
 A dropped mask is counted under the first reason that applies, in this order: ``rejected``, ``label``,
 ``score``, ``pred_iou``, ``area``. The curated images are fetched again from the job's input (``job.json``
@@ -20,8 +26,9 @@ A dropped mask is counted under the first reason that applies, in this order: ``
 masks keep their ``instance_id``, ``score`` and ``pred_iou``; ``origin`` is ``labels:<LABELS>``.
 
 ``dataset.json`` ``provenance`` records the labels folder, the job's labeler config and models (with
-``random_weights``), the filters, the decisions (file, accepted / rejected / overridden / unknown) and the
-counts kept and dropped per reason.
+``random_weights``), the filters, the decisions (``file``: their source, ``kind``: "file" or "review",
+accepted / rejected / relabelled / corrected / overridden / unknown, ``reviewers``) and the counts kept and
+dropped per reason.
 """
 
 from __future__ import annotations
@@ -44,10 +51,11 @@ from hqlabel.platform.instances import ImageInstances, Instance, write_instances
 from hqlabel.platform.labels import LabelsFolder
 from hqlabel.platform.sources import files_by_shard, job_images
 from hqlabel.platform.storage import StorageOptions
+from hqlabel.review.store import ReviewState, read_review
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DECISIONS", "add_parser", "read_decisions", "run_curate"]
+__all__ = ["DECISIONS", "add_parser", "load_decisions", "read_decisions", "run_curate"]
 
 DECISIONS = ("accept", "reject")
 DROP_REASONS = ("rejected", "label", "score", "pred_iou", "area", "image_unavailable", "image_changed")
@@ -132,6 +140,22 @@ def read_decisions(
     return decisions
 
 
+def load_decisions(
+    uri: str, options: StorageOptions = StorageOptions(), *, max_bytes: int = storage.DEFAULT_MAX_JSON_BYTES
+) -> tuple[dict[tuple[str, int], ReviewState], str]:
+    """The decisions at ``uri`` as ``({(image_id, instance_id): ReviewState}, kind)``: a folder is a review
+    folder (``read_review``, kind "review"), a file a decisions file (``read_decisions``, kind "file").
+
+    Raises:
+        FileNotFoundError: nothing at ``uri``, or a folder without review files.
+        ValueError / TooLargeError: as ``read_decisions``.
+    """
+    if storage.is_dir(uri, options):
+        return read_review(uri, options), "review"
+    verdicts = read_decisions(uri, options, max_bytes=max_bytes)
+    return {key: ReviewState(decision=decision) for key, decision in verdicts.items()}, "file"
+
+
 def _drop_reason(
     row: dict[str, Any],
     labels: set[str] | None,
@@ -172,7 +196,8 @@ def run_curate(
         out: the instance dataset folder to write (local or ``s3://``).
         min_pred_iou / min_score / min_area: thresholds (inclusive); None = no filter.
         classes: keep only these classes; None = all.
-        decisions: a decisions file (see ``read_decisions``), refused over ``max_json_bytes``.
+        decisions: a review folder (``LABELS/review``, see ``hqlabel.review.store``) or a decisions file (see
+            ``read_decisions``, refused over ``max_json_bytes``).
         images: the job's input, when it moved since labeling (default: ``job.json`` ``spec.input``).
 
     Returns:
@@ -198,7 +223,7 @@ def run_curate(
             f"{labels} has no masks (masks/part-*.parquet): expected the --out folder of a finished "
             "`hqlabel label` run with at least one instance"
         )
-    verdicts = read_decisions(decisions, options, max_bytes=max_json_bytes) if decisions else {}
+    verdicts, kind = load_decisions(decisions, options, max_bytes=max_json_bytes) if decisions else ({}, None)
     spec = folder.job.get("spec", {})
     _warn_unknown_classes(classes, spec, labels)
     models = folder.job.get("models", {})
@@ -210,7 +235,7 @@ def run_curate(
 
     kept: Counter[str] = Counter()
     dropped: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})
-    decided = {"accepted": 0, "rejected": 0, "overridden": 0, "unknown": 0}
+    decided = {"accepted": 0, "rejected": 0, "relabelled": 0, "corrected": 0, "overridden": 0, "unknown": 0}
     images_count = {"labeled": 0, "written": 0, "without_kept_masks": 0, "repeated_id": 0}
     provenance: dict[str, Any] = {
         "labels": folder.uri,
@@ -224,7 +249,12 @@ def run_curate(
             "labels": classes,
             "min_area": min_area,
         },
-        "decisions": {"file": decisions, **decided},
+        "decisions": {
+            "file": decisions,
+            "kind": kind,
+            **decided,
+            "reviewers": sorted({r for v in verdicts.values() for r in (v.reviewer, v.fixed_by) if r}),
+        },
         "counts": {"kept": 0, "dropped": dropped, "kept_by_label": kept, "images": images_count},
     }
     wanted_labels = set(classes) if classes is not None else None
@@ -250,20 +280,40 @@ def run_curate(
                 key = (row["image_id"], int(row["instance_id"]))
                 seen_pairs.add(key)
                 verdict = verdicts.get(key)
+                review = None
+                if verdict is not None:
+                    review = verdict.decision or ("fix" if verdict.corrected else None)
+                if review == "relabel":
+                    row["label"] = verdict.label
                 reason = _drop_reason(row, wanted_labels, min_score, min_pred_iou, min_area)
-                if verdict == "reject":
+                if review == "reject":
                     decided["rejected"] += 1
                     dropped["rejected"] += 1
                     continue
-                if verdict == "accept":
-                    decided["accepted"] += 1
+                if review is not None:
+                    decided["relabelled" if review == "relabel" else "accepted"] += 1
                     if reason not in (None, "label"):
                         decided["overridden"] += 1
                         reason = None
                 if reason is not None:
                     dropped[reason] += 1
                     continue
-                by_image.setdefault(row["image_id"], []).append(Instance.from_row(row, origin=origin))
+                instance = Instance.from_row(row, origin=origin)
+                if review is not None:
+                    instance.review, instance.corrected = review, verdict.corrected
+                if verdict is not None and verdict.corrected:
+                    decided["corrected"] += 1
+                    instance = Instance(
+                        instance.instance_id,
+                        instance.label,
+                        verdict.mask,  # the reviewer's mask: its own tight box and area
+                        score=instance.score,
+                        pred_iou=verdict.pred_iou,
+                        origin=origin,
+                        review=review,
+                        corrected=True,
+                    )
+                by_image.setdefault(row["image_id"], []).append(instance)
             repeated = {i for i in by_image if counts[i] > 1 or i in written}
             if repeated:  # masks name their image by id only: a repeated id's masks cannot be assigned
                 logger.warning(
@@ -356,8 +406,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-area", type=int, help="keep masks with at least this many pixels")
     p.add_argument(
         "--decisions",
-        help="CSV image_id,instance_id,decision (or JSON lines / a JSON list): accept overrides the "
-        "thresholds, reject always drops",
+        help="LABELS/review (the decisions and corrected masks of `hqlabel review`), or a CSV "
+        "image_id,instance_id,decision (or JSON lines / a JSON list): accept and relabel override the "
+        "thresholds, reject always drops, corrected masks replace the labeler's",
     )
     p.add_argument("--images", help="the job's input, if it has moved (default: job.json's spec.input)")
     add_json_cap_arg(p, "a decisions file")

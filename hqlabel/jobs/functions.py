@@ -102,7 +102,8 @@ def curate(
         labels: a labeling job's ``out`` folder (local or ``s3://``).
         min_pred_iou / min_score / min_area: inclusive thresholds; None: no filter.
         classes: classes to keep, ``"cat,dog"`` or a list (the command line's ``--labels``); None: all.
-        decisions: a CSV / JSON lines file of ``image_id, instance_id, accept|reject``.
+        decisions: ``LABELS/review`` (``hqlabel review``'s decisions and corrected masks), or a CSV / JSON
+            lines file of ``image_id, instance_id, accept|reject``.
         images: the job's input, when it moved since labeling.
 
     Returns:

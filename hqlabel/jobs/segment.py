@@ -16,7 +16,7 @@ from hqlabel.jobs.label import RANDOM_WEIGHTS_WARNING
 from hqlabel.jobs.spec import SegmentJobSpec
 from hqlabel.platform.config import DEFAULT_SEGMENTER
 from hqlabel.platform.images import decode_image
-from hqlabel.platform.render import overlay_masks
+from hqlabel.review.render import overlay_masks
 from hqlabel.segmenters import Prompts, build_segmenter
 from hqlabel.workers.labeler import resolve_device
 

@@ -1,12 +1,12 @@
 """``hqlabel show LABELS --out DIR``: look at a labeling job's output: overlay PNGs, one contact sheet per
-shard and a static ``index.html``. The drawing and the page live in ``hqlabel.platform.gallery``."""
+shard and a static ``index.html``. The drawing and the page live in ``hqlabel.review.gallery``."""
 
 from __future__ import annotations
 
 import argparse
 
 from hqlabel.jobs.args import storage_options
-from hqlabel.platform.gallery import GallerySummary, write_gallery
+from hqlabel.review.gallery import GallerySummary, write_gallery
 
 
 def run_show(args: argparse.Namespace) -> GallerySummary:

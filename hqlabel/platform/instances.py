@@ -20,6 +20,9 @@ synthetic fine-structure set), self-contained so that a cluster job needs nothin
         score        float32 (null for ground truth)   detector confidence of a curated label
         pred_iou     float32 (null for ground truth)   HQ-SAM IoU prediction of a curated label
         origin       string           where the mask came from: "gt", "labels:<labels folder>", "synthetic"
+        review       string (null: not reviewed)   a curated label's review: "accept", "relabel", or "fix"
+                                                   (corrected, no decision); see ``hqlabel review``
+        corrected    bool (null: not reviewed)     the mask is a reviewer's click fix, not the labeler's
 
 ``open_instances`` also reads COCO instances JSON and mask folders directly (converted in memory), so
 ``--data`` takes any of them.
@@ -53,6 +56,8 @@ INSTANCE_ENTRY_TYPE = pa.struct(
         pa.field("score", pa.float32()),
         pa.field("pred_iou", pa.float32()),
         pa.field("origin", pa.string()),
+        pa.field("review", pa.string()),
+        pa.field("corrected", pa.bool_()),
     ]
 )
 INSTANCES_SCHEMA = pa.schema(
@@ -78,6 +83,8 @@ class Instance:
     score: float | None = None
     pred_iou: float | None = None
     origin: str = "gt"
+    review: str | None = None
+    corrected: bool | None = None
 
     def __post_init__(self) -> None:
         from hqlabel.platform.rle import mask_area, rle_to_bbox
@@ -100,6 +107,8 @@ class Instance:
             row["score"],
             row["pred_iou"],
             origin or row.get("origin") or "gt",
+            row.get("review"),
+            row.get("corrected"),
         )
 
 
@@ -145,6 +154,8 @@ class ImageInstances:
                     "score": i.score,
                     "pred_iou": i.pred_iou,
                     "origin": i.origin,
+                    "review": i.review,
+                    "corrected": i.corrected,
                 }
                 for i in self.instances
             ],

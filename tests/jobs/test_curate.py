@@ -7,16 +7,19 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import encode, random_image
 
+from hqlabel.jobs.cli import main
 from hqlabel.jobs.curate import add_parser, read_decisions, run_curate
 from hqlabel.jobs.label import run_label_job
 from hqlabel.jobs.spec import LabelJobSpec
 from hqlabel.platform.config import LabelerConfig
 from hqlabel.platform.instances import iter_instances
-from hqlabel.platform.rle import decode_mask
+from hqlabel.platform.rle import decode_mask, encode_mask, rle_to_bbox
+from hqlabel.review.store import ReviewStore
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -101,10 +104,14 @@ def test_thresholds_labels_and_decisions(labels, tmp_path, caplog):
     prov = manifest["provenance"]
     assert prov["decisions"] == {
         "file": str(decisions),
+        "kind": "file",
         "accepted": 1,
         "rejected": 1,
+        "relabelled": 0,
+        "corrected": 0,
         "overridden": 1,
         "unknown": 1,
+        "reviewers": [],
     }
     assert prov["counts"]["dropped"]["pred_iou"] == len(below) - 1
     assert prov["counts"]["dropped"]["rejected"] == 1 and prov["counts"]["kept"] == len(want)
@@ -114,6 +121,100 @@ def test_thresholds_labels_and_decisions(labels, tmp_path, caplog):
     manifest = run_curate(str(labels), str(tmp_path / "one"), classes=[label], min_area=1)
     assert set(manifest["labels"]) == {label}
     assert manifest["num_instances"] == sum(r["label"] == label and r["area"] >= 1 for r in rows)
+
+
+def test_review_folder_decisions_relabel_and_corrected_masks(labels, tmp_path, capsys):
+    """``--decisions LABELS/review`` (what ``hqlabel review`` writes): accept, relabel or a fix keep
+    a mask whatever the thresholds, reject drops it, the latest decision wins, corrected masks replace the
+    labeler's, and the rows and the provenance say so."""
+    rows = sorted(_masks(labels), key=lambda r: (r["score"], r["image_id"], r["instance_id"]))
+    cut = rows[len(rows) // 2]["score"]
+    below, above = [r for r in rows if r["score"] < cut], [r for r in rows if r["score"] >= cut]
+    assert len(below) >= 3 and len(above) >= 3
+    key = lambda r: (r["image_id"], int(r["instance_id"]))  # noqa: E731
+    other = {"cat": "dog", "dog": "cat"}
+    height, width = SIZES[above[1]["image_id"]]
+    drawn = np.zeros((height, width), bool)
+    drawn[2:9, 3:7] = True
+    height2, width2 = SIZES[below[2]["image_id"]]
+    drawn2 = np.zeros((height2, width2), bool)
+    drawn2[1:4, 1:5] = True
+    review = tmp_path / "labels-review"
+    store = ReviewStore(str(review))
+
+    def event(row, action, reviewer="ann", **extra):
+        return {
+            "image_id": row["image_id"],
+            "instance_id": row["instance_id"],
+            "action": action,
+            "reviewer": reviewer,
+        } | extra
+
+    def fix(row, mask):
+        return event(
+            row,
+            "fix",
+            "bo",
+            mask=encode_mask(mask),
+            area=int(mask.sum()),
+            pred_iou=0.5,
+            points=[[4.0, 5.0, 1.0]],
+        )
+
+    store.append([event(below[0], "accept"), event(above[0], "reject"), event(above[2], "reject")])
+    store.append([event(below[1], "relabel", label=other[below[1]["label"]]), fix(above[1], drawn)])
+    store.append([event(below[2], "relabel", label=other[below[2]["label"]]), fix(below[2], drawn2)])
+    store.append(
+        [
+            event(above[2], "accept", "bo"),
+            {"image_id": "nope.png", "instance_id": 0, "action": "accept", "reviewer": "bo"},
+        ]
+    )
+
+    out = tmp_path / "cur"
+    assert (
+        main(["curate", str(labels), "--out", str(out), "--min-score", str(cut), "--decisions", str(review)])
+        == 0
+    )
+    assert "curated" in capsys.readouterr().out
+    kept = _kept(out)
+    want = ({key(r) for r in above} - {key(above[0])}) | {key(below[0]), key(below[1]), key(below[2])}
+    assert set(kept) == want
+    inst = {k: v["inst"] for k, v in kept.items()}
+    assert (inst[key(below[0])].review, inst[key(below[0])].corrected) == ("accept", False)
+    assert inst[key(below[1])].label == other[below[1]["label"]] and inst[key(below[1])].review == "relabel"
+    assert inst[key(above[2])].review == "accept"  # reject, then accept: the latest wins
+    fixed = inst[key(above[1])]
+    assert (fixed.review, fixed.corrected, fixed.label) == ("fix", True, above[1]["label"])
+    assert (decode_mask(fixed.mask) == drawn).all() and fixed.area == int(drawn.sum()) == 28
+    assert tuple(fixed.box) == pytest.approx(
+        rle_to_bbox(encode_mask(drawn))
+    ) and fixed.pred_iou == pytest.approx(0.5)
+    both = inst[key(below[2])]
+    assert (both.review, both.corrected, both.label) == ("relabel", True, other[below[2]["label"]])
+    assert (decode_mask(both.mask) == drawn2).all()
+    untouched = [
+        i
+        for k, i in inst.items()
+        if k not in {key(below[0]), key(below[1]), key(below[2]), key(above[1]), key(above[2])}
+    ]
+    assert untouched and all(i.review is None and i.corrected is None for i in untouched)
+    prov = json.loads((out / "dataset.json").read_text())["provenance"]
+    assert prov["decisions"] == {
+        "file": str(review),
+        "kind": "review",
+        "accepted": 3,  # below[0], above[2], and above[1] (corrected without a decision)
+        "rejected": 1,
+        "relabelled": 2,
+        "corrected": 2,
+        "overridden": 3,
+        "unknown": 1,
+        "reviewers": ["ann", "bo"],
+    }
+    assert prov["counts"]["dropped"]["rejected"] == 1 and prov["counts"]["dropped"]["score"] == len(below) - 3
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no review files"):
+        run_curate(str(labels), str(tmp_path / "x"), decisions=str(tmp_path / "empty"))
 
 
 def test_decision_files_and_bad_input(labels, tmp_path, capsys):

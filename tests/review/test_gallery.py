@@ -14,35 +14,16 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import encode, random_image
 from PIL import Image
+from reviewing import SIZES, make_labels
 
 from hqlabel.jobs.cli import main
-from hqlabel.jobs.label import run_label_job
-from hqlabel.jobs.spec import LabelJobSpec
 from hqlabel.platform import storage
-from hqlabel.platform.config import LabelerConfig
-from hqlabel.platform.gallery import safe_name, write_gallery
 from hqlabel.platform.rle import encode_mask
 from hqlabel.platform.schema import IMAGES_SCHEMA, MASKS_SCHEMA
+from hqlabel.review.gallery import safe_name, write_gallery
 from tests.platform.test_rle import huge_rle
 
 pytestmark = pytest.mark.timeout(240)
-
-SIZES = {"a.png": (48, 64), "b.png": (64, 48), "sub/c.png": (40, 40), "sub/d.png": (30, 70)}
-
-
-def make_labels(root: Path) -> Path:
-    """Label 4 generated images in 2 shards with the tiny random models; returns the labels folder."""
-    images = root / "images"
-    for k, (name, size) in enumerate(SIZES.items()):
-        (images / name).parent.mkdir(parents=True, exist_ok=True)
-        (images / name).write_bytes(encode(random_image(k, size)))
-    (images / "broken.png").write_bytes(encode(random_image(9))[:100])  # a decode error row
-    labeler = LabelerConfig(classes=["cat"], preset="tiny-random", box_threshold=0.3)
-    spec = LabelJobSpec(
-        input=str(images), out=str(root / "labels"), labeler=labeler, shard_size=3, batch_size=2
-    )
-    run_label_job(spec, progress=False)
-    return root / "labels"
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from hqlabel.platform.fonts import draw_text, text_box
+from hqlabel.review.fonts import draw_text, text_box
 
 
 def colour(i: int) -> tuple[int, int, int]:

@@ -3,7 +3,7 @@ import weakref
 import numpy as np
 import pytest
 
-from hqlabel.platform.render import mask_outline, overlay_masks, palette
+from hqlabel.review.render import mask_outline, overlay_masks, palette
 
 
 def test_palette_colours_are_distinct():

@@ -32,13 +32,13 @@ import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
 from hqlabel.platform import storage
-from hqlabel.platform.fonts import draw_text
 from hqlabel.platform.images import DEFAULT_MAX_PIXELS, decode_image
 from hqlabel.platform.labels import LabelsFolder
-from hqlabel.platform.render import overlay_masks
 from hqlabel.platform.rle import decode_mask
 from hqlabel.platform.sources import files_by_shard, job_images
 from hqlabel.platform.storage import StorageOptions
+from hqlabel.review.fonts import draw_text
+from hqlabel.review.render import overlay_masks
 
 logger = logging.getLogger(__name__)
 

@@ -1,22 +1,19 @@
-"""The ``hqlabel show`` gallery in a real headless Chromium, driven over the DevTools protocol: the page
-loads, every image decodes, and nothing is logged as an error (missing files, blocked resources, script
-errors)."""
+"""A headless Chromium driven over the DevTools protocol, for the browser tests of tests/review/:
+``launch_chromium`` (a remote-debugging Chromium), ``open_page``, ``DevTools`` (commands in order, events
+collected) and ``page_errors`` (console errors, exceptions, failed loads)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from hqlabel.jobs.cli import main
-from tests.platform.test_gallery import make_labels
-
-pytestmark = pytest.mark.timeout(120)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -54,8 +51,8 @@ class DevTools:
         raise TimeoutError(f"no {method} within {timeout} s")
 
 
-@pytest.fixture
-def chromium(tmp_path):
+@contextlib.contextmanager
+def launch_chromium(tmp_path: Path, window: str = "1200,800") -> Iterator[str]:
     """A headless Chromium with remote debugging; yields its DevTools HTTP endpoint."""
     if CHROMIUM is None:
         pytest.skip("no chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)")
@@ -72,6 +69,7 @@ def chromium(tmp_path):
             "--disable-component-update",
             "--disable-sync",
             "--disable-dev-shm-usage",
+            f"--window-size={window}",
             f"--user-data-dir={profile}",
             "--remote-debugging-port=0",
             "about:blank",
@@ -96,7 +94,7 @@ def chromium(tmp_path):
             process.wait()
 
 
-def _open_page(endpoint: str, url: str) -> DevTools:
+def open_page(endpoint: str, url: str) -> DevTools:
     targets = json.loads(urllib.request.urlopen(f"{endpoint}/json/list", timeout=10).read())
     page = next(t for t in targets if t["type"] == "page")
     devtools = DevTools(page["webSocketDebuggerUrl"])
@@ -107,7 +105,7 @@ def _open_page(endpoint: str, url: str) -> DevTools:
     return devtools
 
 
-def _errors(devtools: DevTools) -> list[str]:
+def page_errors(devtools: DevTools) -> list[str]:
     found = []
     for event in devtools.events:
         method, params = event.get("method"), event.get("params", {})
@@ -118,50 +116,3 @@ def _errors(devtools: DevTools) -> list[str]:
         elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
             found.append(f"log: {params['entry'].get('text')} {params['entry'].get('url', '')}")
     return found
-
-
-def test_gallery_loads_in_chromium(ray_session, chromium, tmp_path):
-    labels = make_labels(tmp_path)
-    out = tmp_path / "show"
-    assert main(["show", str(labels), "--out", str(out)]) == 0
-
-    devtools = _open_page(chromium, (out / "index.html").as_uri())
-    state = devtools.call(
-        "Runtime.evaluate",
-        expression="""JSON.stringify({
-            title: document.title,
-            banner: !!document.getElementById("random-weights"),
-            images: [...document.images].map(i => ({
-                src: i.getAttribute("src"), ok: i.complete && i.naturalWidth > 0, w: i.naturalWidth,
-            })),
-            links: [...document.links].map(a => a.getAttribute("href")),
-        })""",
-        returnByValue=True,
-    )["result"]["value"]
-    state = json.loads(state)
-    assert state["title"].startswith("hqlabel gallery")
-    assert state["banner"]
-    assert len(state["images"]) == 4
-    broken = [image for image in state["images"] if not image["ok"]]
-    assert not broken, f"images that did not load: {broken}"
-    overlays = {p.relative_to(out).as_posix() for p in (out / "overlays").iterdir()}
-    assert {image["src"] for image in state["images"]} == overlays
-    assert {"sheets/sheet-00000.png", "sheets/sheet-00001.png"} <= set(state["links"])
-    assert all((out / link).is_file() for link in state["links"])  # relative links, all resolvable
-    assert _errors(devtools) == []
-    devtools.ws.close()
-
-
-def test_error_capture_sees_a_missing_image(chromium, tmp_path):
-    """The check above can fail: a page whose image is missing logs an error and reports it unloaded."""
-    page = Path(tmp_path / "index.html")
-    page.write_text('<!DOCTYPE html><html><body><img src="overlays/gone.png" alt="x"></body></html>')
-    devtools = _open_page(chromium, page.as_uri())
-    loaded = devtools.call(
-        "Runtime.evaluate",
-        expression="[...document.images].every(i => i.complete && i.naturalWidth > 0)",
-        returnByValue=True,
-    )["result"]["value"]
-    assert loaded is False
-    assert any("gone.png" in error for error in _errors(devtools))
-    devtools.ws.close()

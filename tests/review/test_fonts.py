@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from hqlabel.platform.fonts import draw_text, font_file_for, text_runs
-from hqlabel.platform.render import overlay_masks
+from hqlabel.review.fonts import draw_text, font_file_for, text_runs
+from hqlabel.review.render import overlay_masks
 
 
 @pytest.fixture(scope="module")
