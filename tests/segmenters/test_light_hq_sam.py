@@ -71,14 +71,20 @@ def _timm_stand_in() -> dict[str, types.ModuleType]:
 def ref() -> types.SimpleNamespace:
     """The reference modeling modules, without the package ``__init__`` (it imports torchvision)."""
     package = "segment_anything_hq"
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        pytest.skip(f"{package} not installed: pip install --no-deps segment-anything-hq==0.3")
-    root = Path(next(iter(spec.submodule_search_locations)))
+    if package in sys.modules:  # test_checkpoints.py's stand-in package (no __spec__) or ours
+        root = Path(sys.modules[package].__path__[0])
+    else:
+        spec = importlib.util.find_spec(package)
+        if spec is None:
+            pytest.skip(f"{package} not installed: pip install --no-deps segment-anything-hq==0.3")
+        root = Path(next(iter(spec.submodule_search_locations)))
     for name, path in [(package, root), (f"{package}.modeling", root / "modeling")]:
         if name not in sys.modules:
             stub = types.ModuleType(name)
             stub.__path__ = [str(path)]
+            stub.__spec__ = importlib.util.spec_from_file_location(
+                name, path / "__init__.py", submodule_search_locations=[str(path)]
+            )
             sys.modules[name] = stub
     stand_in = {} if importlib.util.find_spec("timm") else _timm_stand_in()
     sys.modules.update(stand_in)
