@@ -13,6 +13,24 @@ from hqlabel.segmenters.hq_sam import (
 PRESETS = {"tiny-random": tiny_random_sam_hq}
 
 
+def light_segmenter(name_or_path: str, preset: str | None, **kwargs) -> HQSamSegmenter | None:
+    """``--segmenter sam-hq-light``: Light HQ-SAM (TinyViT encoder); None for any other name.
+
+    With ``--preset tiny-random`` a tiny random Light HQ-SAM; without, an error naming the checkpoint to pass
+    (no hub repository holds Light HQ-SAM in transformers' format).
+    """
+    from hqlabel.segmenters.light_hq_sam import LIGHT_NAMES, tiny_random_light_sam_hq
+
+    if name_or_path not in LIGHT_NAMES:
+        return None
+    if preset == "tiny-random":
+        return tiny_random_light_sam_hq(**kwargs)
+    raise ValueError(
+        f"--segmenter {name_or_path} has no hub model: pass the path of SysCV's sam_hq_vit_tiny.pth "
+        "(Light HQ-SAM) instead, or add --preset tiny-random for a tiny random one"
+    )
+
+
 def build_segmenter(
     name_or_path: str,
     *,
@@ -23,8 +41,17 @@ def build_segmenter(
 ) -> HQSamSegmenter:
     """The segmenter a job names: a preset (``tiny-random``) or ``HQSamSegmenter.from_pretrained``.
 
+    ``sam-hq-light`` names Light HQ-SAM (``light_segmenter``); other names are ignored under a preset.
+
     ``hq_weights`` (fine-tuned HQ-token weights) load on top either way; ``kwargs`` go to ``HQSamSegmenter``.
     """
+    light = light_segmenter(name_or_path, preset, **kwargs)
+    if light is not None:
+        if hq_weights is not None:
+            from hqlabel.segmenters.hq_weights import load_hq_weights
+
+            load_hq_weights(light.model, hq_weights, base_model=name_or_path)
+        return light
     if preset is None:
         return HQSamSegmenter.from_pretrained(
             name_or_path, hq_weights=hq_weights, revision=revision, **kwargs
@@ -46,6 +73,7 @@ __all__ = [
     "MaskLogits",
     "Prompts",
     "build_segmenter",
+    "light_segmenter",
     "tiny_random_sam",
     "tiny_random_sam_hq",
 ]

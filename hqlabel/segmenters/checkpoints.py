@@ -1,6 +1,6 @@
 """Load the original SAM / HQ-SAM ``.pth`` checkpoints into ``transformers`` models.
 
-The released files (Meta's ``sam_vit_{b,l,h}_*.pth``, SysCV's ``sam_hq_vit_{b,l,h}.pth``) are plain state
+The released files (Meta's ``sam_vit_{b,l,h}_*.pth``, SysCV's ``sam_hq_vit_{b,l,h,tiny}.pth``) are plain state
 dicts of the reference ``Sam`` module (``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``). This
 module renames every tensor to the ``transformers.SamModel`` / ``SamHQModel`` layout and infers the model
 config from the tensor shapes, so a checkpoint of any ViT size loads without a hand-written config:
@@ -12,6 +12,10 @@ config from the tensor shapes, so a checkpoint of any ViT size loads without a h
 - ViT heads: ``D / head_dim``, with ``head_dim`` the width of the relative-position tables.
 - mask-decoder heads are not visible in any shape; every released decoder uses 8 (``decoder_num_heads=``).
 
+Light HQ-SAM (``sam_hq_vit_tiny.pth``) has a TinyViT encoder: it loads as ``light_hq_sam.LightSamHQModel``,
+the TinyViT hyper-parameters inferred from the stage widths, block counts and attention-bias tables
+(``_tiny_vit_config``); its unused classification head (``image_encoder.head``, ``norm_head``) is dropped.
+
 The reference decoder's two-way transformer uses ``nn.LayerNorm``'s default eps (1e-5); the converted config
 says so (``transformers`` defaults to 1e-6 there), which keeps the outputs equal to the reference code.
 
@@ -21,6 +25,7 @@ decoder upscales the wrong tensor; see that module).
 
 from __future__ import annotations
 
+import math
 import pickle
 import re
 import zipfile
@@ -40,6 +45,8 @@ from transformers import (
 )
 from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 
+from hqlabel.segmenters.light_hq_sam import LIGHT_PATCH, LightSamHQModel, light_sam_hq_config
+from hqlabel.segmenters.tiny_vit import TinyViTConfig
 from hqlabel.segmenters.transformers_fixes import fix_sam_hq_mask_decoder
 
 # ViT width -> (heads, global-attention blocks) of the released SAM / HQ-SAM encoders (vit_b, vit_l, vit_h).
@@ -59,6 +66,7 @@ _HQ_PREFIXES = (
     "mask_decoder.embedding_encoder.",
     "mask_decoder.embedding_maskfeature.",
 )
+_TINY_VIT_HEAD = ("image_encoder.norm_head.", "image_encoder.head.")
 _GAUSSIAN = "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
 _HF_GAUSSIANS = (
     "shared_image_embedding.positional_embedding",
@@ -108,8 +116,11 @@ _RULES = [
 class _Renamer:
     """Original <-> transformers key names, both ways (the reverse names missing keys in error messages)."""
 
-    def __init__(self, num_mask_tokens: int, iou_head_depth: int, hq: bool) -> None:
+    def __init__(self, num_mask_tokens: int, iou_head_depth: int, hq: bool, light: bool = False) -> None:
         rules = list(_RULES)
+        if light:  # hqlabel's TinyViT keeps the original module names
+            rules = [r for r in rules if not r[0].startswith("image_encoder.")]
+            rules.append(("image_encoder.", "vision_encoder."))
         # The reference MLP keeps its Linears in ``layers.0..n-1``; transformers names the ends proj_in/out.
         mlps = [(f"mask_decoder.output_hypernetworks_mlps.{k}", None, 3) for k in range(num_mask_tokens)]
         mlps.append(("mask_decoder.iou_prediction_head", None, iou_head_depth))
@@ -153,17 +164,19 @@ def _unwrap(state_dict: dict) -> dict[str, Tensor]:
     bad = [k for k, v in state_dict.items() if not isinstance(v, Tensor)]
     if bad:
         raise ValueError(f"not a SAM / HQ-SAM state dict: entries {bad[:5]} are not tensors")
-    if any(k.startswith(("image_encoder.layers.", "image_encoder.patch_embed.seq.")) for k in state_dict):
+    if not any(k.startswith("image_encoder.blocks.") for k in state_dict) and not is_light_state_dict(
+        state_dict
+    ):
         raise ValueError(
-            "this is a Light HQ-SAM checkpoint (sam_hq_vit_tiny.pth, TinyViT image encoder), which is not "
-            "supported: transformers has no TinyViT SAM encoder. Use sam_hq_vit_b/l/h.pth"
-        )
-    if not any(k.startswith("image_encoder.blocks.") for k in state_dict):
-        raise ValueError(
-            "not a SAM / HQ-SAM checkpoint: no `image_encoder.blocks.*` tensors "
-            f"(first keys: {list(state_dict)[:5]})"
+            "not a SAM / HQ-SAM checkpoint: no `image_encoder.blocks.*` (ViT) or `image_encoder.layers.*` "
+            f"(TinyViT) tensors (first keys: {list(state_dict)[:5]})"
         )
     return state_dict
+
+
+def is_light_state_dict(state_dict: dict) -> bool:
+    """Whether an original-layout state dict has a TinyViT image encoder (Light HQ-SAM, MobileSAM)."""
+    return any(k.startswith(("image_encoder.layers.", "image_encoder.patch_embed.seq.")) for k in state_dict)
 
 
 def is_hq_state_dict(state_dict: dict) -> bool:
@@ -238,6 +251,32 @@ def _vision_config(sd: dict[str, Tensor], num_heads: int | None) -> dict:
     )
 
 
+def _tiny_vit_config(sd: dict[str, Tensor]) -> TinyViTConfig:
+    """TinyViT hyper-parameters from the tensor shapes; the input size is the released 1024 px (the
+    reference code hard-codes its 64 x 64 output grid). Stage 0 is convolutional: its heads and window are
+    unused placeholders."""
+    enc = "image_encoder."
+    dims = [int(_tensor(sd, f"{enc}patch_embed.seq.2.c.weight").shape[0])]
+    dims += [int(_tensor(sd, f"{enc}layers.{i}.downsample.conv1.c.weight").shape[0]) for i in range(3)]
+    depths = [_count(sd, f"{enc}layers.{i}.blocks.") for i in range(4)]
+    if 0 in depths[1:]:
+        raise ValueError(f"TinyViT checkpoint with an empty attention stage (blocks per stage {depths})")
+    biases = [_tensor(sd, f"{enc}layers.{i}.blocks.0.attn.attention_biases") for i in range(1, 4)]
+    windows = [math.isqrt(int(b.shape[1])) for b in biases]  # one bias per (|dy|, |dx|): window**2 offsets
+    return TinyViTConfig(
+        img_size=1024,
+        in_chans=int(_tensor(sd, f"{enc}patch_embed.seq.0.c.weight").shape[1]),
+        embed_dims=dims,
+        depths=depths,
+        num_heads=[1] + [int(b.shape[0]) for b in biases],
+        window_sizes=[windows[0], *windows],
+        mlp_ratio=_tensor(sd, f"{enc}layers.1.blocks.0.mlp.fc1.weight").shape[0] / dims[1],
+        mbconv_expand_ratio=_tensor(sd, f"{enc}layers.0.blocks.0.conv1.c.weight").shape[0] / dims[0],
+        local_conv_size=int(_tensor(sd, f"{enc}layers.1.blocks.0.local_conv.c.weight").shape[-1]),
+        out_chans=int(_tensor(sd, f"{enc}neck.0.weight").shape[0]),
+    )
+
+
 def _prompt_encoder_config(sd: dict[str, Tensor], vision: dict) -> dict:
     return dict(
         hidden_size=int(_tensor(sd, "prompt_encoder.no_mask_embed.weight").shape[1]),
@@ -278,15 +317,29 @@ def _convert(
         )
         raise ValueError(f"this is a {found} checkpoint; convert it with {use}")
     sd = {k: v for k, v in sd.items() if k not in ("pixel_mean", "pixel_std")}  # older SAM files keep them
-    vision = _vision_config(sd, num_heads)
+    light = is_light_state_dict(sd)
+    if light and not hq:
+        raise ValueError(
+            "this is a MobileSAM checkpoint (TinyViT encoder, plain SAM decoder), which is not supported; "
+            "use Light HQ-SAM (sam_hq_vit_tiny.pth) or a ViT SAM / HQ-SAM checkpoint"
+        )
     decoder = _mask_decoder_config(sd, decoder_num_heads, hq)
-    config_cls = SamHQConfig if hq else SamConfig
-    config = config_cls(
-        vision_config=vision,
-        prompt_encoder_config=_prompt_encoder_config(sd, vision),
-        mask_decoder_config=decoder,
-    )
-    renamer = _Renamer(decoder["num_multimask_outputs"] + 1, decoder["iou_head_depth"], hq)
+    if light:
+        if num_heads is not None:
+            raise ValueError("num_heads is a ViT option; a TinyViT checkpoint's heads come from its shapes")
+        # the classification head of the TinyViT recipe is saved but never used by SAM
+        sd = {k: v for k, v in sd.items() if not k.startswith(_TINY_VIT_HEAD)}
+        tiny_vit = _tiny_vit_config(sd)
+        prompt = _prompt_encoder_config(sd, dict(image_size=tiny_vit.img_size, patch_size=LIGHT_PATCH))
+        config = light_sam_hq_config(tiny_vit, prompt_encoder=prompt, mask_decoder=decoder)
+    else:
+        vision = _vision_config(sd, num_heads)
+        config = (SamHQConfig if hq else SamConfig)(
+            vision_config=vision,
+            prompt_encoder_config=_prompt_encoder_config(sd, vision),
+            mask_decoder_config=decoder,
+        )
+    renamer = _Renamer(decoder["num_multimask_outputs"] + 1, decoder["iou_head_depth"], hq, light)
     converted = {new: value for key, value in sd.items() for new in renamer.to_hf(key)}
     return config, converted, renamer
 
@@ -400,16 +453,19 @@ def load_original_checkpoint(
     """Load an original SAM or HQ-SAM ``.pth`` (detected from its keys) as a ``transformers`` model.
 
     Args:
-        path: ``sam_hq_vit_{b,l,h}.pth`` (SysCV) or ``sam_vit_{b,l,h}_*.pth`` (Meta).
+        path: ``sam_hq_vit_{b,l,h}.pth`` or Light HQ-SAM's ``sam_hq_vit_tiny.pth`` (SysCV), or
+            ``sam_vit_{b,l,h}_*.pth`` (Meta).
         num_heads, decoder_num_heads: see ``convert_sam_hq_state_dict``.
 
     Returns:
-        ``(SamHQModel, SamHQProcessor)`` or ``(SamModel, SamProcessor)``. The model is in eval mode on the
+        ``(SamHQModel, SamHQProcessor)`` (``LightSamHQModel`` for a TinyViT checkpoint) or
+        ``(SamModel, SamProcessor)``. The model is in eval mode on the
         CPU, every parameter taken from the file (strict load); ``fix_sam_hq_mask_decoder`` is applied.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: unreadable file, Light HQ-SAM (TinyViT), or tensors missing / left over / misshapen.
+        ValueError: unreadable file, MobileSAM (TinyViT without HQ), or tensors missing / left over /
+            misshapen.
     """
     path = Path(path).expanduser()
     state_dict = _unwrap(_read(path))
@@ -417,9 +473,16 @@ def load_original_checkpoint(
     config, converted, renamer = _convert(
         state_dict, hq=hq, num_heads=num_heads, decoder_num_heads=decoder_num_heads
     )
+    light = is_light_state_dict(state_dict)
+    model_cls = LightSamHQModel if light else SamHQModel if hq else SamModel
     with torch.device("meta"):  # no random init: every parameter is assigned from the file below
-        model = (SamHQModel if hq else SamModel)(config)
-    _check_tensors(path, "HQ-SAM" if hq else "SAM", model, converted, renamer)
+        model = model_cls(config)
+    if light:  # BatchNorm step counters: unused in eval; tolerate files saved without them
+        for key in model.state_dict():
+            if key.endswith("num_batches_tracked"):
+                converted.setdefault(key, torch.tensor(0))
+    kind = "Light HQ-SAM" if light else "HQ-SAM" if hq else "SAM"
+    _check_tensors(path, kind, model, converted, renamer)
     model.load_state_dict(converted, strict=True, assign=True)
     model.tie_weights()
     if hq:

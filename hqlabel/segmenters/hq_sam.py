@@ -112,7 +112,9 @@ class HQSamSegmenter:
     @property
     def attention_implementation(self) -> str:
         """The vision encoder's attention: "sdpa" (``scaled_dot_product_attention``) or "eager"."""
-        return self.model.vision_encoder.config._attn_implementation or "eager"
+        encoder = self.model.vision_encoder
+        fixed = getattr(encoder, "attention_implementation", None)  # Light HQ-SAM's TinyViT: always SDPA
+        return fixed or encoder.config._attn_implementation or "eager"
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """``torch.autocast`` at this segmenter's precision (a no-op context at fp32)."""
@@ -128,7 +130,7 @@ class HQSamSegmenter:
             name_or_path: a hub id (``syscv-community/sam-hq-vit-base|large|huge``, or plain SAM's
                 ``facebook/sam-vit-base``),
                 a local directory saved by ``save_pretrained``, or an original checkpoint file
-                (``sam_hq_vit_b.pth``, ``sam_vit_b_01ec64.pth``).
+                (``sam_hq_vit_b.pth``, Light HQ-SAM's ``sam_hq_vit_tiny.pth``, ``sam_vit_b_01ec64.pth``).
             hq_weights: fine-tuned HQ-token weights (``save_hq_weights``) to load on top.
             revision: a hub id's commit hash, branch or tag (ignored for a directory or a file).
         """
@@ -143,6 +145,10 @@ class HQSamSegmenter:
             config = load_pretrained(AutoConfig.from_pretrained, name_or_path, **where)
             plain = config.model_type == "sam"
             model_cls, processor_cls = (SamModel, SamProcessor) if plain else (SamHQModel, SamHQProcessor)
+            if getattr(config, "tiny_vit", None) is not None:  # Light HQ-SAM saved by save_pretrained
+                from hqlabel.segmenters.light_hq_sam import LightSamHQModel
+
+                model_cls = LightSamHQModel
             model = load_pretrained(model_cls.from_pretrained, name_or_path, **where)
             processor = load_pretrained(processor_cls.from_pretrained, name_or_path, **where)
         if hq_weights is not None:

@@ -448,15 +448,16 @@ def test_missing_file(tmp_path):
         load_original_checkpoint(tmp_path / "nope.pth")
 
 
-def test_light_hq_sam_is_refused(tmp_path):
+def test_incomplete_light_hq_sam_is_named(tmp_path):
+    """A TinyViT (Light HQ-SAM) file loads (tests/segmenters/test_light_hq_sam.py); a fragment is refused."""
     tiny_vit = {
         "image_encoder.patch_embed.seq.0.c.weight": torch.zeros(32, 3, 3, 3),
         "image_encoder.layers.0.blocks.0.conv1.c.weight": torch.zeros(256, 64, 1, 1),
         "mask_decoder.hf_token.weight": torch.zeros(1, 256),
     }
-    with pytest.raises(ValueError, match="Light HQ-SAM"):
+    with pytest.raises(ValueError, match="not a complete SAM / HQ-SAM checkpoint"):
         load_original_checkpoint(save(tiny_vit, tmp_path / "sam_hq_vit_tiny.pth"))
-    with pytest.raises(ValueError, match="Light HQ-SAM"):
+    with pytest.raises(ValueError, match="not a complete SAM / HQ-SAM checkpoint"):
         convert_sam_hq_state_dict(tiny_vit)
 
 
