@@ -110,8 +110,9 @@ class Labeler:
         """Load the models.
 
         Args:
-            detector: Grounding DINO or OWLv2 hub id or local directory (chosen by its config); under
-                ``preset``, an architecture family: ``"grounding-dino"`` or ``"owlv2"``.
+            detector: Grounding DINO, MM-Grounding-DINO or OWLv2 hub id or local directory (chosen by its
+                config); under ``preset``, an architecture family: ``"grounding-dino"``,
+                ``"mm-grounding-dino"`` or ``"owlv2"``.
             segmenter: SAM-HQ / SAM hub id, local directory or original ``.pth`` checkpoint.
             classes: ``"cat, dog"`` or a list; none: no detector is loaded, and every call needs ``boxes``.
             preset: ``"tiny-random"``: tiny randomly initialised models of the same architectures, offline

@@ -18,7 +18,9 @@ DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
 DEFAULT_SEGMENTER = "syscv-community/sam-hq-vit-base"
 PRESETS = ("tiny-random",)
 # what --detector may name under --preset tiny-random (tiny random models of these architectures)
-DETECTOR_FAMILIES = ("grounding-dino", "owlv2")
+DETECTOR_FAMILIES = ("grounding-dino", "mm-grounding-dino", "owlv2")
+# what --segmenter may name under --preset tiny-random (hqlabel.segmenters.TINY_RANDOM)
+SEGMENTER_FAMILIES = ("sam-hq", "sam")
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Preprocess = Literal["auto", "processor", "torch"]  # see hqlabel.platform.preprocess
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
@@ -111,13 +113,14 @@ class LabelerConfig(BaseModel):
     )
     detector: str = Field(
         DEFAULT_DETECTOR,
-        description="Detector hub id or local directory: Grounding DINO or OWLv2 (picked by its config's "
-        "model_type). Under preset 'tiny-random': an architecture family, 'grounding-dino' (also the default "
-        "id) or 'owlv2'.",
+        description="Detector hub id or local directory: Grounding DINO, MM-Grounding-DINO or OWLv2 "
+        "(picked by its config's model_type). Under preset 'tiny-random': an architecture family, "
+        "'grounding-dino' (also the default id), 'mm-grounding-dino' or 'owlv2'.",
     )
     segmenter: str = Field(
         DEFAULT_SEGMENTER,
-        description="SAM-HQ (or SAM) hub id, local directory, or original checkpoint (sam_hq_vit_b.pth).",
+        description="SAM-HQ (or SAM) hub id, local directory, or original checkpoint (sam_hq_vit_b.pth). "
+        "Under preset 'tiny-random': an architecture family, 'sam-hq' (also the default id) or 'sam'.",
     )
     detector_revision: str | None = Field(
         None,
@@ -193,5 +196,10 @@ class LabelerConfig(BaseModel):
             raise ValueError(
                 f"under --preset {self.preset}, --detector names an architecture family, one of "
                 f"{list(DETECTOR_FAMILIES)}; got {self.detector!r}"
+            )
+        if self.preset is not None and self.segmenter not in (DEFAULT_SEGMENTER, *SEGMENTER_FAMILIES):
+            raise ValueError(
+                f"under --preset {self.preset}, --segmenter names an architecture family, one of "
+                f"{list(SEGMENTER_FAMILIES)}; got {self.segmenter!r}"
             )
         return self

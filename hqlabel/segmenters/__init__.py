@@ -1,5 +1,6 @@
 """HQ-SAM segmentation: load, embed once per image, decode many prompts."""
 
+from hqlabel.platform.config import SEGMENTER_FAMILIES
 from hqlabel.segmenters.hq_sam import (
     MULTIMASK_MODES,
     HQSamSegmenter,
@@ -10,7 +11,11 @@ from hqlabel.segmenters.hq_sam import (
     tiny_random_sam_hq,
 )
 
-PRESETS = {"tiny-random": tiny_random_sam_hq}
+PRESETS = ("tiny-random",)
+# architecture family -> its tiny random builder (``--preset tiny-random --segmenter FAMILY``). A new family
+# (e.g. "sam-hq-light", Light HQ-SAM) adds its builder here and its name to config.SEGMENTER_FAMILIES.
+TINY_RANDOM = {"sam-hq": tiny_random_sam_hq, "sam": tiny_random_sam}
+assert tuple(TINY_RANDOM) == SEGMENTER_FAMILIES, "LabelerConfig checks --segmenter with SEGMENTER_FAMILIES"
 
 
 def build_segmenter(
@@ -23,7 +28,10 @@ def build_segmenter(
 ) -> HQSamSegmenter:
     """The segmenter a job names: a preset (``tiny-random``) or ``HQSamSegmenter.from_pretrained``.
 
-    ``hq_weights`` (fine-tuned HQ-token weights) load on top either way; ``kwargs`` go to ``HQSamSegmenter``.
+    Under ``preset="tiny-random"`` a family name of ``TINY_RANDOM`` ("sam-hq", "sam") builds a tiny random
+    model of that architecture; any other name (the default hub id, or a placeholder) builds the tiny SAM-HQ
+    (``LabelerConfig`` refuses names that are neither a family nor the default id). ``hq_weights``
+    (fine-tuned HQ-token weights) load on top either way; ``kwargs`` go to ``HQSamSegmenter``.
     """
     if preset is None:
         return HQSamSegmenter.from_pretrained(
@@ -31,7 +39,7 @@ def build_segmenter(
         )
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    segmenter = PRESETS[preset](**kwargs)
+    segmenter = TINY_RANDOM.get(name_or_path, tiny_random_sam_hq)(**kwargs)
     if hq_weights is not None:
         from hqlabel.segmenters.hq_weights import load_hq_weights
 
@@ -41,6 +49,7 @@ def build_segmenter(
 
 __all__ = [
     "MULTIMASK_MODES",
+    "TINY_RANDOM",
     "HQSamSegmenter",
     "ImageEmbeddings",
     "MaskLogits",

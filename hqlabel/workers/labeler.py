@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from hqlabel.detectors import Detector, GroundingDinoDetector, Owlv2Detector, build_detector
+from hqlabel.detectors import Detector, TransformersDetector, build_detector
 from hqlabel.platform.config import LabelerConfig
 from hqlabel.platform.rle import encode_masks, mask_area
 from hqlabel.platform.schema import RESULT_SCHEMA
@@ -45,7 +45,7 @@ def resolve_device(device: str) -> torch.device:
 
 def build_models(
     config: LabelerConfig,
-) -> tuple[GroundingDinoDetector | Owlv2Detector | None, HQSamSegmenter]:
+) -> tuple[TransformersDetector | None, HQSamSegmenter]:
     """The detector and segmenter that ``config`` names (``preset`` overrides the model ids); no detector
     when the prompts are given boxes."""
     device = resolve_device(config.device)
