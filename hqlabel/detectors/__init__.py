@@ -10,6 +10,7 @@ from hqlabel.detectors.grounding_dino import (
     tiny_random_mm_grounding_dino,
 )
 from hqlabel.detectors.owlv2 import Owlv2Detector, tiny_random_owlv2
+from hqlabel.detectors.sam3 import Sam3Detector, tiny_random_sam3
 from hqlabel.platform.config import DEFAULT_DETECTOR, DETECTOR_FAMILIES
 
 PRESETS = ("tiny-random",)
@@ -18,12 +19,15 @@ DETECTORS: dict[str, type[TransformersDetector]] = {
     "grounding-dino": GroundingDinoDetector,
     "mm-grounding-dino": MMGroundingDinoDetector,
     "owlv2": Owlv2Detector,
+    "sam3": Sam3Detector,
+    "sam3_video": Sam3Detector,  # facebook/sam3's config: Sam3Model loads its detector part
 }
 # architecture family -> its tiny random builder (``--preset tiny-random --detector FAMILY``)
 TINY_RANDOM = {
     "grounding-dino": tiny_random_grounding_dino,
     "mm-grounding-dino": tiny_random_mm_grounding_dino,
     "owlv2": tiny_random_owlv2,
+    "sam3": tiny_random_sam3,
 }
 assert tuple(TINY_RANDOM) == DETECTOR_FAMILIES, "LabelerConfig validates --detector against DETECTOR_FAMILIES"
 
@@ -43,9 +47,10 @@ def detector_type(name_or_path: str, *, revision: str | None = None) -> str:
         AutoConfig.from_pretrained, name_or_path, what="detector", option="--detector", revision=revision
     )
     if config.model_type not in DETECTORS:
+        examples = ", ".join(dict.fromkeys(cls.hub_example for cls in DETECTORS.values()))
         raise ValueError(
             f"--detector {name_or_path} is a {config.model_type!r} model; supported detectors are "
-            f"{sorted(DETECTORS)} (e.g. {', '.join(cls.hub_example for cls in DETECTORS.values())})"
+            f"{sorted(DETECTORS)} (e.g. {examples})"
         )
     return config.model_type
 
@@ -81,6 +86,7 @@ __all__ = [
     "GroundingDinoDetector",
     "MMGroundingDinoDetector",
     "Owlv2Detector",
+    "Sam3Detector",
     "TransformersDetector",
     "batched_nms",
     "box_iou",
@@ -89,4 +95,5 @@ __all__ = [
     "tiny_random_grounding_dino",
     "tiny_random_mm_grounding_dino",
     "tiny_random_owlv2",
+    "tiny_random_sam3",
 ]

@@ -21,11 +21,14 @@ class Detections:
         boxes: N x 4 float32, XYXY pixels of the image given to the detector.
         scores: N float32 in [0, 1].
         labels: N int64, indices into the class list given to the detector.
+        masks: the detector's own masks where it makes them (SAM 3), else None: N x m x m float32
+            probabilities over the whole image at the model's mask resolution (``sam3.masks_at`` sizes them).
     """
 
     boxes: torch.Tensor
     scores: torch.Tensor
     labels: torch.Tensor
+    masks: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])

@@ -18,7 +18,7 @@ DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
 DEFAULT_SEGMENTER = "syscv-community/sam-hq-vit-base"
 PRESETS = ("tiny-random",)
 # what --detector may name under --preset tiny-random (tiny random models of these architectures)
-DETECTOR_FAMILIES = ("grounding-dino", "mm-grounding-dino", "owlv2")
+DETECTOR_FAMILIES = ("grounding-dino", "mm-grounding-dino", "owlv2", "sam3")
 # what --segmenter may name under --preset tiny-random (hqlabel.segmenters.TINY_RANDOM)
 SEGMENTER_FAMILIES = ("sam-hq", "sam")
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -113,9 +113,9 @@ class LabelerConfig(BaseModel):
     )
     detector: str = Field(
         DEFAULT_DETECTOR,
-        description="Detector hub id or local directory: Grounding DINO, MM-Grounding-DINO or OWLv2 "
+        description="Detector hub id or local directory: Grounding DINO, MM-Grounding-DINO, OWLv2 or SAM 3 "
         "(picked by its config's model_type). Under preset 'tiny-random': an architecture family, "
-        "'grounding-dino' (also the default id), 'mm-grounding-dino' or 'owlv2'.",
+        "'grounding-dino' (also the default id), 'mm-grounding-dino', 'owlv2' or 'sam3'.",
     )
     segmenter: str = Field(
         DEFAULT_SEGMENTER,

@@ -111,11 +111,13 @@ class Labeler:
         detector, segmenter = build_models(config)
         return cls(detector, segmenter, config.classes)
 
-    def _detect(self, images: list[np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    def _detect(
+        self, images: list[np.ndarray]
+    ) -> list[tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor | None]]:
         if self.detector is None:
             raise RuntimeError("this Labeler has no detector (prompts='boxes'); pass the boxes to label()")
         return [
-            (d.boxes, d.scores, [self.classes[int(k)] for k in d.labels])
+            (d.boxes, d.scores, [self.classes[int(k)] for k in d.labels], d.masks)
             for d in self.detector.detect(images, self.classes)
         ]
 
@@ -136,7 +138,8 @@ class Labeler:
 
         Returns:
             Per image, its instances as dicts with the fields of ``INSTANCE_TYPE`` (``instance_id`` 0..n-1,
-            by decreasing detector score; ``mask`` COCO RLE at the output size).
+            by decreasing detector score; ``mask`` COCO RLE at the output size; ``sam3_mask`` the SAM 3
+            detector's own mask, RLE at the output size, or None for other detectors and given boxes).
         """
         output_sizes = output_sizes or [image.shape[:2] for image in images]
         scales = [
@@ -151,17 +154,18 @@ class Labeler:
                     torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) / scale,
                     torch.ones(len(b)),
                     list(names),
+                    None,
                 )
                 for (b, names), scale in zip(boxes, scales, strict=True)
             ]
-        todo = [i for i, (b, _, _) in enumerate(prompts) if len(b)]
+        todo = [i for i, (b, *_) in enumerate(prompts) if len(b)]
         results: list[list[dict]] = [[] for _ in images]
         if not todo:
             return results
         embeddings = self.segmenter.embed([images[i] for i in todo])
         logits = self.segmenter.predict_boxes(embeddings, [prompts[i][0] for i in todo])
         for i, mask_logits in zip(todo, logits, strict=True):
-            work_boxes, scores, names = prompts[i]
+            work_boxes, scores, names, detector_masks = prompts[i]
             out_boxes = work_boxes * scales[i]
             rles = []
             for chunk in self.segmenter.iter_masks(
@@ -169,6 +173,11 @@ class Labeler:
             ):
                 rles += encode_masks(chunk[:, 0].cpu().numpy())
             iou = mask_logits.iou_scores[:, 0].float().cpu().tolist()
+            sam3 = (
+                [None] * len(rles)
+                if detector_masks is None
+                else self._detector_rles(detector_masks, output_sizes[i])
+            )
             for k, rle in enumerate(rles):
                 results[i].append(
                     {
@@ -179,9 +188,22 @@ class Labeler:
                         "mask": rle,
                         "area": mask_area(rle),
                         "pred_iou": iou[k],
+                        "sam3_mask": sam3[k],
                     }
                 )
         return results
+
+    def _detector_rles(self, probs: torch.Tensor, size: tuple[int, int]) -> list[dict]:
+        """The detector's own masks (N x m x m probabilities, SAM 3) as RLE at ``size``, a few at a time."""
+        from hqlabel.detectors.sam3 import masks_at
+
+        per_mask = 4 * size[0] * size[1]  # float32 while resized
+        step = max(1, self.resize_budget // max(per_mask, 1))
+        return [
+            rle
+            for start in range(0, len(probs), step)
+            for rle in encode_masks(masks_at(probs[start : start + step], size).numpy())
+        ]
 
 
 def ray_node_id() -> str | None:
