@@ -40,9 +40,9 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--detector",
         default=DEFAULT_DETECTOR,
-        help="detector hub id or local dir: Grounding DINO (default), MM-Grounding-DINO or OWLv2, e.g. "
-        "google/owlv2-base-patch16-ensemble (chosen by its config); with --preset tiny-random a family: "
-        "grounding-dino, mm-grounding-dino or owlv2",
+        help="detector hub id or local dir: Grounding DINO (default), MM-Grounding-DINO, OWLv2 or SAM 3, "
+        "e.g. google/owlv2-base-patch16-ensemble (chosen by its config); with --preset tiny-random a family: "
+        "grounding-dino, mm-grounding-dino, owlv2 or sam3",
     )
     p.add_argument(
         "--segmenter",

@@ -244,9 +244,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--choice",
         action="append",
-        help="DETECTOR+SEGMENTER to compare end to end (repeatable), e.g. grounding-dino+sam-hq: hub ids or "
-        "dirs; under --preset tiny-random families (detectors: grounding-dino, mm-grounding-dino, owlv2; "
-        "segmenters: sam-hq, sam)",
+        help="DETECTOR+SEGMENTER to compare end to end (repeatable), e.g. grounding-dino+sam-hq: hub ids "
+        "or dirs; under --preset tiny-random families (detectors: grounding-dino, mm-grounding-dino, owlv2, "
+        "sam3; segmenters: sam-hq, sam)",
     )
     p.add_argument("--classes", help="--choice: class names to prompt (default: the GT's labels)")
     p.add_argument("--box-threshold", type=float, help="--choice: detector box threshold (default 0.35)")

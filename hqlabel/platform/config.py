@@ -139,7 +139,11 @@ class LabelerConfig(BaseModel):
     )
     box_threshold: float = Field(0.35, ge=0.0, le=1.0, description="Minimum detector score of a kept box.")
     text_threshold: float = Field(
-        0.25, ge=0.0, le=1.0, description="Minimum token score for a class to be assigned to a box."
+        0.25,
+        ge=0.0,
+        le=1.0,
+        description="Per-class floor: a class's best token score for a box (Grounding DINO, "
+        "MM-Grounding-DINO), its query score (OWLv2), or its presence score in the image (SAM 3).",
     )
     nms_threshold: float = Field(
         0.5, gt=0.0, le=1.0, description="IoU above which same-class boxes are merged."
