@@ -127,7 +127,7 @@ def run_choice_eval(
     Args:
         choices: ``"DETECTOR+SEGMENTER"`` each (``parse_choice``); under ``preset`` architecture families.
         classes: the class names prompted (default: the GT's labels, sorted); GT instances of other labels
-            count as missed.
+            are left out of AP (not a category) and score 0 in mIoU / mBIoU (nothing can match them).
         labeler: more ``LabelerConfig`` fields for every choice (``box_threshold``, ``text_threshold``,
             ``nms_threshold``, ``max_detections``, ``hq_token_only``, ...).
 
@@ -135,6 +135,7 @@ def run_choice_eval(
         ``{"data", "classes", "random_weights", "protocol", "rows": [{"choice", "detector", "segmenter",
         "ap", "ap50", "ap75", "miou", "mbiou", "gt_instances", "predictions"}], "table"}``; metrics in [0, 1].
     """
+    from hqlabel.platform.images import decode_image
     from hqlabel.training.evaluate import mask_ap, matched_mask_metrics
     from hqlabel.workers.labeler import Labeler
 
@@ -158,15 +159,15 @@ def run_choice_eval(
         for detector, segmenter in pairs
     ]
     class_list = configs[0].classes
-    from hqlabel.platform.images import decode_image
-
-    pixels = [decode_image(image.image) for image in images]
     rows = []
     for choice, (detector, segmenter), config in zip(choices, pairs, configs, strict=True):
         model = Labeler.from_config(config)
         predictions: list[list[dict]] = []
-        for start in range(0, len(images), batch_size):
-            predictions += model.label(pixels[start : start + batch_size])
+        for start in range(0, len(images), batch_size):  # decoded a batch at a time, for each choice
+            batch = images[start : start + batch_size]
+            pixels = [decode_image(image.image) for image in batch]
+            # masks at the GT's size, as a labeling job writes them at the original size
+            predictions += model.label(pixels, [(image.height, image.width) for image in batch])
         summary = matched_mask_metrics(images, predictions).summary()
         rows.append(
             {
