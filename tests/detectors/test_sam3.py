@@ -188,6 +188,7 @@ def test_tiny_random_preset_builds_sam3() -> None:
 
 
 def test_labeler_keeps_sam3_masks_next_to_hq_sam_masks(images: list[np.ndarray]) -> None:
+    from hqlabel.api.results import LabelResult
     from hqlabel.platform.config import LabelerConfig
     from hqlabel.platform.rle import decode_mask
     from hqlabel.workers import Labeler
@@ -206,6 +207,9 @@ def test_labeler_keeps_sam3_masks_next_to_hq_sam_masks(images: list[np.ndarray])
         for inst, mask in zip(instances, expected, strict=True):
             assert decode_mask(inst["mask"]).shape == size  # HQ-SAM's, from the box
             assert np.array_equal(decode_mask(inst["sam3_mask"]), mask)  # SAM 3's own
+        # the Python API's result carries them too, as the masks table's rows
+        result = LabelResult.from_instances(instances, size)
+        assert [r["sam3_mask"] for r in result.rows()] == [i["sam3_mask"] for i in instances]
 
 
 def test_outputs_without_the_sam3_column_stay_readable(tmp_path: Path) -> None:
@@ -230,3 +234,4 @@ def test_outputs_without_the_sam3_column_stay_readable(tmp_path: Path) -> None:
     (tmp_path / "job.json").write_text(json.dumps({"spec": {"labeler": {"classes": ["cat"]}}, "summary": {}}))
     ((image_id, result),) = list(read_labels(str(tmp_path)))
     assert image_id == "a" and len(result) == 1
+    assert result.rows()[0]["sam3_mask"] is None and result.rows()[0]["area"] == 6
