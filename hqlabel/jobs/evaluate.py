@@ -288,7 +288,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _eval_choices(args: argparse.Namespace) -> int:
-    from hqlabel.jobs.args import storage_options
+    from hqlabel.jobs.functions import evaluate
 
     given = [f"--{k}" for k in ("base", "weights", "sam") if getattr(args, k) != _DEFAULTS[k]]
     if given or args.hq_token_only:
@@ -301,16 +301,17 @@ def _eval_choices(args: argparse.Namespace) -> int:
         for k in ("box_threshold", "text_threshold", "max_detections")
         if getattr(args, k) is not None
     }
-    report = run_choice_eval(
+    report = evaluate(
         args.data,
-        args.choice,
+        choices=args.choice,
         classes=args.classes,
         preset=args.preset,
         out=args.out,
-        images_root=args.images,
+        images=args.images,
         batch_size=args.batch_size,
         device=args.device,
-        options=storage_options(args),
+        s3_endpoint=args.s3_endpoint,
+        s3_region=args.s3_region,
         **thresholds,
     )
     if report["random_weights"]:

@@ -57,6 +57,22 @@ def test_choices_in_one_table_with_a_random_weights_banner(
     assert "these numbers mean nothing" in markdown and report["table"] in markdown
 
 
+def test_the_python_api_takes_the_same_choices(dataset: str) -> None:
+    import hqlabel
+
+    report = hqlabel.evaluate(
+        dataset,
+        choices=["owlv2+sam"],
+        preset="tiny-random",
+        box_threshold=0.0,
+        text_threshold=0.0,
+        max_detections=1,
+        device="cpu",
+    )
+    assert [r["choice"] for r in report["rows"]] == ["owlv2+sam"] and report["random_weights"]
+    assert 0 < report["rows"][0]["predictions"] <= 3
+
+
 def _as_predictions(images: list, score: float = 1.0) -> list[list[dict]]:
     return [[{"label": i.label, "score": score, "mask": i.mask} for i in im.instances] for im in images]
 
