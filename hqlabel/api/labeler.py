@@ -111,9 +111,11 @@ class Labeler:
         """Load the models.
 
         Args:
-            detector: Grounding DINO or OWLv2 hub id or local directory (chosen by its config); under
-                ``preset``, an architecture family: ``"grounding-dino"`` or ``"owlv2"``.
-            segmenter: SAM-HQ / SAM hub id, local directory or original ``.pth`` checkpoint.
+            detector: Grounding DINO, MM-Grounding-DINO, OWLv2 or SAM 3 hub id or local directory (chosen by
+                its config); under ``preset``, an architecture family: ``"grounding-dino"``,
+                ``"mm-grounding-dino"``, ``"owlv2"`` or ``"sam3"``.
+            segmenter: SAM-HQ / SAM hub id, local directory or original ``.pth`` checkpoint; under
+                ``preset``, an architecture family: ``"sam-hq"`` or ``"sam"``.
             classes: ``"cat, dog"`` or a list; none: no detector is loaded, and every call needs ``boxes``.
             preset: ``"tiny-random"``: tiny randomly initialised models of the same architectures, offline
                 (their boxes and masks are meaningless; for tests).

@@ -45,6 +45,8 @@ class LabelResult:
         classes: the class list that ``class_ids`` index (the labeler's or the job's, then other labels).
         max_pixels: ``masks`` refuses an RLE declaring more pixels (read from files: the job's
             ``--max-pixels``); None: no cap.
+        sam3_rles: per instance, the SAM 3 detector's own mask as RLE (``--detector sam3``), else None; an
+            empty list: none at all (other detectors, outputs written before the ``sam3_mask`` column).
     """
 
     height: int
@@ -58,6 +60,7 @@ class LabelResult:
     image_id: str | None = None
     classes: list[str] = field(default_factory=list)
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    sam3_rles: list[dict[str, Any] | None] = field(default_factory=list, repr=False)
     _masks: np.ndarray | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -87,6 +90,7 @@ class LabelResult:
             image_id=image_id,
             classes=list(classes or []),
             max_pixels=max_pixels,
+            sam3_rles=[_plain_rle(r.get("sam3_mask")) for r in instances],
         )
 
     def __len__(self) -> int:
@@ -127,7 +131,8 @@ class LabelResult:
 
     def rows(self) -> list[dict[str, Any]]:
         """The instances as masks-table rows (``MASKS_SCHEMA``: ``image_id``, ``instance_id``, ``label``,
-        ``score``, ``box``, ``mask``, ``area``, ``pred_iou``), as a labeling job writes them."""
+        ``score``, ``box``, ``mask``, ``area``, ``pred_iou``, ``sam3_mask``), as a labeling job writes
+        them."""
         return [
             {
                 "image_id": self.image_id,
@@ -135,9 +140,10 @@ class LabelResult:
                 "label": self.labels[k],
                 "score": float(self.scores[k]),
                 "box": [float(v) for v in self.boxes[k]],
-                "mask": {"size": list(self.rles[k]["size"]), "counts": bytes(self.rles[k]["counts"])},
+                "mask": _plain_rle(self.rles[k]),
                 "area": int(self.areas[k]),
                 "pred_iou": float(self.pred_iou[k]),
+                "sam3_mask": self.sam3_rles[k] if self.sam3_rles else None,
             }
             for k in range(len(self))
         ]
@@ -149,6 +155,13 @@ class LabelResult:
         from hqlabel.api.interop import to_detections
 
         return to_detections(self)
+
+
+def _plain_rle(rle: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An RLE as the masks table holds it (``size`` a list of ints, ``counts`` bytes); None stays None."""
+    if rle is None:
+        return None
+    return {"size": [int(v) for v in rle["size"]], "counts": bytes(rle["counts"])}
 
 
 def _labeled_images(folder: Any, uri: str) -> Iterator[tuple[str, int, int]]:

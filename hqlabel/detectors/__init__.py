@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
-from hqlabel.detectors.base import Detections, Detector, batched_nms, box_iou
-from hqlabel.detectors.grounding_dino import GroundingDinoDetector, tiny_random_grounding_dino
+from hqlabel.detectors.base import Detections, Detector, TransformersDetector, batched_nms, box_iou
+from hqlabel.detectors.grounding_dino import (
+    GroundingDinoDetector,
+    MMGroundingDinoDetector,
+    tiny_random_grounding_dino,
+    tiny_random_mm_grounding_dino,
+)
 from hqlabel.detectors.owlv2 import Owlv2Detector, tiny_random_owlv2
+from hqlabel.detectors.sam3 import Sam3Detector, tiny_random_sam3
 from hqlabel.platform.config import DEFAULT_DETECTOR, DETECTOR_FAMILIES
 
 PRESETS = ("tiny-random",)
 # config.json's model_type -> the wrapper that loads it
-DETECTORS: dict[str, type[GroundingDinoDetector] | type[Owlv2Detector]] = {
+DETECTORS: dict[str, type[TransformersDetector]] = {
     "grounding-dino": GroundingDinoDetector,
+    "mm-grounding-dino": MMGroundingDinoDetector,
     "owlv2": Owlv2Detector,
+    "sam3": Sam3Detector,
+    "sam3_video": Sam3Detector,  # facebook/sam3's config: Sam3Model loads its detector part
 }
 # architecture family -> its tiny random builder (``--preset tiny-random --detector FAMILY``)
-TINY_RANDOM = {"grounding-dino": tiny_random_grounding_dino, "owlv2": tiny_random_owlv2}
+TINY_RANDOM = {
+    "grounding-dino": tiny_random_grounding_dino,
+    "mm-grounding-dino": tiny_random_mm_grounding_dino,
+    "owlv2": tiny_random_owlv2,
+    "sam3": tiny_random_sam3,
+}
 assert tuple(TINY_RANDOM) == DETECTOR_FAMILIES, "LabelerConfig validates --detector against DETECTOR_FAMILIES"
 
 
@@ -33,17 +47,17 @@ def detector_type(name_or_path: str, *, revision: str | None = None) -> str:
         AutoConfig.from_pretrained, name_or_path, what="detector", option="--detector", revision=revision
     )
     if config.model_type not in DETECTORS:
+        examples = ", ".join(dict.fromkeys(cls.hub_example for cls in DETECTORS.values()))
         raise ValueError(
             f"--detector {name_or_path} is a {config.model_type!r} model; supported detectors are "
-            f"{sorted(DETECTORS)} (e.g. IDEA-Research/grounding-dino-tiny, "
-            "google/owlv2-base-patch16-ensemble)"
+            f"{sorted(DETECTORS)} (e.g. {examples})"
         )
     return config.model_type
 
 
 def build_detector(
     name_or_path: str, *, preset: str | None = None, revision: str | None = None, **kwargs
-) -> GroundingDinoDetector | Owlv2Detector:
+) -> TransformersDetector:
     """The detector a job names.
 
     Without a preset: a hub id (at ``revision``) or directory, loaded by the wrapper its config's
@@ -70,11 +84,16 @@ __all__ = [
     "Detections",
     "Detector",
     "GroundingDinoDetector",
+    "MMGroundingDinoDetector",
     "Owlv2Detector",
+    "Sam3Detector",
+    "TransformersDetector",
     "batched_nms",
     "box_iou",
     "build_detector",
     "detector_type",
     "tiny_random_grounding_dino",
+    "tiny_random_mm_grounding_dino",
     "tiny_random_owlv2",
+    "tiny_random_sam3",
 ]

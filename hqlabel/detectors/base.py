@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
+
+from hqlabel.platform.config import Precision, autocast, resolve_precision
 
 
 @dataclass
@@ -17,11 +21,14 @@ class Detections:
         boxes: N x 4 float32, XYXY pixels of the image given to the detector.
         scores: N float32 in [0, 1].
         labels: N int64, indices into the class list given to the detector.
+        masks: the detector's own masks where it makes them (SAM 3), else None: N x m x m float32
+            probabilities over the whole image at the model's mask resolution (``sam3.masks_at`` sizes them).
     """
 
     boxes: torch.Tensor
     scores: torch.Tensor
     labels: torch.Tensor
+    masks: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -37,6 +44,69 @@ class Detector(Protocol):
     def detect(self, images: list[np.ndarray], classes: list[str]) -> list[Detections]:
         """Detect ``classes`` in each of ``images`` (H x W x 3 uint8 RGB); one ``Detections`` per image."""
         ...
+
+
+class TransformersDetector:
+    """What every transformers-backed detector shares: device, precision, thresholds, loading and saving, and
+    the last step (class-aware NMS, at most ``max_detections``). A subclass names its ``model_class`` and
+    ``processor_class`` and implements ``detect``.
+
+    ``precision`` ("fp32", "bf16", "fp16" on GPUs, or "auto": bf16 on a CUDA device that supports it, else
+    fp32) runs the model under ``torch.autocast``; weights stay float32, and scores and boxes are float32
+    before thresholding and NMS whatever the precision.
+    """
+
+    model_class: ClassVar[Any]
+    processor_class: ClassVar[Any]
+    hub_example: ClassVar[str]
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        box_threshold: float,
+        text_threshold: float,
+        nms_threshold: float = 0.5,
+        max_detections: int = 100,
+        device: str | torch.device = "cpu",
+        precision: Precision = "fp32",
+    ) -> None:
+        self.device = torch.device(device)
+        self.precision = precision
+        self.autocast_dtype = resolve_precision(precision, self.device)
+        self.model = model.to(self.device).eval()
+        self.processor = processor
+        self.box_threshold = box_threshold
+        self.text_threshold = text_threshold
+        self.nms_threshold = nms_threshold
+        self.max_detections = max_detections
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` at this detector's precision (a no-op context at fp32)."""
+        return autocast(self.device, self.autocast_dtype)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, revision: str | None = None, **kwargs) -> Any:
+        """Load model and processor from a hub id (``cls.hub_example``, at ``revision``: a commit hash, branch
+        or tag) or a directory."""
+        from hqlabel.platform.hub import load_pretrained
+
+        where = dict(what="detector", option="--detector", revision=revision)
+        model = load_pretrained(cls.model_class.from_pretrained, name_or_path, **where)
+        processor = load_pretrained(cls.processor_class.from_pretrained, name_or_path, **where)
+        return cls(model, processor, **kwargs)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write model and processor so that ``from_pretrained(directory)`` rebuilds this detector."""
+        self.model.save_pretrained(directory)
+        self.processor.save_pretrained(directory)
+
+    def keep(self, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> Detections:
+        """One image's candidates (N x 4 XYXY pixels, N scores, N labels) after class-aware NMS: at most
+        ``max_detections``, by decreasing score, on the CPU."""
+        kept = batched_nms(boxes, scores, labels, self.nms_threshold, self.max_detections)
+        return Detections(boxes[kept].cpu(), scores[kept].cpu(), labels[kept].cpu())
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,8 @@ map back to the class list, never to token fragments.
 
 from __future__ import annotations
 
-import contextlib
 import string
-from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -19,15 +18,16 @@ from transformers import (
     GroundingDinoConfig,
     GroundingDinoForObjectDetection,
     GroundingDinoProcessor,
+    MMGroundingDinoConfig,
+    MMGroundingDinoForObjectDetection,
     SwinConfig,
 )
 from transformers.models.grounding_dino.image_processing_pil_grounding_dino import (
     GroundingDinoImageProcessorPil,
 )
 
-from hqlabel.detectors.base import Detections, batched_nms
-from hqlabel.platform.config import Precision, autocast, resolve_precision
-from hqlabel.platform.hub import load_pretrained
+from hqlabel.detectors.base import Detections, TransformersDetector
+from hqlabel.platform.config import Precision
 from hqlabel.platform.preprocess import Preprocess, grounding_dino_pixel_values, use_torch_preprocess
 
 
@@ -67,14 +67,16 @@ def token_class_map(
     return positive
 
 
-class GroundingDinoDetector:
+class GroundingDinoDetector(TransformersDetector):
     """Grounding DINO with class-aware NMS; ``detect`` takes a batch of images and a class list.
 
-    ``precision`` ("fp32", "bf16", "fp16" on GPUs, or "auto": bf16 on a CUDA device that supports it, else
-    fp32) runs the model under ``torch.autocast``; weights stay float32, and scores and boxes are float32
-    before thresholding and NMS whatever the precision. ``preprocess`` ("auto": on the device when it is a
-    GPU, see ``hqlabel.platform.preprocess``) chooses where images are resized and normalised.
+    ``precision``: see ``TransformersDetector``. ``preprocess`` ("auto": on the device when it is a GPU, see
+    ``hqlabel.platform.preprocess``) chooses where images are resized and normalised.
     """
+
+    model_class = GroundingDinoForObjectDetection
+    processor_class = GroundingDinoProcessor
+    hub_example = "IDEA-Research/grounding-dino-tiny"
 
     def __init__(
         self,
@@ -89,38 +91,19 @@ class GroundingDinoDetector:
         precision: Precision = "fp32",
         preprocess: Preprocess = "auto",
     ) -> None:
-        self.device = torch.device(device)
+        super().__init__(
+            model,
+            processor,
+            box_threshold=box_threshold,
+            text_threshold=text_threshold,
+            nms_threshold=nms_threshold,
+            max_detections=max_detections,
+            device=device,
+            precision=precision,
+        )
         self.torch_preprocess = use_torch_preprocess(preprocess, self.device)
-        self.precision = precision
-        self.autocast_dtype = resolve_precision(precision, self.device)
-        self.model = model.to(self.device).eval()
-        self.processor = processor
-        self.box_threshold = box_threshold
-        self.text_threshold = text_threshold
-        self.nms_threshold = nms_threshold
-        self.max_detections = max_detections
         self._prompt_cache: dict[tuple[str, ...], tuple[str, torch.Tensor]] = {}
         self._text_cache: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """``torch.autocast`` at this detector's precision (a no-op context at fp32)."""
-        return autocast(self.device, self.autocast_dtype)
-
-    @classmethod
-    def from_pretrained(
-        cls, name_or_path: str, *, revision: str | None = None, **kwargs
-    ) -> GroundingDinoDetector:
-        """Load model and processor from a hub id (``IDEA-Research/grounding-dino-tiny``, at ``revision``: a
-        commit hash, branch or tag) or a directory."""
-        where = dict(what="detector", option="--detector", revision=revision)
-        model = load_pretrained(GroundingDinoForObjectDetection.from_pretrained, name_or_path, **where)
-        processor = load_pretrained(GroundingDinoProcessor.from_pretrained, name_or_path, **where)
-        return cls(model, processor, **kwargs)
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write model and processor so that ``from_pretrained(directory)`` rebuilds this detector."""
-        self.model.save_pretrained(directory)
-        self.processor.save_pretrained(directory)
 
     def _prompt(self, classes: list[str]) -> tuple[str, torch.Tensor]:
         key = tuple(classes)
@@ -193,9 +176,7 @@ class GroundingDinoDetector:
             boxes = boxes * torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
             boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-            det_scores, det_labels = scores[i, keep], labels[i, keep]
-            kept = batched_nms(boxes, det_scores, det_labels, self.nms_threshold, self.max_detections)
-            results.append(Detections(boxes[kept].cpu(), det_scores[kept].cpu(), det_labels[kept].cpu()))
+            results.append(self.keep(boxes, scores[i, keep], labels[i, keep]))
         return results
 
 
@@ -208,11 +189,22 @@ def tiny_random_tokenizer() -> BertTokenizer:
     return BertTokenizer(vocab={token: i for i, token in enumerate(tokens)})
 
 
-def tiny_random_grounding_dino(seed: int = 0, **kwargs) -> GroundingDinoDetector:
-    """A tiny randomly initialised Grounding DINO of the real architecture (Swin + BERT + deformable DETR).
+class MMGroundingDinoDetector(GroundingDinoDetector):
+    """MM-Grounding-DINO (``transformers.MMGroundingDinoForObjectDetection``, OpenMMLab's re-trained Grounding
+    DINO: a contrastive class head, unshared decoder heads). Same inputs, outputs and processor as Grounding
+    DINO, so everything else (prompt, token -> class map, thresholds) is ``GroundingDinoDetector``'s."""
 
-    Offline and fast; its boxes are meaningless. ``kwargs`` go to ``GroundingDinoDetector``.
-    """
+    model_class = MMGroundingDinoForObjectDetection
+    hub_example = "openmmlab-community/mm_grounding_dino_tiny_o365v1_goldg_v3det"
+
+
+def _tiny_random(
+    config_class: Callable[..., GroundingDinoConfig | MMGroundingDinoConfig],
+    detector_class: type[GroundingDinoDetector],
+    seed: int,
+    **kwargs,
+) -> GroundingDinoDetector:
+    """A tiny randomly initialised detector of the Grounding DINO family (Swin + BERT + deformable DETR)."""
     tokenizer = tiny_random_tokenizer()
     backbone = SwinConfig(
         embed_dim=8,
@@ -229,7 +221,7 @@ def tiny_random_grounding_dino(seed: int = 0, **kwargs) -> GroundingDinoDetector
         intermediate_size=37,
         max_position_embeddings=64,
     )
-    config = GroundingDinoConfig(
+    config = config_class(
         backbone_config=backbone,
         text_config=text,
         d_model=32,
@@ -247,7 +239,23 @@ def tiny_random_grounding_dino(seed: int = 0, **kwargs) -> GroundingDinoDetector
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = GroundingDinoForObjectDetection(config)
+        model = detector_class.model_class(config)
     image_processor = GroundingDinoImageProcessorPil(size={"shortest_edge": 128, "longest_edge": 192})
     processor = GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    return GroundingDinoDetector(model, processor, **kwargs)
+    return detector_class(model, processor, **kwargs)
+
+
+def tiny_random_grounding_dino(seed: int = 0, **kwargs) -> GroundingDinoDetector:
+    """A tiny randomly initialised Grounding DINO of the real architecture (Swin + BERT + deformable DETR).
+
+    Offline and fast; its boxes are meaningless. ``kwargs`` go to ``GroundingDinoDetector``.
+    """
+    return _tiny_random(GroundingDinoConfig, GroundingDinoDetector, seed, **kwargs)
+
+
+def tiny_random_mm_grounding_dino(seed: int = 0, **kwargs) -> MMGroundingDinoDetector:
+    """A tiny randomly initialised MM-Grounding-DINO of the real architecture (2 decoder layers).
+
+    Offline and fast; its boxes are meaningless. ``kwargs`` go to ``MMGroundingDinoDetector``.
+    """
+    return _tiny_random(MMGroundingDinoConfig, MMGroundingDinoDetector, seed, **kwargs)

@@ -17,9 +17,6 @@ lay in the padding) are dropped.
 
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
-
 import numpy as np
 import torch
 from transformers import (
@@ -30,9 +27,8 @@ from transformers import (
 )
 from transformers.models.owlv2.image_processing_pil_owlv2 import Owlv2ImageProcessorPil
 
-from hqlabel.detectors.base import Detections, batched_nms
-from hqlabel.platform.config import Precision, autocast, resolve_precision
-from hqlabel.platform.hub import load_pretrained
+from hqlabel.detectors.base import Detections, TransformersDetector
+from hqlabel.platform.config import Precision
 from hqlabel.platform.preprocess import PREPROCESS_MODES, Preprocess
 
 
@@ -55,14 +51,17 @@ def boxes_to_image(pred_boxes: torch.Tensor, height: int, width: int) -> torch.T
     return boxes
 
 
-class Owlv2Detector:
+class Owlv2Detector(TransformersDetector):
     """OWLv2 with class-aware NMS; ``detect`` takes a batch of images and a class list.
 
-    ``precision`` runs the model under ``torch.autocast`` as for ``GroundingDinoDetector`` (scores and boxes
-    are float32 before thresholding and NMS). ``preprocess``: OWLv2's images go through transformers' image
+    ``precision``: see ``TransformersDetector``. ``preprocess``: OWLv2's images go through transformers' image
     processor on the CPU whatever the mode ("auto", "processor"); "torch" is refused (no on-device OWLv2
     preprocessing yet).
     """
+
+    model_class = Owlv2ForObjectDetection
+    processor_class = Owlv2Processor
+    hub_example = "google/owlv2-base-patch16-ensemble"
 
     def __init__(
         self,
@@ -85,34 +84,17 @@ class Owlv2Detector:
                 "use --preprocess auto or processor"
             )
         _require_scipy()
-        self.device = torch.device(device)
-        self.precision = precision
-        self.autocast_dtype = resolve_precision(precision, self.device)
-        self.model = model.to(self.device).eval()
-        self.processor = processor
-        self.box_threshold = box_threshold
-        self.text_threshold = text_threshold
-        self.nms_threshold = nms_threshold
-        self.max_detections = max_detections
+        super().__init__(
+            model,
+            processor,
+            box_threshold=box_threshold,
+            text_threshold=text_threshold,
+            nms_threshold=nms_threshold,
+            max_detections=max_detections,
+            device=device,
+            precision=precision,
+        )
         self._query_cache: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """``torch.autocast`` at this detector's precision (a no-op context at fp32)."""
-        return autocast(self.device, self.autocast_dtype)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, *, revision: str | None = None, **kwargs) -> Owlv2Detector:
-        """Load model and processor from a hub id (``google/owlv2-base-patch16-ensemble``, at ``revision``: a
-        commit hash, branch or tag) or a directory."""
-        where = dict(what="detector", option="--detector", revision=revision)
-        model = load_pretrained(Owlv2ForObjectDetection.from_pretrained, name_or_path, **where)
-        processor = load_pretrained(Owlv2Processor.from_pretrained, name_or_path, **where)
-        return cls(model, processor, **kwargs)
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write model and processor so that ``from_pretrained(directory)`` rebuilds this detector."""
-        self.model.save_pretrained(directory)
-        self.processor.save_pretrained(directory)
 
     def queries(self, classes: list[str]) -> dict[str, torch.Tensor]:
         """The text queries of ``classes``, one per class: ``input_ids`` and ``attention_mask``, C x L (L: the
@@ -173,9 +155,7 @@ class Owlv2Detector:
             boxes = boxes_to_image(outputs.pred_boxes[i], h, w)
             area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
             keep = (scores[i] > self.box_threshold) & (area > 0)
-            boxes, det_scores, det_labels = boxes[keep], scores[i, keep], labels[i, keep]
-            kept = batched_nms(boxes, det_scores, det_labels, self.nms_threshold, self.max_detections)
-            results.append(Detections(boxes[kept].cpu(), det_scores[kept].cpu(), det_labels[kept].cpu()))
+            results.append(self.keep(boxes[keep], scores[i, keep], labels[i, keep]))
         return results
 
 

@@ -40,12 +40,15 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--detector",
         default=DEFAULT_DETECTOR,
-        help="detector hub id or local dir: Grounding DINO (default) or OWLv2, e.g. "
-        "google/owlv2-base-patch16-ensemble (chosen by its config); with --preset tiny-random a family: "
-        "grounding-dino or owlv2",
+        help="detector hub id or local dir: Grounding DINO (default), MM-Grounding-DINO, OWLv2 or SAM 3, "
+        "e.g. google/owlv2-base-patch16-ensemble (chosen by its config); with --preset tiny-random a family: "
+        "grounding-dino, mm-grounding-dino, owlv2 or sam3",
     )
     p.add_argument(
-        "--segmenter", default=DEFAULT_SEGMENTER, help="SAM-HQ / SAM hub id, local dir or original .pth file"
+        "--segmenter",
+        default=DEFAULT_SEGMENTER,
+        help="SAM-HQ / SAM hub id, local dir or original .pth file; with --preset tiny-random a family: "
+        "sam-hq or sam",
     )
     for role in ("detector", "segmenter"):
         p.add_argument(

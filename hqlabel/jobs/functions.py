@@ -172,15 +172,36 @@ def evaluate(
     device: str = "auto",
     s3_endpoint: str | None = None,
     s3_region: str | None = None,
+    choices: list[str] | None = None,
+    classes: str | list[str] | None = None,
+    **labeler: Any,
 ) -> dict[str, Any]:
     """mIoU / boundary mIoU of SAM, HQ-SAM and retrained HQ ``weights`` on ground-truth masks (``hqlabel
     eval``); every instance is prompted with its box. ``out``: also write ``eval.md`` and ``eval.json`` there.
 
+    With ``choices`` (``["grounding-dino+sam-hq", ...]``, ``hqlabel eval --choice``): each detector +
+    segmenter choice labels the images from ``classes`` (default: the GT's labels) instead, scored by mask AP,
+    mIoU and mBIoU; ``labeler``: ``box_threshold``, ``text_threshold``, ``max_detections``, ... for every
+    choice; ``base``, ``weights``, ``sam`` and ``hq_token_only`` do not apply.
+
     Returns:
         The report: ``rows`` (one per model) and ``table`` (markdown), as ``eval.json`` holds it.
     """
-    from hqlabel.jobs.evaluate import run_eval
+    from hqlabel.jobs.evaluate import run_choice_eval, run_eval
 
+    if choices:
+        return run_choice_eval(
+            data,
+            choices,
+            classes=classes,
+            preset=preset,
+            out=out,
+            images_root=images,
+            batch_size=batch_size,
+            device=device,
+            options=StorageOptions(s3_endpoint, s3_region),
+            **labeler,
+        )
     return run_eval(
         data,
         base=base,

@@ -18,7 +18,9 @@ DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
 DEFAULT_SEGMENTER = "syscv-community/sam-hq-vit-base"
 PRESETS = ("tiny-random",)
 # what --detector may name under --preset tiny-random (tiny random models of these architectures)
-DETECTOR_FAMILIES = ("grounding-dino", "owlv2")
+DETECTOR_FAMILIES = ("grounding-dino", "mm-grounding-dino", "owlv2", "sam3")
+# what --segmenter may name under --preset tiny-random (hqlabel.segmenters.TINY_RANDOM)
+SEGMENTER_FAMILIES = ("sam-hq", "sam", "sam-hq-light")
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Preprocess = Literal["auto", "processor", "torch"]  # see hqlabel.platform.preprocess
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
@@ -117,13 +119,14 @@ class LabelerConfig(BaseModel):
     )
     detector: str = Field(
         DEFAULT_DETECTOR,
-        description="Detector hub id or local directory: Grounding DINO or OWLv2 (picked by its config's "
-        "model_type). Under preset 'tiny-random': an architecture family, 'grounding-dino' (also the default "
-        "id) or 'owlv2'.",
+        description="Detector hub id or local directory: Grounding DINO, MM-Grounding-DINO, OWLv2 or SAM 3 "
+        "(picked by its config's model_type). Under preset 'tiny-random': an architecture family, "
+        "'grounding-dino' (also the default id), 'mm-grounding-dino', 'owlv2' or 'sam3'.",
     )
     segmenter: str = Field(
         DEFAULT_SEGMENTER,
-        description="SAM-HQ (or SAM) hub id, local directory, or original checkpoint (sam_hq_vit_b.pth).",
+        description="SAM-HQ (or SAM) hub id, local directory, or original checkpoint (sam_hq_vit_b.pth). "
+        "Under preset 'tiny-random': an architecture family, 'sam-hq' (also the default id) or 'sam'.",
     )
     detector_revision: str | None = Field(
         None,
@@ -142,7 +145,11 @@ class LabelerConfig(BaseModel):
     )
     box_threshold: float = Field(0.35, ge=0.0, le=1.0, description="Minimum detector score of a kept box.")
     text_threshold: float = Field(
-        0.25, ge=0.0, le=1.0, description="Minimum token score for a class to be assigned to a box."
+        0.25,
+        ge=0.0,
+        le=1.0,
+        description="Per-class floor: a class's best token score for a box (Grounding DINO, "
+        "MM-Grounding-DINO), its query score (OWLv2), or its presence score in the image (SAM 3).",
     )
     nms_threshold: float = Field(
         0.5, gt=0.0, le=1.0, description="IoU above which same-class boxes are merged."
@@ -255,5 +262,10 @@ class LabelerConfig(BaseModel):
             raise ValueError(
                 f"under --preset {self.preset}, --detector names an architecture family, one of "
                 f"{list(DETECTOR_FAMILIES)}; got {self.detector!r}"
+            )
+        if self.preset is not None and self.segmenter not in (DEFAULT_SEGMENTER, *SEGMENTER_FAMILIES):
+            raise ValueError(
+                f"under --preset {self.preset}, --segmenter names an architecture family, one of "
+                f"{list(SEGMENTER_FAMILIES)}; got {self.segmenter!r}"
             )
         return self

@@ -10,6 +10,9 @@ The masks table is the output contract of a labeling job (one row per instance):
     mask         struct<size: list<int32> [height, width], counts: binary>   COCO compressed RLE
     area         int64            mask pixels at the original resolution
     pred_iou     float32          HQ-SAM IoU-head prediction
+    sam3_mask    struct (as mask), nullable   the SAM 3 detector's own mask of the instance (``--detector
+                                  sam3``), to compare with HQ-SAM's ``mask``; null for other detectors, and
+                                  absent from outputs written before it existed (readers treat it as null)
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ INSTANCE_FIELDS: list[pa.Field] = [
     pa.field("mask", RLE_TYPE, nullable=False),
     pa.field("area", pa.int64(), nullable=False),
     pa.field("pred_iou", pa.float32(), nullable=False),
+    pa.field("sam3_mask", RLE_TYPE, nullable=True),
 ]
 INSTANCE_TYPE = pa.struct(INSTANCE_FIELDS)
 

@@ -1,5 +1,6 @@
 """HQ-SAM segmentation: load, embed once per image, decode many prompts."""
 
+from hqlabel.platform.config import SEGMENTER_FAMILIES
 from hqlabel.segmenters.hq_sam import (
     MULTIMASK_MODES,
     HQSamSegmenter,
@@ -10,7 +11,19 @@ from hqlabel.segmenters.hq_sam import (
     tiny_random_sam_hq,
 )
 
-PRESETS = {"tiny-random": tiny_random_sam_hq}
+PRESETS = ("tiny-random",)
+
+
+def _tiny_random_light(**kwargs) -> HQSamSegmenter:
+    from hqlabel.segmenters.light_hq_sam import tiny_random_light_sam_hq
+
+    return tiny_random_light_sam_hq(**kwargs)
+
+
+# architecture family -> its tiny random builder (``--preset tiny-random --segmenter FAMILY``). A new family
+# adds its builder here and its name to config.SEGMENTER_FAMILIES.
+TINY_RANDOM = {"sam-hq": tiny_random_sam_hq, "sam": tiny_random_sam, "sam-hq-light": _tiny_random_light}
+assert tuple(TINY_RANDOM) == SEGMENTER_FAMILIES, "LabelerConfig checks --segmenter with SEGMENTER_FAMILIES"
 
 
 def light_segmenter(name_or_path: str, preset: str | None, **kwargs) -> HQSamSegmenter | None:
@@ -41,8 +54,10 @@ def build_segmenter(
 ) -> HQSamSegmenter:
     """The segmenter a job names: a preset (``tiny-random``) or ``HQSamSegmenter.from_pretrained``.
 
-    ``sam-hq-light`` names Light HQ-SAM (``light_segmenter``); other names are ignored under a preset.
-
+    Under ``preset="tiny-random"`` a family name of ``TINY_RANDOM`` ("sam-hq", "sam") builds a tiny random
+    model of that architecture, and ``sam-hq-light`` a tiny Light HQ-SAM (``light_segmenter``, which also
+    names the checkpoint to pass without the preset); any other name (the default hub id, or a placeholder)
+    builds the tiny SAM-HQ (``LabelerConfig`` refuses names that are neither a family nor the default id).
     ``hq_weights`` (fine-tuned HQ-token weights) load on top either way; ``kwargs`` go to ``HQSamSegmenter``.
     """
     light = light_segmenter(name_or_path, preset, **kwargs)
@@ -58,7 +73,7 @@ def build_segmenter(
         )
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    segmenter = PRESETS[preset](**kwargs)
+    segmenter = TINY_RANDOM.get(name_or_path, tiny_random_sam_hq)(**kwargs)
     if hq_weights is not None:
         from hqlabel.segmenters.hq_weights import load_hq_weights
 
@@ -68,6 +83,7 @@ def build_segmenter(
 
 __all__ = [
     "MULTIMASK_MODES",
+    "TINY_RANDOM",
     "HQSamSegmenter",
     "ImageEmbeddings",
     "MaskLogits",

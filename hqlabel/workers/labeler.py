@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from hqlabel.detectors import Detector, GroundingDinoDetector, Owlv2Detector, build_detector
+from hqlabel.detectors import Detector, TransformersDetector, build_detector
 from hqlabel.platform.config import LabelerConfig
 from hqlabel.platform.rle import encode_masks, mask_area
 from hqlabel.platform.schema import RESULT_SCHEMA
@@ -46,7 +46,7 @@ def resolve_device(device: str) -> torch.device:
 
 def build_models(
     config: LabelerConfig,
-) -> tuple[GroundingDinoDetector | Owlv2Detector | None, HQSamSegmenter]:
+) -> tuple[TransformersDetector | None, HQSamSegmenter]:
     """The detector and segmenter that ``config`` names (``preset`` overrides the model ids); no detector
     when the prompts are given boxes."""
     device = resolve_device(config.device)
@@ -114,7 +114,9 @@ class Labeler:
         detector, segmenter = build_models(config)
         return cls(detector, segmenter, config.classes, tiling=Tiling.from_config(config))
 
-    def _detect(self, images: list[np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    def _detect(
+        self, images: list[np.ndarray]
+    ) -> list[tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor | None]]:
         if self.detector is None:
             raise RuntimeError("this Labeler has no detector (prompts='boxes'); pass the boxes to label()")
         detections = (
@@ -122,7 +124,7 @@ class Labeler:
             if self.tiling is None
             else detect_tiled(self.detector, images, self.classes, self.tiling)
         )
-        return [(d.boxes, d.scores, [self.classes[int(k)] for k in d.labels]) for d in detections]
+        return [(d.boxes, d.scores, [self.classes[int(k)] for k in d.labels], d.masks) for d in detections]
 
     def label(
         self,
@@ -141,7 +143,8 @@ class Labeler:
 
         Returns:
             Per image, its instances as dicts with the fields of ``INSTANCE_TYPE`` (``instance_id`` 0..n-1,
-            by decreasing detector score; ``mask`` COCO RLE at the output size).
+            by decreasing detector score; ``mask`` COCO RLE at the output size; ``sam3_mask`` the SAM 3
+            detector's own mask, RLE at the output size, or None for other detectors and given boxes).
         """
         output_sizes = output_sizes or [image.shape[:2] for image in images]
         scales = [
@@ -156,17 +159,18 @@ class Labeler:
                     torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) / scale,
                     torch.ones(len(b)),
                     list(names),
+                    None,
                 )
                 for (b, names), scale in zip(boxes, scales, strict=True)
             ]
-        todo = [i for i, (b, _, _) in enumerate(prompts) if len(b)]
+        todo = [i for i, (b, *_) in enumerate(prompts) if len(b)]
         results: list[list[dict]] = [[] for _ in images]
         if not todo:
             return results
         embeddings = self.segmenter.embed([images[i] for i in todo])
         logits = self.segmenter.predict_boxes(embeddings, [prompts[i][0] for i in todo])
         for i, mask_logits in zip(todo, logits, strict=True):
-            work_boxes, scores, names = prompts[i]
+            work_boxes, scores, names, detector_masks = prompts[i]
             out_boxes = work_boxes * scales[i]
             rles = []
             for chunk in self.segmenter.iter_masks(
@@ -174,6 +178,11 @@ class Labeler:
             ):
                 rles += encode_masks(chunk[:, 0].cpu().numpy())
             iou = mask_logits.iou_scores[:, 0].float().cpu().tolist()
+            sam3 = (
+                [None] * len(rles)
+                if detector_masks is None
+                else self._detector_rles(detector_masks, output_sizes[i])
+            )
             for k, rle in enumerate(rles):
                 results[i].append(
                     {
@@ -184,9 +193,22 @@ class Labeler:
                         "mask": rle,
                         "area": mask_area(rle),
                         "pred_iou": iou[k],
+                        "sam3_mask": sam3[k],
                     }
                 )
         return results
+
+    def _detector_rles(self, probs: torch.Tensor, size: tuple[int, int]) -> list[dict]:
+        """The detector's own masks (N x m x m probabilities, SAM 3) as RLE at ``size``, a few at a time."""
+        from hqlabel.detectors.sam3 import masks_at
+
+        per_mask = 4 * size[0] * size[1]  # float32 while resized
+        step = max(1, self.resize_budget // max(per_mask, 1))
+        return [
+            rle
+            for start in range(0, len(probs), step)
+            for rle in encode_masks(masks_at(probs[start : start + step], size).numpy())
+        ]
 
 
 def ray_node_id() -> str | None:

@@ -40,6 +40,9 @@ def test_labeler_labels_with_the_owlv2_detector(labeler: Labeler) -> None:
 
 
 def test_preset_detector_must_be_a_family() -> None:
-    with pytest.raises(ValueError, match=r"architecture family, one of \['grounding-dino', 'owlv2'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"architecture family, one of \['grounding-dino', 'mm-grounding-dino', 'owlv2', 'sam3'\]",
+    ):
         LabelerConfig(classes=CLASSES, preset="tiny-random", detector="google/owlv2-base-patch16-ensemble")
     assert LabelerConfig(classes=CLASSES, preset="tiny-random", detector="owlv2").detector == "owlv2"
