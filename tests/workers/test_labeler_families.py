@@ -16,23 +16,31 @@ CLASSES = ["cat", "traffic light"]
 
 
 @pytest.mark.parametrize(
-    ("name", "hq"), [("sam-hq", True), ("sam", False), (DEFAULT_SEGMENTER, True), ("placeholder", True)]
+    ("name", "model"),
+    [
+        ("sam-hq", "SamHQModel"),
+        ("sam", "SamModel"),
+        ("sam-hq-light", "LightSamHQModel"),
+        (DEFAULT_SEGMENTER, "SamHQModel"),
+        ("placeholder", "SamHQModel"),
+    ],
 )
-def test_segmenter_family_under_the_preset(name: str, hq: bool) -> None:
+def test_segmenter_family_under_the_preset(name: str, model: str) -> None:
     segmenter = build_segmenter(name, preset="tiny-random", multimask="off")
-    assert segmenter.is_hq is hq
-    assert type(segmenter.model).__name__ == ("SamHQModel" if hq else "SamModel")
+    assert segmenter.is_hq is (model != "SamModel")
+    assert type(segmenter.model).__name__ == model
 
 
 def test_segmenter_families_are_the_registry() -> None:
     from hqlabel.platform.config import SEGMENTER_FAMILIES
 
-    assert tuple(TINY_RANDOM) == SEGMENTER_FAMILIES == ("sam-hq", "sam")
+    assert tuple(TINY_RANDOM) == SEGMENTER_FAMILIES == ("sam-hq", "sam", "sam-hq-light")
 
 
 def test_preset_segmenter_must_be_a_family() -> None:
     with pytest.raises(
-        ValueError, match=r"--segmenter names an architecture family, one of \['sam-hq', 'sam'\]"
+        ValueError,
+        match=r"--segmenter names an architecture family, one of \['sam-hq', 'sam', 'sam-hq-light'\]",
     ):
         LabelerConfig(classes=CLASSES, preset="tiny-random", segmenter="facebook/sam-vit-base")
     assert LabelerConfig(classes=CLASSES, preset="tiny-random", segmenter="sam").segmenter == "sam"
