@@ -363,11 +363,7 @@ def _stage_gate(fw: Flywheel) -> dict[str, Any]:
     fw.write_json(fw.path("gate", "gate.json"), gate)
     record = registry.get(candidate)
     if not any(g.get("gate") == gate["gate"] for g in record["gates"]):  # once, also after a crash
-        registry.record_gate(candidate, gate)
-        scores = {**record["scores"], **after}
-        record = registry.get(candidate)
-        record["scores"] = scores
-        fw.write_json(registry.root / "versions" / candidate / "version.json", record)
+        registry.record_gate(candidate, gate, scores=after)
     if passed and registry.current() != candidate:
         registry.promote(candidate, by=gate["gate"])
     return gate
@@ -568,10 +564,10 @@ def _run_stage_job(client: Any, flywheel_file: str, stage: str) -> None:
     logs = client.get_job_logs(submission)
     sys.stdout.write(logs if logs.endswith("\n") or not logs else logs + "\n")
     if status != "SUCCEEDED":
-        message = client.get_job_info(submission).message or ""
+        message = (client.get_job_info(submission).message or "").strip().splitlines()
         raise RuntimeError(
-            f"stage {stage}: Ray Job {submission} {status}: {message.strip().splitlines()[-1:] or ''}; "
-            "fix the cause and run the flywheel again to resume here"
+            f"stage {stage}: Ray Job {submission} {status}{': ' + message[-1] if message else ''}; fix the "
+            "cause and run the flywheel again to resume at this stage"
         )
 
 
@@ -645,7 +641,7 @@ def flywheel_status(spec: FlywheelSpec) -> dict[str, Any]:
                 f"(>= {o['thresholds']['min_mbiou_delta']:+g}), mIoU {o['delta_points']['miou']:+.2f} "
                 f"(>= {o['thresholds']['min_miou_delta']:+g}) points, {o['current']} -> {o['candidate']}"
             ),
-            "relabel": lambda o: f"{o.get('labels')} with weights {o.get('weights_version')}",
+            "relabel": lambda o: o.get("note") or f"{o['labels']} with weights {o['weights_version']}",
             "compare": lambda o: f"{o['report']}",
         }[stage]
         text = out["reason"] if marker["status"] == "skipped" else detail(out)

@@ -137,10 +137,14 @@ class Registry:
             self._move(version, action="initial", by="register")
         return self.get(version)
 
-    def record_gate(self, version: str, gate: dict[str, Any]) -> None:
-        """Append a gate decision (its scores, thresholds and verdict) to ``version``'s record."""
+    def record_gate(
+        self, version: str, gate: dict[str, Any], *, scores: dict[str, Any] | None = None
+    ) -> None:
+        """Append a gate decision (its scores, thresholds and verdict) to ``version``'s record; ``scores``
+        (the validation mIoU / mBIoU the gate measured) are added to the record's ``scores``."""
         record = self.get(version)
         record["gates"].append({**gate, "at": gate.get("at", now())})
+        record["scores"].update(scores or {})
         _write_json(self._version_dir(version) / "version.json", record)
 
     def promote(self, version: str, *, by: str) -> None:
