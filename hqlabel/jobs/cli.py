@@ -457,6 +457,11 @@ def _flywheel_run(args: argparse.Namespace) -> int:
     from hqlabel.jobs.flywheel import run_flywheel
 
     address = None if args.address in (None, "local") else args.address
+    if address is not None and not address.startswith(("http://", "https://")):
+        raise ValueError(
+            f"--address {address}: give local or a cluster's Jobs API (http://HEAD:8265); a flywheel started "
+            "on a cluster node joins that cluster through RAY_ADDRESS"
+        )
     if args.no_wait and (address is None or not address.startswith(("http://", "https://"))):
         raise ValueError("--no-wait needs a cluster's Jobs API --address (http://HEAD:8265)")
     result = run_flywheel(args.flywheel, address=address, wait=not args.no_wait)

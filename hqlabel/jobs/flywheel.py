@@ -45,6 +45,15 @@ logger = logging.getLogger(__name__)
 __all__ = ["STAGES", "flywheel_status", "load_flywheel", "run_flywheel", "run_stage"]
 
 STAGES = ("label", "curate", "train", "gate", "relabel", "compare")
+# The first stage that uses each setting (num_cpus changes no result: never refused).
+FIELD_STAGE = {
+    **dict.fromkeys(("dir", "input", "classes", "models", "label", "registry"), "label"),
+    **dict.fromkeys(("curate", "validation"), "curate"),
+    **dict.fromkeys(("train", "candidate"), "train"),
+    "gate": "gate",
+    "relabel": "relabel",
+    "compare_limit": "compare",
+}
 CRASH_ENV = "HQLABEL_FLYWHEEL_CRASH_AFTER"  # a test hook: the driver dies right after this stage's marker
 IN_CLUSTER_ENV = "HQLABEL_FLYWHEEL_DRIVER"  # set on the driver job that a cluster run submits
 RANDOM_WARNING = (
@@ -94,19 +103,24 @@ class Flywheel:
         return [json.loads(x) for x in file.read_text().splitlines() if x] if file.is_file() else []
 
     def save_spec(self) -> None:
-        """Write ``flywheel.json``; a folder holding another spec's run is refused (its markers would lie)."""
+        """Write ``flywheel.json``. A setting may change between runs only while the first stage that uses it
+        has not finished (e.g. fix the gate after a failed train); otherwise the markers would lie, and the
+        change is refused."""
         file = self.path("flywheel.json")
         spec = self.spec.model_dump(mode="json")
-        if file.is_file():
-            before = json.loads(file.read_text())
-            changed = sorted(k for k in set(before) | set(spec) if before.get(k) != spec.get(k))
-            if changed:
-                raise ValueError(
-                    f"{self.dir} holds a flywheel run with other settings ({', '.join(changed)}); use a new "
-                    "dir for the changed flywheel, or delete that folder to start over"
-                )
-            return
-        self.write_json(file, spec)
+        before = json.loads(file.read_text()) if file.is_file() else spec
+        changed = sorted(k for k in set(before) | set(spec) if before.get(k) != spec.get(k))
+        done = sorted(
+            {k for k in changed if FIELD_STAGE.get(k) and self.marker(FIELD_STAGE[k]) is not None},
+        )
+        if done:
+            stages = sorted({FIELD_STAGE[k] for k in done}, key=STAGES.index)
+            raise ValueError(
+                f"{self.dir}: {', '.join(done)} changed since stage {', '.join(stages)} finished with the "
+                "old settings; use a new dir for the changed flywheel, or delete that folder to start over"
+            )
+        if changed or not file.is_file():
+            self.write_json(file, spec)
 
 
 # ---- the stages --------------------------------------------------------------------------------------------
