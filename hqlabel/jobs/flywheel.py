@@ -20,8 +20,9 @@ finished shards). Every labels version records the weights version it was labele
 
 Where stages run: ``--address`` unset (or ``local``) runs them in this process on a local Ray, as the other
 commands do. ``--address http://HEAD:8265`` (a cluster's Jobs API) submits the driver itself as a Ray Job,
-which submits each stage as a Ray Job of its own (``hqlabel flywheel stage FLYWHEEL.yaml STAGE``) and waits
-for it: the submitting machine may disconnect (``--no-wait``). The flywheel's folder, input and file must
+which submits each stage that has work to do as a Ray Job of its own (``hqlabel flywheel stage FLYWHEEL.yaml
+STAGE``) and waits for it (a skipped stage's marker it writes itself): the submitting machine may disconnect
+(``--no-wait``). The flywheel's folder, input and file must
 then be on storage the cluster's nodes see.
 """
 
@@ -560,6 +561,15 @@ def run_stage(spec: FlywheelSpec, stage: str) -> dict[str, Any]:
     return marker
 
 
+def _skips(fw: Flywheel, stage: str) -> bool:
+    """Whether ``stage`` has nothing to do: relabel after a failed gate, compare after no relabel."""
+    if stage == "relabel":
+        return not fw.outputs("gate")["passed"]
+    if stage == "compare":
+        return fw.outputs("relabel").get("labels") is None
+    return False
+
+
 def _is_jobs_api(address: str | None) -> bool:
     return address is not None and address.startswith(("http://", "https://"))
 
@@ -610,7 +620,7 @@ def run_flywheel(
             fw.event(stage, "skip-done")
         else:
             echo(f"stage {stage}: running")
-            if client is None:
+            if client is None or _skips(fw, stage):  # a skipped stage only writes its marker: no job
                 run_stage(spec, stage)
             else:
                 _run_stage_job(client, flywheel_file, stage)
