@@ -175,6 +175,20 @@ def test_relabel_below_threshold_keeps_the_other_shards(resumed, tmp_path):
     assert json.loads((new / "weights_version.json").read_text())["shards"] == [chosen]
 
 
+def test_next_turn_labels_with_the_promoted_weights(resumed, inputs, tmp_path, ray_session):
+    """A new dir with the same registry: its label stage uses the promoted w2, as the relabel did."""
+    from hqlabel.jobs.flywheel import run_stage
+
+    registry = str(resumed.registry.root)
+    spec = load_flywheel(write_flywheel(tmp_path / "next", inputs, registry=registry))
+    marker = run_stage(spec, "label")
+    assert marker["outputs"]["weights_version"] == "w2"
+    assert masks_of(Flywheel(spec).labels(1)) == masks_of(resumed.labels(2))
+    other = load_flywheel(write_flywheel(tmp_path / "other", inputs, registry=registry, models={}))
+    with pytest.raises(ValueError, match="current weights w2 are for tiny-random, not syscv"):
+        run_stage(other, "label")
+
+
 @pytest.fixture(scope="module")
 def ray_head():
     """Jobs API URL of a local Ray head (2 CPUs, loopback, no token authentication), killed at the end."""
