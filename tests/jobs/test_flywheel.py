@@ -157,12 +157,12 @@ def test_relabel_below_threshold_keeps_the_other_shards(resumed, tmp_path):
     quality = shard_quality(old)
     assert len(quality) == 3
     chosen = sorted(quality)[1]
-    fly._selection_input(old, [chosen], tmp_path / "input")
+    fly.selection_input(old, [chosen], tmp_path / "input")
     fly._label_into(
         resumed, tmp_path / "job", str(tmp_path / "input"), "w2", shard_size=None, id_column="image_id"
     )
     new = tmp_path / "v2"
-    fly._assemble(old, tmp_path / "job", new, [chosen])
+    fly.assemble(old, tmp_path / "job", new, [chosen])
     for shard in quality:
         before = (old / "masks" / f"part-{shard}.parquet").read_bytes()
         after = (new / "masks" / f"part-{shard}.parquet").read_bytes()
