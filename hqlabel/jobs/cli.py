@@ -464,6 +464,115 @@ def _jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_flywheel_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "flywheel",
+        help="the loop as one resumable pipeline: label, curate (review), train, gate, relabel, compare",
+        description="Run or inspect one turn of the flywheel described by FLYWHEEL.yaml; every stage "
+        "leaves a marker in the flywheel's dir and is skipped once done: a rerun resumes where it stopped",
+    )
+    fly = p.add_subparsers(dest="flywheel_command", required=True)
+    run = fly.add_parser("run", help="run the stages not done yet (resume)")
+    run.add_argument("flywheel", help="the FLYWHEEL.yaml file")
+    run.add_argument(
+        "--address",
+        help="local (default): stages run here on a local Ray; http://HEAD:8265: the driver and every stage "
+        "run as Ray Jobs on that cluster (Jobs API), so this machine may disconnect",
+    )
+    run.add_argument("--no-wait", action="store_true", help="with a Jobs API --address: submit and return")
+    run.set_defaults(func=_flywheel_run)
+    status = fly.add_parser("status", help="each stage's state, the gate's verdict, the current weights")
+    status.add_argument("flywheel", help="the FLYWHEEL.yaml file")
+    status.set_defaults(func=_flywheel_status)
+    stage = fly.add_parser("stage", help="run one stage (what each Ray Job of a cluster run executes)")
+    stage.add_argument("flywheel", help="the FLYWHEEL.yaml file")
+    stage.add_argument("stage", help="label, curate, train, gate, relabel or compare")
+    stage.set_defaults(func=_flywheel_stage)
+
+
+def _flywheel_run(args: argparse.Namespace) -> int:
+    from hqlabel.jobs.flywheel import run_flywheel
+
+    address = None if args.address in (None, "local") else args.address
+    if address is not None and not address.startswith(("http://", "https://")):
+        raise ValueError(
+            f"--address {address}: give local or a cluster's Jobs API (http://HEAD:8265); a flywheel started "
+            "on a cluster node joins that cluster through RAY_ADDRESS"
+        )
+    if args.no_wait and (address is None or not address.startswith(("http://", "https://"))):
+        raise ValueError("--no-wait needs a cluster's Jobs API --address (http://HEAD:8265)")
+    result = run_flywheel(args.flywheel, address=address, wait=not args.no_wait)
+    if isinstance(result, str):  # the driver job's status
+        return 0 if result in ("SUCCEEDED", "PENDING") else 1
+    return 0
+
+
+def _flywheel_status(args: argparse.Namespace) -> int:
+    from hqlabel.jobs.flywheel import flywheel_status, load_flywheel
+
+    print(flywheel_status(load_flywheel(args.flywheel))["text"])
+    return 0
+
+
+def _flywheel_stage(args: argparse.Namespace) -> int:
+    from hqlabel.jobs.flywheel import RANDOM_WARNING, load_flywheel, run_stage
+
+    spec = load_flywheel(args.flywheel)
+    if spec.models.preset is not None:
+        print(RANDOM_WARNING)
+    marker = run_stage(spec, args.stage)
+    print(f"stage {args.stage}: {marker['status']}")
+    return 0
+
+
+def _add_models_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "models",
+        help="the model registry: HQ-weights versions, their lineage and gates; promote or roll back",
+        description="List, promote or roll back the HQ-weights versions of a registry (a flywheel's "
+        "DIR/registry by default).",
+    )
+    models = p.add_subparsers(dest="models_command", required=True)
+    for name, text in (
+        ("list", "every version: kind, status, validation scores, labels it was trained on"),
+        ("show", "one version's full record (lineage, gates) as JSON"),
+        ("promote", "make VERSION the current weights"),
+        ("rollback", "make the previously current version (or --to VERSION) current again"),
+    ):
+        q = models.add_parser(name, help=text)
+        q.add_argument("--registry", required=True, help="the registry folder (e.g. FLYWHEEL_DIR/registry)")
+        if name in ("show", "promote"):
+            q.add_argument("version", help="a version id, e.g. w2")
+        if name == "promote":
+            q.add_argument(
+                "--by", default="manual", help="who or what promotes it (recorded; default manual)"
+            )
+        if name == "rollback":
+            q.add_argument("--to", help="the version to make current (default: the one before the current)")
+        q.set_defaults(func=_models)
+
+
+def _models(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from hqlabel.training.registry import Registry
+
+    if not Path(args.registry).is_dir():
+        raise NotADirectoryError(f"--registry {args.registry}: no such folder (a flywheel's DIR/registry)")
+    registry = Registry(args.registry)
+    if args.models_command == "list":
+        print(registry.table())
+    elif args.models_command == "show":
+        print(json.dumps({**registry.get(args.version), "current": registry.current()}, indent=2))
+    elif args.models_command == "promote":
+        registry.promote(args.version, by=args.by)
+        print(f"current weights: {args.version}")
+    else:
+        print(f"current weights: {registry.rollback(args.to)} (rolled back)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hqlabel", description=__doc__)
     parser.add_argument("--version", action="version", version=f"hqlabel {__version__}")
@@ -477,6 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_parser(sub)
     _add_submit_parser(sub)
     _add_jobs_parser(sub)
+    _add_flywheel_parser(sub)
+    _add_models_parser(sub)
     from hqlabel.jobs import curate, evaluate, import_gt, review, synthetic, train
 
     curate.add_parser(sub)

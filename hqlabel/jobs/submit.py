@@ -92,12 +92,16 @@ def submit(
     pip: Sequence[str] = (),
     wait: bool = True,
     stream: TextIO | None = None,
+    env_vars: dict[str, str] | None = None,
 ) -> str:
     """Submit ``hqlabel COMMAND`` to the cluster at ``address``; returns the final status (``wait``) or
-    ``"PENDING"``. Prints the submission id, then, with ``wait``, the job's logs as they come."""
+    ``"PENDING"``. Prints the submission id, then, with ``wait``, the job's logs as they come. ``env_vars``:
+    environment variables of the job's driver (its runtime_env)."""
     stream = stream or sys.stdout
     client = _client(address)
     runtime_env = build_runtime_env(working_dir, pip)
+    if env_vars:
+        runtime_env["env_vars"] = dict(env_vars)
     submission_id = client.submit_job(entrypoint=entrypoint(command), runtime_env=runtime_env or None)
     print(f"submitted {submission_id} to {address}", file=stream, flush=True)
     if not wait:

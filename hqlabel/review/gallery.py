@@ -86,7 +86,7 @@ def safe_name(image_id: str, taken: set[str]) -> str:
     return name
 
 
-def _overlay(image: np.ndarray, instances: list[dict], max_side: int, max_pixels: int) -> Image.Image:
+def overlay_image(image: np.ndarray, instances: list[dict], max_side: int, max_pixels: int) -> Image.Image:
     """``instances`` (mask rows) drawn on ``image`` (H x W x 3 uint8), longer side <= ``max_side``.
 
     Masks are decoded one at a time as they are drawn (and downscaled at once), so one full-size mask is in
@@ -141,7 +141,7 @@ def _contact_sheet(thumbs: list[tuple[str, Image.Image]], tile: int) -> Image.Im
     return sheet
 
 
-def _save_png(image: Image.Image, path: str) -> None:
+def save_png(image: Image.Image, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -213,12 +213,12 @@ def write_gallery(
                 if data is None:
                     raise ValueError(problem)
                 image = decode_image(data, max_pixels=max_pixels)
-                overlay = _overlay(image, instances[image_id], max_side, max_pixels)
+                overlay = overlay_image(image, instances[image_id], max_side, max_pixels)
             except ValueError as e:  # gone, unreadable or changed since labeling: listed, not fatal
                 errors.append({"image_id": image_id, "stage": "show", "error": str(e)})
                 continue
             name = f"overlays/{safe_name(image_id, taken)}.png"
-            _save_png(overlay, os.path.join(out, name))
+            save_png(overlay, os.path.join(out, name))
             labels_of = [row["label"] for row in instances[image_id]]
             entries[image_id] = _Shown(image_id, name, overlay.height, overlay.width, labels_of)
             overlay.thumbnail((tile, tile - 14))
@@ -226,7 +226,7 @@ def write_gallery(
         ordered = [entries[i] for i in wanted if i in entries]
         if ordered:
             sheet = f"sheets/sheet-{_UNSAFE.sub('_', shard)}.png"
-            _save_png(
+            save_png(
                 _contact_sheet([(e.image_id, thumbs[e.image_id]) for e in ordered], tile), f"{out}/{sheet}"
             )
             summary.sheets.append(sheet)
@@ -240,7 +240,7 @@ def write_gallery(
     return summary
 
 
-_CSS = """
+GALLERY_CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; background: #fafafa; color: #222; }
 .warning { background: #fff3cd; border: 2px solid #d39e00; padding: .8em 1em; font-weight: bold; }
 .grid { display: flex; flex-wrap: wrap; gap: 12px; }
@@ -268,7 +268,7 @@ def _index_html(
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>hqlabel gallery: {e(folder.uri)}</title>",
-        f"<style>{_CSS}</style></head><body>",
+        f"<style>{GALLERY_CSS}</style></head><body>",
         f"<h1>hqlabel gallery: {e(folder.uri)}</h1>",
     ]
     if models.get("random_weights"):
