@@ -13,7 +13,6 @@ import torch
 
 from hqlabel.detectors import Detector, GroundingDinoDetector, Owlv2Detector, build_detector
 from hqlabel.platform.config import LabelerConfig
-from hqlabel.platform.rle import encode_masks, mask_area
 from hqlabel.platform.schema import RESULT_SCHEMA
 from hqlabel.segmenters import HQSamSegmenter, build_segmenter
 from hqlabel.segmenters.hq_sam import RESIZE_BUDGET_BYTES
@@ -27,6 +26,7 @@ from hqlabel.workers.faults import (
     is_device_error,
     is_transient_label_error,
 )
+from hqlabel.workers.overlap import BackgroundQueue, encode_with_areas
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class Labeler:
         self.segmenter = segmenter
         self.classes = list(classes)
         self.resize_budget = resize_budget
+        self.encoder = BackgroundQueue()  # RLE + areas in a thread while the device works on (overlap.py)
 
     @classmethod
     def from_config(cls, config: LabelerConfig) -> Labeler:
@@ -160,16 +161,16 @@ class Labeler:
             return results
         embeddings = self.segmenter.embed([images[i] for i in todo])
         logits = self.segmenter.predict_boxes(embeddings, [prompts[i][0] for i in todo])
+        encoding = []  # per image: its chunks' encodings (futures, in order) and IoU scores
         for i, mask_logits in zip(todo, logits, strict=True):
+            chunks = self.segmenter.iter_masks(mask_logits, output_sizes[i], budget_bytes=self.resize_budget)
+            futures = [self.encoder.submit(encode_with_areas, chunk[:, 0].cpu().numpy()) for chunk in chunks]
+            encoding.append((i, futures, mask_logits.iou_scores[:, 0].float().cpu().tolist()))
+        for i, futures, iou in encoding:
             work_boxes, scores, names = prompts[i]
             out_boxes = work_boxes * scales[i]
-            rles = []
-            for chunk in self.segmenter.iter_masks(
-                mask_logits, output_sizes[i], budget_bytes=self.resize_budget
-            ):
-                rles += encode_masks(chunk[:, 0].cpu().numpy())
-            iou = mask_logits.iou_scores[:, 0].float().cpu().tolist()
-            for k, rle in enumerate(rles):
+            encoded = [pair for future in futures for pair in future.result()]
+            for k, (rle, area) in enumerate(encoded):
                 results[i].append(
                     {
                         "instance_id": k,
@@ -177,7 +178,7 @@ class Labeler:
                         "score": float(scores[k]),
                         "box": [float(v) for v in out_boxes[k]],
                         "mask": rle,
-                        "area": mask_area(rle),
+                        "area": area,
                         "pred_iou": iou[k],
                     }
                 )
