@@ -104,14 +104,10 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"machine": machine_info(args.device), "images": args.images, "repeats": args.repeats}
 
     detector, segmenter = build_models("tiny-random", args.device)
+    out = root / "baseline.parquet"
+    loops = [baseline_loop(paths, detector, segmenter, out) for _ in range(args.repeats)]
     results["baseline"] = _median(
-        [
-            {
-                k: baseline_loop(paths, detector, segmenter, root / "baseline.parquet")[k]["value"]
-                for k in ("seconds", "images_per_s")
-            }
-            for _ in range(args.repeats)
-        ]
+        [{k: loop[k]["value"] for k in ("seconds", "images_per_s")} for loop in loops]
     )
     del detector, segmenter
 
