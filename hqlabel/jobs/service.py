@@ -283,12 +283,14 @@ def label_on_service(
 def service_stage(ds, spec: LabelJobSpec, workers: list, job: str, attempts, failpoints):
     """``ds`` (decoded batches) -> labeled batches through the warm ``workers``: two batches in flight per
     actor (one labeled, one waiting), in tasks that ask for no CPU (they wait on the actor)."""
+    import ray
+
     return ds.map_batches(
         label_on_service,
         batch_format="pyarrow",
         batch_size=spec.batch_size,
         num_cpus=0,
-        concurrency=2 * len(workers),
+        compute=ray.data.TaskPoolStrategy(size=2 * len(workers)),
         fn_kwargs={
             "workers": workers,
             "config": spec.labeler,
