@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from hqlabel.platform.config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, PRECISIONS, PRESETS
 from hqlabel.platform.storage import DEFAULT_MAX_JSON_BYTES, StorageOptions
 
 
@@ -42,3 +43,74 @@ def add_json_cap_arg(parser: argparse.ArgumentParser, what: str) -> None:
         help=f"refuse {what} larger than this many bytes before reading it (default {DEFAULT_MAX_JSON_BYTES}"
         ", 2 GiB: parsing takes several times its size in memory)",
     )
+
+
+# The LabelerConfig fields that add_model_args sets (the models and how they run).
+MODEL_OPTIONS = (
+    "detector", "segmenter", "detector_revision", "segmenter_revision", "hq_weights", "preset",
+    "hq_token_only", "multimask", "device", "precision", "compile", "preprocess",
+)  # fmt: skip
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model options of ``label`` and ``serve start``: detector, segmenter, their revisions, HQ weights,
+    preset, HQ-token / multimask, device, precision, compile, preprocess."""
+    p.add_argument(
+        "--detector",
+        default=DEFAULT_DETECTOR,
+        help="detector hub id or local dir: Grounding DINO (default), MM-Grounding-DINO, OWLv2 or SAM 3, "
+        "e.g. google/owlv2-base-patch16-ensemble (chosen by its config); with --preset tiny-random a family: "
+        "grounding-dino, mm-grounding-dino, owlv2 or sam3",
+    )
+    p.add_argument(
+        "--segmenter",
+        default=DEFAULT_SEGMENTER,
+        help="SAM-HQ / SAM hub id, local dir or original .pth file; with --preset tiny-random a family: "
+        "sam-hq, sam or sam-hq-light",
+    )
+    for role in ("detector", "segmenter"):
+        p.add_argument(
+            f"--{role}-revision",
+            help=f"hub commit hash, branch or tag of --{role} (default: the default branch's commit when the "
+            "job starts; a resumed job reuses the commit its first run recorded)",
+        )
+    p.add_argument("--hq-weights", help="fine-tuned HQ-token weights (safetensors) on top of --segmenter")
+    p.add_argument("--preset", choices=PRESETS, help="tiny randomly initialised models (offline smoke runs)")
+    p.add_argument(
+        "--hq-token-only",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="masks from the HQ token alone instead of SAM + HQ logits (default: off)",
+    )
+    p.add_argument(
+        "--multimask",
+        choices=("off", "best"),
+        default="off",
+        help="off: SAM's single-mask token; best: the original SysCV release's best-of-3 SAM mask + HQ",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="autocast dtype of the models: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, "
+        "fp16 (GPU only); weights stay fp32 (default auto)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the segmenter's image encoder (GPU-oriented; the first batch compiles, ~40 s for "
+        "ViT-L; encoder batches are padded to the first one's size so that it compiles once)",
+    )
+    p.add_argument(
+        "--preprocess",
+        choices=("auto", "processor", "torch"),
+        default="auto",
+        help="where images are resized and normalised: processor (transformers' processors, CPU), torch (on "
+        "the model's device), auto (torch on CUDA, else processor) (default auto)",
+    )
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """``LabelerConfig`` keyword arguments of ``add_model_args``' arguments."""
+    return {name: getattr(args, name) for name in MODEL_OPTIONS}

@@ -10,9 +10,15 @@ import sys
 from collections.abc import Sequence
 
 from hqlabel import __version__
-from hqlabel.jobs.args import add_json_cap_arg, add_storage_args, resource_amount, storage_options
+from hqlabel.jobs.args import (
+    add_json_cap_arg,
+    add_model_args,
+    add_storage_args,
+    resource_amount,
+    storage_options,
+)
 from hqlabel.jobs.cluster import ADDRESS_HELP
-from hqlabel.platform.config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, PRECISIONS, PRESETS
+from hqlabel.platform.config import DEFAULT_SEGMENTER, PRESETS
 from hqlabel.platform.lease import DEFAULT_TTL, LeaseError
 
 # Errors that come from the user's input or environment: shown as one line, without a traceback.
@@ -37,42 +43,10 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
         help="detector: boxes from --classes; boxes: the dataset's own boxes (COCO / a boxes column)",
     )
     p.add_argument("--out", required=True, help="output folder, local or s3:// (masks/, errors/, images/)")
-    p.add_argument(
-        "--detector",
-        default=DEFAULT_DETECTOR,
-        help="detector hub id or local dir: Grounding DINO (default), MM-Grounding-DINO, OWLv2 or SAM 3, "
-        "e.g. google/owlv2-base-patch16-ensemble (chosen by its config); with --preset tiny-random a family: "
-        "grounding-dino, mm-grounding-dino, owlv2 or sam3",
-    )
-    p.add_argument(
-        "--segmenter",
-        default=DEFAULT_SEGMENTER,
-        help="SAM-HQ / SAM hub id, local dir or original .pth file; with --preset tiny-random a family: "
-        "sam-hq or sam",
-    )
-    for role in ("detector", "segmenter"):
-        p.add_argument(
-            f"--{role}-revision",
-            help=f"hub commit hash, branch or tag of --{role} (default: the default branch's commit when the "
-            "job starts; a resumed job reuses the commit its first run recorded)",
-        )
-    p.add_argument("--hq-weights", help="fine-tuned HQ-token weights (safetensors) on top of --segmenter")
-    p.add_argument("--preset", choices=PRESETS, help="tiny randomly initialised models (offline smoke runs)")
+    add_model_args(p)
     p.add_argument("--box-threshold", type=float, default=0.35, help="minimum box score (default 0.35)")
     p.add_argument("--text-threshold", type=float, default=0.25, help="minimum class token score (0.25)")
     p.add_argument("--nms-threshold", type=float, default=0.5, help="same-class box IoU merged by NMS (0.5)")
-    p.add_argument(
-        "--hq-token-only",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="masks from the HQ token alone instead of SAM + HQ logits (default: off)",
-    )
-    p.add_argument(
-        "--multimask",
-        choices=("off", "best"),
-        default="off",
-        help="off: SAM's single-mask token; best: the original SysCV release's best-of-3 SAM mask + HQ",
-    )
     p.add_argument("--batch-size", type=int, default=8, help="images per model call (default 8)")
     p.add_argument(
         "--num-workers", type=int, help="labeling actors, a fixed pool (default: one per GPU, or by CPUs)"
@@ -93,27 +67,6 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
         help="a custom Ray resource each labeling actor asks for, placing the actors on the nodes that offer "
         "it (e.g. a node type started with `ray start --resources`, or accelerator_type:A100); repeatable; "
         "refused when no node offers it",
-    )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="auto",
-        help="autocast dtype of the models: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, "
-        "fp16 (GPU only); weights stay fp32 (default auto)",
-    )
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the segmenter's image encoder (GPU-oriented; the first batch compiles, ~40 s for "
-        "ViT-L; encoder batches are padded to the first one's size so that it compiles once)",
-    )
-    p.add_argument(
-        "--preprocess",
-        choices=("auto", "processor", "torch"),
-        default="auto",
-        help="where images are resized and normalised: processor (transformers' processors, CPU), torch (on "
-        "the model's device), auto (torch on CUDA, else processor) (default auto)",
     )
     p.add_argument("--max-pixels", type=int, help="images with more pixels become error rows (100M)")
     p.add_argument(
@@ -183,6 +136,13 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
         f"--out is refused until then (default {DEFAULT_TTL:g}, renewed every third)",
     )
     p.add_argument("--address", help=ADDRESS_HELP)
+    p.add_argument(
+        "--service",
+        action="store_true",
+        help="label on the warm labeling service (`hqlabel serve start`) instead of starting model actors: "
+        "its cluster is --address, else the one serve start recorded; refused when none runs or its models "
+        "differ from this job's (--classes, --prompts and the thresholds are the job's own)",
+    )
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_label)
@@ -240,6 +200,7 @@ def _label(args: argparse.Namespace) -> int:
         retry_errors=args.retry_errors,
         actor_resources=dict(args.actor_resource),
         ray_address=args.address,
+        service=args.service,
     )
     print(summary)
     return 0
@@ -588,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_jobs_parser(sub)
     _add_flywheel_parser(sub)
     _add_models_parser(sub)
-    from hqlabel.jobs import curate, evaluate, import_gt, review, synthetic, train
+    from hqlabel.jobs import curate, evaluate, import_gt, review, service, synthetic, train
 
     curate.add_parser(sub)
     review.add_parser(sub)
@@ -596,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_synthetic_parser(sub)
     train.add_parser(sub)
     evaluate.add_parser(sub)
+    service.add_parser(sub)
     return parser
 
 

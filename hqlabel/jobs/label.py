@@ -334,20 +334,32 @@ def init_ray(spec: LabelJobSpec) -> None:
 
     if ray.is_initialized():
         return
+    if spec.service:  # the service's cluster (hqlabel.jobs.service)
+        from hqlabel.jobs.service import connect
+
+        connect(spec.ray_address)
+        return
     kwargs = {"address": spec.ray_address, "logging_level": logging.WARNING, "log_to_driver": True}
     if is_local(spec.ray_address):  # never a stray cluster: see cluster.ray_address
         kwargs.update(num_cpus=spec.num_cpus, include_dashboard=False)
     ray_init(**kwargs)  # joining a cluster: with its token
 
 
-def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan, root: str, run_id: str | None = None):
+def build_pipeline(
+    ds,
+    spec: LabelJobSpec,
+    plan: ResourcePlan,
+    root: str,
+    run_id: str | None = None,
+    service: list | None = None,
+):
     """Chain the steps after ``ds`` (from ``input_dataset``); placement and resources are set here alone.
     ``root``: the dataset root (``DatasetInput.root``), inside which image references must stay (with
     ``spec.allow_prefix``). ``run_id``: this run's (its lease's), which keys the labeling actors' attempt
-    records."""
-    import ray
+    records. ``service``: the warm labeling actors of ``--service`` (``service.attach``), which label in
+    place of a pool of the job's own."""
 
-    from hqlabel.workers import LabelWorker, decode_batch
+    from hqlabel.workers import decode_batch
 
     ds = ds.map_batches(
         decode_batch,
@@ -371,7 +383,28 @@ def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan, root: str, run_id
     attempts = AttemptLog(storage.join(spec.out, "_tmp", ATTEMPTS), spec.batch_size, spec.storage, run_id)
     failpoints = os.environ.get(FAILPOINTS_ENV)  # a test hook (faults.Failpoints); normally unset
     Failpoints(failpoints)  # a malformed value fails here, in the driver, not in every actor
-    ds = ds.map_batches(
+    if service is not None:
+        from hqlabel.jobs.service import service_stage
+
+        ds = service_stage(ds, spec, service, run_id or "", attempts, failpoints)
+    else:
+        ds = _labeling_pool(ds, spec, plan, attempts, failpoints)
+    return ds.map_batches(
+        write_parts,
+        batch_format="pyarrow",
+        batch_size=max(spec.batch_size, 32),
+        num_cpus=plan.task_cpus,
+        fn_kwargs={"out": spec.out, "options": spec.storage},
+    )
+
+
+def _labeling_pool(ds, spec: LabelJobSpec, plan: ResourcePlan, attempts: AttemptLog, failpoints: str | None):
+    """The job's own pool of labeling actors (``LabelWorker``) after the decode step."""
+    import ray
+
+    from hqlabel.workers import LabelWorker
+
+    return ds.map_batches(
         LabelWorker,
         batch_format="pyarrow",
         batch_size=spec.batch_size,
@@ -389,13 +422,6 @@ def build_pipeline(ds, spec: LabelJobSpec, plan: ResourcePlan, root: str, run_id
             "failpoints": failpoints,
         },
     )
-    return ds.map_batches(
-        write_parts,
-        batch_format="pyarrow",
-        batch_size=max(spec.batch_size, 32),
-        num_cpus=plan.task_cpus,
-        fn_kwargs={"out": spec.out, "options": spec.storage},
-    )
 
 
 def run_label_job(spec: LabelJobSpec, *, progress: bool = True) -> LabelSummary:
@@ -410,10 +436,12 @@ def run_label_job(spec: LabelJobSpec, *, progress: bool = True) -> LabelSummary:
     # Workers on other machines or folders read and write the same places; job.json records them absolute.
     spec = spec.with_absolute_paths()
     check_input_exists(spec.input, spec.storage)  # the cheap checks first, before anything is written
-    check_device(spec.labeler.device, spec.labeler.precision, local=is_local(spec.ray_address))
-    check_compile(spec.labeler.compile, spec.labeler.device, local=is_local(spec.ray_address))
+    local = is_local(spec.ray_address) and not spec.service  # a service's cluster outlives this command
+    check_device(spec.labeler.device, spec.labeler.precision, local=local)
+    check_compile(spec.labeler.compile, spec.labeler.device, local=local)
     check_hq_weights(spec.labeler.hq_weights)
-    spec = check_models(spec)  # hub models pinned to commits (an earlier run's, when resuming)
+    if not spec.service:  # the service loaded its models: the job takes their revisions (service.attach)
+        spec = check_models(spec)  # hub models pinned to commits (an earlier run's, when resuming)
     # One run writes to an output at a time: a second one is refused while this one holds the lease.
     new_folder = not storage.is_s3(spec.out) and not Path(spec.out).exists()
     try:
@@ -465,7 +493,13 @@ def _label(spec: LabelJobSpec, lease: OutputLease, progress: bool) -> LabelSumma
 
     # Ray and its checks come first: a refused plan or path leaves the output as it was.
     init_ray(spec)
-    plan = plan_label_job(spec)
+    service = None
+    if spec.service:  # the warm actors and their plan; refused when none runs or the models differ
+        from hqlabel.jobs.service import attach
+
+        spec, service, plan = attach(spec)
+    else:
+        plan = plan_label_job(spec)
     check_shared_storage(spec)
     source, pending = prepare_output(spec)
     retry, retry_todo = prepare_retry(spec, source, pending) if spec.retry_errors else ({}, {})
@@ -501,7 +535,9 @@ def _label(spec: LabelJobSpec, lease: OutputLease, progress: bool) -> LabelSumma
         object_store_memory=object_store_limit(plan, spec.batch_size, spec.max_side)
     )
     try:
-        return _run_pipeline(spec, source, pending, plan, record, progress, lease, retry, retry_todo)
+        return _run_pipeline(
+            spec, source, pending, plan, record, progress, lease, retry, retry_todo, service=service
+        )
     finally:
         context.execution_options.resource_limits = limits
 
@@ -519,6 +555,8 @@ def _run_pipeline(
     lease: OutputLease,
     retry: dict[str, list[str]],
     retry_todo: dict[str, int],
+    *,
+    service: list | None = None,
 ) -> LabelSummary:
     """The labeling itself: ``run_label_job`` after its checks and set-up. ``retry`` / ``retry_todo``: the
     finished shards reopened by ``--retry-errors`` (``prepare_retry``), whose listed images are labeled too.
@@ -557,7 +595,7 @@ def _run_pipeline(
     with tqdm(total=todo_images, unit="img", desc="labeling", disable=not progress, file=sys.stderr) as bar:
         if pending or reopened:
             ds = input_dataset([*pending, *reopened], source, spec, only=retry)
-            ds = build_pipeline(ds, spec, plan, source.root, lease.run_id)
+            ds = build_pipeline(ds, spec, plan, source.root, lease.run_id, service)
             try:
                 for stats in ds.iter_rows():
                     lease.check()  # stop writing at once if another run has taken the output over

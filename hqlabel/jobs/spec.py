@@ -112,6 +112,12 @@ class LabelJobSpec(BaseModel):
         "RAY_ADDRESS when set, else a new local Ray (never the cluster /tmp/ray/ray_current_cluster names).",
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray instance; default all.")
+    service: bool = Field(
+        False,
+        description="Label on the warm labeling service (`hqlabel serve start`) of the cluster at "
+        "`ray_address` (else the one `serve start` recorded) instead of starting model actors; refused when "
+        "none runs or its models differ. Outputs and resume are the same either way.",
+    )
     lease_ttl: float = Field(
         DEFAULT_TTL,
         ge=1,

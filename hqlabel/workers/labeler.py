@@ -13,7 +13,7 @@ import torch
 
 from hqlabel.detectors import Detector, TransformersDetector, build_detector
 from hqlabel.platform.config import LabelerConfig
-from hqlabel.platform.rle import encode_masks, mask_area
+from hqlabel.platform.rle import encode_masks
 from hqlabel.platform.schema import RESULT_SCHEMA
 from hqlabel.segmenters import HQSamSegmenter, build_segmenter
 from hqlabel.segmenters.hq_sam import RESIZE_BUDGET_BYTES
@@ -27,6 +27,7 @@ from hqlabel.workers.faults import (
     is_device_error,
     is_transient_label_error,
 )
+from hqlabel.workers.overlap import BackgroundQueue, encode_with_areas
 from hqlabel.workers.tiling import Tiling, detect_tiled
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class Labeler:
         self.classes = list(classes)
         self.resize_budget = resize_budget
         self.tiling = tiling  # detect on tiles of images over tiling.size (hqlabel.workers.tiling)
+        self.encoder = BackgroundQueue()  # RLE + areas in a thread while the device works on (overlap.py)
 
     @classmethod
     def from_config(cls, config: LabelerConfig) -> Labeler:
@@ -169,21 +171,21 @@ class Labeler:
             return results
         embeddings = self.segmenter.embed([images[i] for i in todo])
         logits = self.segmenter.predict_boxes(embeddings, [prompts[i][0] for i in todo])
+        encoding = []  # per image: its chunks' encodings (futures, in order) and IoU scores
         for i, mask_logits in zip(todo, logits, strict=True):
+            chunks = self.segmenter.iter_masks(mask_logits, output_sizes[i], budget_bytes=self.resize_budget)
+            futures = [self.encoder.submit(encode_with_areas, chunk[:, 0].cpu().numpy()) for chunk in chunks]
+            encoding.append((i, futures, mask_logits.iou_scores[:, 0].float().cpu().tolist()))
+        for i, futures, iou in encoding:
             work_boxes, scores, names, detector_masks = prompts[i]
             out_boxes = work_boxes * scales[i]
-            rles = []
-            for chunk in self.segmenter.iter_masks(
-                mask_logits, output_sizes[i], budget_bytes=self.resize_budget
-            ):
-                rles += encode_masks(chunk[:, 0].cpu().numpy())
-            iou = mask_logits.iou_scores[:, 0].float().cpu().tolist()
+            encoded = [pair for future in futures for pair in future.result()]
             sam3 = (
-                [None] * len(rles)
+                [None] * len(encoded)
                 if detector_masks is None
                 else self._detector_rles(detector_masks, output_sizes[i])
             )
-            for k, rle in enumerate(rles):
+            for k, (rle, area) in enumerate(encoded):
                 results[i].append(
                     {
                         "instance_id": k,
@@ -191,7 +193,7 @@ class Labeler:
                         "score": float(scores[k]),
                         "box": [float(v) for v in out_boxes[k]],
                         "mask": rle,
-                        "area": mask_area(rle),
+                        "area": area,
                         "pred_iou": iou[k],
                         "sam3_mask": sam3[k],
                     }

@@ -1,0 +1,153 @@
+"""The warm labeling service (``hqlabel serve`` / ``label --service``) on a real local Ray cluster.
+
+One driver process (a subprocess: the test session's own Ray stays apart) runs the commands in order on a
+2-CPU head: status with none, start, a second start refused, two jobs on the service, a job whose models
+differ refused, stop, status and a service job with none, then the same job without the service.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from local_ray import LocalRayCluster
+
+from hqlabel.jobs.cli import main
+from hqlabel.platform.config import LabelerConfig
+from hqlabel.workers.warm import MODEL_FIELDS, PER_JOB_FIELDS, model_differences
+
+# One driver does the whole sequence (two model loads, four jobs): about a minute on a quiet 2-core machine.
+pytestmark = pytest.mark.timeout(600)
+
+DRIVER = r"""
+import contextlib, io, json, os, sys
+import ray
+from hqlabel.jobs import service
+from hqlabel.jobs.cli import main
+
+address, images, tmp = sys.argv[1:4]
+job = ["label", images, "--classes", "circle, square", "--preset", "tiny-random", "--device", "cpu",
+       "--no-progress", "--address", address]
+model = ["--preset", "tiny-random", "--device", "cpu", "--address", address]
+out = {}
+
+def run(name, argv):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        out[name] = {"rc": main(argv), "stderr": err.getvalue()}
+
+run("status_none", ["serve", "status", "--address", address])
+run("start", ["serve", "start", *model])
+run("start_again", ["serve", "start", *model])
+run("job1", [*job, "--out", f"{tmp}/service1", "--service"])
+out["info1"] = service.service_status(address)["workers"]
+run("job2", [*job, "--out", f"{tmp}/service2", "--service", "--box-threshold", "0.3"])
+out["info2"] = service.service_status(address)["workers"]
+run("mismatch", [*job, "--out", f"{tmp}/mismatch", "--service", "--precision", "bf16"])
+run("stop", ["serve", "stop", "--address", address])
+if not ray.is_initialized():  # serve stop keeps a driver's earlier connection
+    ray.init(address=address, logging_level="ERROR")
+named = ray.util.list_named_actors(all_namespaces=True)  # Ray Data's own actors live elsewhere
+out["named_after_stop"] = [a["name"] for a in named if a["namespace"] == service.NAMESPACE]
+run("status_after", ["serve", "status", "--address", address])
+run("no_service", [*job, "--out", f"{tmp}/none", "--service"])
+run("plain", [*job, "--out", f"{tmp}/plain", "--box-threshold", "0.3"])
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def service_run(tmp_path_factory):
+    """The driver's results and its folder, run once for the module on a 2-CPU head."""
+    from hqlabel.platform.demo import make_demo_images
+
+    tmp = tmp_path_factory.mktemp("service")
+    make_demo_images(tmp / "images", 12, size=(96, 128))
+    cluster = LocalRayCluster()
+    try:
+        address = cluster.start_head(num_cpus=2)
+        env = cluster.env | {"HQLABEL_SERVICE_FILE": str(tmp / "service.json")}
+        done = subprocess.run(
+            [sys.executable, "-c", DRIVER, address, str(tmp / "images"), str(tmp)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=540,
+        )
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        assert lines, f"driver failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+        yield json.loads(lines[-1].removeprefix("RESULT ")), tmp
+    finally:
+        assert cluster.stop() == []
+
+
+def test_lifecycle_start_status_stop(service_run):
+    result, _ = service_run
+    assert result["status_none"]["rc"] == 1
+    assert result["start"]["rc"] == 0
+    assert result["start_again"]["rc"] == 2
+    assert "already running" in result["start_again"]["stderr"]
+    assert result["stop"]["rc"] == 0
+    assert result["named_after_stop"] == []  # the service actor and its labeling actors are gone
+    assert result["status_after"]["rc"] == 1
+    assert result["no_service"]["rc"] == 2
+    assert "no labeling service is running" in result["no_service"]["stderr"]
+    for info in result["info2"]:  # the actors' processes ended with the service
+        with pytest.raises(ProcessLookupError):
+            os.kill(info["pid"], 0)
+
+
+def test_two_jobs_reuse_the_warm_actor(service_run):
+    result, _ = service_run
+    assert result["job1"]["rc"] == 0 and result["job2"]["rc"] == 0
+    (first,), (second,) = result["info1"], result["info2"]
+    assert first["pid"] == second["pid"]
+    assert first["loads"] == second["loads"] == 1  # models loaded once, for both jobs
+    assert second["batches"] > first["batches"] > 0
+    assert len(second["first_batch"]) == 2  # one entry per job run
+
+
+def test_model_mismatch_is_refused(service_run):
+    result, tmp = service_run
+    assert result["mismatch"]["rc"] == 2
+    assert "precision: service 'auto', job 'bf16'" in result["mismatch"]["stderr"]
+    assert not (tmp / "mismatch" / "masks").exists()
+
+
+def test_service_output_matches_a_plain_job(service_run):
+    result, tmp = service_run
+    assert result["plain"]["rc"] == 0
+
+    def rows(out):
+        table = pq.read_table(tmp / out / "masks")
+        return table.sort_by([("image_id", "ascending"), ("instance_id", "ascending")]).to_pylist()
+
+    plain = rows("plain")
+    assert plain, "expected instances"
+    assert rows("service2") == plain  # same models and thresholds: the same rows, none lost or repeated
+    assert rows("service1") != plain  # another box threshold, applied by the same warm actor
+    job = json.loads((tmp / "service2" / "job.json").read_text())
+    assert job["summary"]["images"] == 12 and job["spec"]["service"] is True
+
+
+def test_model_fields_and_differences():
+    assert set(MODEL_FIELDS) | set(PER_JOB_FIELDS) == set(LabelerConfig.model_fields)
+    service = LabelerConfig(classes=["object"], preset="tiny-random", device="cpu")
+    job = LabelerConfig(classes=["cat"], preset="tiny-random", device="cpu", box_threshold=0.1)
+    assert model_differences(service, job) == []
+    other = job.model_copy(update={"segmenter": "other/sam"})
+    assert model_differences(service, other) == [f"segmenter: service {service.segmenter!r}, job 'other/sam'"]
+    boxes = service.model_copy(update={"prompts": "boxes"})
+    assert "no detector" in model_differences(boxes, job)[0]
+
+
+def test_service_job_without_a_service_is_refused(tmp_path, monkeypatch, capsys, image_folder):
+    monkeypatch.setenv("HQLABEL_SERVICE_FILE", str(tmp_path / "none.json"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    argv = ["label", str(image_folder), "--classes", "a", "--preset", "tiny-random", "--service"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert "no labeling service is running" in capsys.readouterr().err
