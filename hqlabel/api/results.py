@@ -17,6 +17,7 @@ import numpy as np
 
 from hqlabel.platform.images import DEFAULT_MAX_PIXELS
 from hqlabel.platform.rle import decode_mask
+from hqlabel.platform.schema import SIGNAL_NAMES
 from hqlabel.platform.storage import StorageOptions
 
 if TYPE_CHECKING:
@@ -38,13 +39,15 @@ class LabelResult:
         boxes: N x 4 float32, XYXY pixels.
         labels: N class names.
         scores: N float32 detector confidences (1.0 for given box prompts).
-        pred_iou: N float32, HQ-SAM's IoU-head prediction of each mask's quality (0..1).
+        pred_iou: N float32, SAM's IoU-head prediction for SAM's own mask (not the HQ-corrected one).
         areas: N int64, mask pixels.
         rles: N COCO compressed RLE dicts ``{"size": [H, W], "counts": bytes}``.
         image_id: the image's id in a labels folder (``read_labels``); None for in-memory images.
         classes: the class list that ``class_ids`` index (the labeler's or the job's, then other labels).
         max_pixels: ``masks`` refuses an RLE declaring more pixels (read from files: the job's
             ``--max-pixels``); None: no cap.
+        stability, hq_sam_iou, box_iou: N float32 quality signals (``hqlabel.platform.schema``); NaN where
+            the output predates them. None: not given (a result built by hand).
     """
 
     height: int
@@ -58,6 +61,9 @@ class LabelResult:
     image_id: str | None = None
     classes: list[str] = field(default_factory=list)
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    stability: np.ndarray | None = None
+    hq_sam_iou: np.ndarray | None = None
+    box_iou: np.ndarray | None = None
     _masks: np.ndarray | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -87,6 +93,7 @@ class LabelResult:
             image_id=image_id,
             classes=list(classes or []),
             max_pixels=max_pixels,
+            **{name: _signal(instances, name) for name in SIGNAL_NAMES},
         )
 
     def __len__(self) -> int:
@@ -127,7 +134,8 @@ class LabelResult:
 
     def rows(self) -> list[dict[str, Any]]:
         """The instances as masks-table rows (``MASKS_SCHEMA``: ``image_id``, ``instance_id``, ``label``,
-        ``score``, ``box``, ``mask``, ``area``, ``pred_iou``), as a labeling job writes them."""
+        ``score``, ``box``, ``mask``, ``area``, ``pred_iou`` and the quality signals, None where unknown), as
+        a labeling job writes them."""
         return [
             {
                 "image_id": self.image_id,
@@ -138,6 +146,7 @@ class LabelResult:
                 "mask": {"size": list(self.rles[k]["size"]), "counts": bytes(self.rles[k]["counts"])},
                 "area": int(self.areas[k]),
                 "pred_iou": float(self.pred_iou[k]),
+                **{name: _signal_value(getattr(self, name), k) for name in SIGNAL_NAMES},
             }
             for k in range(len(self))
         ]
@@ -149,6 +158,18 @@ class LabelResult:
         from hqlabel.api.interop import to_detections
 
         return to_detections(self)
+
+
+def _signal(instances: list[dict[str, Any]], name: str) -> np.ndarray:
+    """N float32 values of a quality-signal column; NaN where the row lacks it (an older output)."""
+    values = [r.get(name) for r in instances]
+    return np.asarray([np.nan if v is None else v for v in values], np.float32)
+
+
+def _signal_value(values: np.ndarray | None, k: int) -> float | None:
+    if values is None or np.isnan(values[k]):
+        return None
+    return float(values[k])
 
 
 def _labeled_images(folder: Any, uri: str) -> Iterator[tuple[str, int, int]]:

@@ -27,6 +27,7 @@ from hqlabel.workers.faults import (
     is_device_error,
     is_transient_label_error,
 )
+from hqlabel.workers.quality import dedupe_instances, mask_box_iou
 
 logger = logging.getLogger(__name__)
 
@@ -100,23 +101,28 @@ class Labeler:
         classes: list[str],
         *,
         resize_budget: int = RESIZE_BUDGET_BYTES,
+        synonyms: dict[str, list[str]] | None = None,
+        mask_nms: float | None = None,
     ) -> None:
         self.detector = detector
         self.segmenter = segmenter
         self.classes = list(classes)
         self.resize_budget = resize_budget
+        # what the detector is prompted with: per class, its synonyms (``LabelerConfig.synonyms``) or its name
+        self.prompts = [list((synonyms or {}).get(c, [c])) for c in self.classes]
+        self.mask_nms = mask_nms
 
     @classmethod
     def from_config(cls, config: LabelerConfig) -> Labeler:
         detector, segmenter = build_models(config)
-        return cls(detector, segmenter, config.classes)
+        return cls(detector, segmenter, config.classes, synonyms=config.synonyms, mask_nms=config.mask_nms)
 
     def _detect(self, images: list[np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         if self.detector is None:
             raise RuntimeError("this Labeler has no detector (prompts='boxes'); pass the boxes to label()")
         return [
             (d.boxes, d.scores, [self.classes[int(k)] for k in d.labels])
-            for d in self.detector.detect(images, self.classes)
+            for d in self.detector.detect(images, self.prompts)
         ]
 
     def label(
@@ -136,7 +142,8 @@ class Labeler:
 
         Returns:
             Per image, its instances as dicts with the fields of ``INSTANCE_TYPE`` (``instance_id`` 0..n-1,
-            by decreasing detector score; ``mask`` COCO RLE at the output size).
+            by decreasing detector score; ``mask`` COCO RLE at the output size; the quality signals of
+            ``hqlabel.workers.quality``), without the duplicates that ``mask_nms`` removes.
         """
         output_sizes = output_sizes or [image.shape[:2] for image in images]
         scales = [
@@ -164,11 +171,14 @@ class Labeler:
             work_boxes, scores, names = prompts[i]
             out_boxes = work_boxes * scales[i]
             rles = []
+            signals = self.segmenter.quality_signals(mask_logits)
             for chunk in self.segmenter.iter_masks(
-                mask_logits, output_sizes[i], budget_bytes=self.resize_budget
+                mask_logits, output_sizes[i], budget_bytes=self.resize_budget, signals=signals
             ):
                 rles += encode_masks(chunk[:, 0].cpu().numpy())
             iou = mask_logits.iou_scores[:, 0].float().cpu().tolist()
+            stability, hq_sam_iou = (t[:, 0].cpu().tolist() for t in signals.result())
+            box_iou = mask_box_iou(rles, out_boxes.numpy())
             for k, rle in enumerate(rles):
                 results[i].append(
                     {
@@ -179,8 +189,12 @@ class Labeler:
                         "mask": rle,
                         "area": mask_area(rle),
                         "pred_iou": iou[k],
+                        "stability": stability[k],
+                        "hq_sam_iou": hq_sam_iou[k],
+                        "box_iou": box_iou[k],
                     }
                 )
+            results[i] = dedupe_instances(results[i], self.mask_nms)
         return results
 
 
