@@ -113,14 +113,16 @@ class Labeler:
             detector: Grounding DINO or OWLv2 hub id or local directory (chosen by its config); under
                 ``preset``, an architecture family: ``"grounding-dino"`` or ``"owlv2"``.
             segmenter: SAM-HQ / SAM hub id, local directory or original ``.pth`` checkpoint.
-            classes: ``"cat, dog"`` or a list; none: no detector is loaded, and every call needs ``boxes``.
+            classes: ``"cat, dog"`` or a list; with synonyms ``"person: man, woman; car: car"``, a mapping or
+                a ``.yaml`` / ``.json`` file (``hqlabel.platform.ontology``); none: no detector is loaded,
+                and every call needs ``boxes``.
             preset: ``"tiny-random"``: tiny randomly initialised models of the same architectures, offline
                 (their boxes and masks are meaningless; for tests).
             batch_size: images per model call (the labeling job's ``batch_size``; Grounding DINO pads a
                 batch to its largest image, which changes the others' boxes slightly).
             max_side / max_pixels: as the labeling job's ``--max-side`` / ``--max-pixels``.
             options: other ``LabelerConfig`` fields: ``box_threshold``, ``text_threshold``,
-                ``nms_threshold``, ``hq_weights``, ``hq_token_only``, ``multimask``, ``device``,
+                ``nms_threshold``, ``mask_nms``, ``hq_weights``, ``hq_token_only``, ``multimask``, ``device``,
                 ``precision``, ``detector_revision``, ``segmenter_revision``, ...
 
         Raises:

@@ -191,8 +191,10 @@ class LabelerConfig(BaseModel):
     @classmethod
     def _parse_ontology(cls, data: Any) -> Any:
         """``classes`` as a list or synonyms (inline, a mapping, a file) -> ``classes`` and ``synonyms``."""
-        if not isinstance(data, dict) or data.get("classes") in (None, "", [], {}):
+        if not isinstance(data, dict) or data.get("classes") in (None, []):
             return data
+        if data["classes"] == "":
+            return {**data, "classes": []}
         from hqlabel.platform.ontology import parse_ontology
 
         classes, synonyms = parse_ontology(data["classes"])
