@@ -92,18 +92,23 @@ def plan_passes(groups: list[list[str]], tokenizer, max_len: int) -> list[TextPa
     phrases = [(c, phrase) for c, group in enumerate(groups) for phrase in group]
     packed: list[list[tuple[int, str]]] = []
     current: list[tuple[int, str]] = []
+
+    def length(members: list[tuple[int, str]]) -> int:
+        return len(tokenizer(build_prompt([p for _, p in members])[0])["input_ids"])
+
     for c, phrase in phrases:
         candidate = [*current, (c, phrase)]
-        if len(tokenizer(build_prompt([p for _, p in candidate])[0])["input_ids"]) <= max_len:
+        if length(candidate) <= max_len:
             current = candidate
             continue
-        if not current:
-            n = len(tokenizer(build_prompt([phrase])[0])["input_ids"])
+        n = length([(c, phrase)])
+        if n > max_len:
             raise ValueError(
                 f"the prompt for class name {phrase!r} alone is {n} tokens, more than the detector's "
                 f"limit of {max_len}; shorten it"
             )
-        packed.append(current)
+        if current:
+            packed.append(current)
         current = [(c, phrase)]
     if current:
         packed.append(current)

@@ -31,7 +31,7 @@ def mask_box_iou(rles: list[dict[str, Any]], prompt_boxes: np.ndarray) -> list[f
     if not rles:
         return []
     tight = np.asarray([rle_to_bbox(rle) for rle in rles], np.float64)
-    return box_iou(tight, prompt_boxes).tolist()
+    return box_iou(tight, prompt_boxes).astype(np.float32).tolist()  # float32 values, as written
 
 
 def mask_nms(rles: list[dict[str, Any]], scores: list[float], iou_threshold: float) -> list[int]:
