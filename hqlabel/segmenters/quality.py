@@ -23,9 +23,9 @@ class HQLogitsCapture:
 
     The decoder computes ``masks_hq = hq_mask_mlp(hq_token) @ (mask_conv2(...) + hq_features)`` with
     ``hq_features = encoder_conv2(...) [+ compress_vit_conv2(...)]`` and returns ``masks_sam + masks_hq``; the
-    hooks keep those four module outputs while ``enabled`` and ``hq_logits`` redoes that one product (the
-    same operands as the model's, B*N x 1 x 256 x 256 for N prompts: negligible next to the decoder). A class,
-    not closures, so that a model with the hooks still pickles.
+    hooks keep those four module outputs while ``enabled``, and the last one's hook redoes that one product
+    at once (the same operands as the model's) and lets the feature maps go; ``hq_logits`` hands it over
+    (B*N x 1 x 256 x 256 for N prompts). A class, not closures, so that a model with the hooks still pickles.
     """
 
     _MODULES = ("encoder_conv2", "compress_vit_conv2", "mask_conv2", "hq_mask_mlp")
@@ -43,7 +43,14 @@ class HQLogitsCapture:
     def hq_logits(self, n: int) -> Tensor:
         """The last call's HQ logits: n x 1 x h x w (n prompts, one image), and stop capturing."""
         self.enabled = False
-        out, self.outputs = self.outputs, {}
+        logits, self.outputs = self.outputs.pop("logits"), {}
+        return logits.reshape(n, 1, *logits.shape[-2:])
+
+    def _product(self) -> None:
+        """Called as soon as the HQ token's hypernetwork output exists: the product, and the kept feature
+        maps released (they would otherwise outlive the decoder call, B*N x 32 x 256 x 256 each)."""
+        out = self.outputs
+        self.outputs = {}
         features = out["mask_conv2"]  # B*N x C x h x w
         hq_features = out["encoder_conv2"]
         if "compress_vit_conv2" in out:
@@ -53,7 +60,7 @@ class HQLogitsCapture:
         features = features + hq_features
         c, h, w = features.shape[1:]
         hyper = out["hq_mask_mlp"].reshape(-1, 1, c)  # B*N x 1 x C
-        return (hyper @ features.reshape(-1, c, h * w)).reshape(n, 1, h, w)
+        self.outputs = {"logits": (hyper @ features.reshape(-1, c, h * w)).reshape(-1, h, w)}
 
 
 class _Keep:
@@ -63,6 +70,8 @@ class _Keep:
     def __call__(self, _module: nn.Module, _args: tuple, output: Tensor) -> None:
         if self.capture.enabled:
             self.capture.outputs[self.name] = output
+            if self.name == "hq_mask_mlp":  # the last of the four in the decoder's forward
+                self.capture._product()
 
 
 class MaskSignals:
