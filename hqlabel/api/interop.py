@@ -39,6 +39,11 @@ def to_detections(result: LabelResult) -> supervision.Detections:
         data={
             "class_name": np.asarray(result.labels, dtype=str),
             "pred_iou": np.asarray(result.pred_iou, np.float32),
+            **{
+                name: np.asarray(getattr(result, name), np.float32)
+                for name in ("stability", "hq_sam_iou", "box_iou")
+                if getattr(result, name) is not None
+            },
         },
     )
 

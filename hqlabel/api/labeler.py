@@ -115,8 +115,10 @@ class Labeler:
                 its config); under ``preset``, an architecture family: ``"grounding-dino"``,
                 ``"mm-grounding-dino"``, ``"owlv2"`` or ``"sam3"``.
             segmenter: SAM-HQ / SAM hub id, local directory or original ``.pth`` checkpoint; under
-                ``preset``, an architecture family: ``"sam-hq"`` or ``"sam"``.
-            classes: ``"cat, dog"`` or a list; none: no detector is loaded, and every call needs ``boxes``.
+                ``preset``, an architecture family: ``"sam-hq"``, ``"sam"`` or ``"sam-hq-light"``.
+            classes: ``"cat, dog"`` or a list; with synonyms ``"person: man, woman; car: car"``, a mapping or
+                a ``.yaml`` / ``.json`` file (``hqlabel.platform.ontology``); none: no detector is loaded,
+                and every call needs ``boxes``.
             preset: ``"tiny-random"``: tiny randomly initialised models of the same architectures, offline
                 (their boxes and masks are meaningless; for tests).
             batch_size: images per model call (the labeling job's ``batch_size``; Grounding DINO pads a
@@ -125,7 +127,7 @@ class Labeler:
             tile / tile_overlap / tile_full_image: tiled detection for small objects in large images, as
                 the labeling job's ``--tile`` options (``hqlabel.workers.tiling``).
             options: other ``LabelerConfig`` fields: ``box_threshold``, ``text_threshold``,
-                ``nms_threshold``, ``hq_weights``, ``hq_token_only``, ``multimask``, ``device``,
+                ``nms_threshold``, ``mask_nms``, ``hq_weights``, ``hq_token_only``, ``multimask``, ``device``,
                 ``precision``, ``detector_revision``, ``segmenter_revision``, ...
 
         Raises:

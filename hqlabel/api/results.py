@@ -17,6 +17,7 @@ import numpy as np
 
 from hqlabel.platform.images import DEFAULT_MAX_PIXELS
 from hqlabel.platform.rle import decode_mask
+from hqlabel.platform.schema import SIGNAL_NAMES
 from hqlabel.platform.storage import StorageOptions
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ class LabelResult:
         boxes: N x 4 float32, XYXY pixels.
         labels: N class names.
         scores: N float32 detector confidences (1.0 for given box prompts).
-        pred_iou: N float32, HQ-SAM's IoU-head prediction of each mask's quality (0..1).
+        pred_iou: N float32, SAM's IoU-head prediction for SAM's own mask (not the HQ-corrected one).
         areas: N int64, mask pixels.
         rles: N COCO compressed RLE dicts ``{"size": [H, W], "counts": bytes}``.
         image_id: the image's id in a labels folder (``read_labels``); None for in-memory images.
@@ -47,6 +48,8 @@ class LabelResult:
             ``--max-pixels``); None: no cap.
         sam3_rles: per instance, the SAM 3 detector's own mask as RLE (``--detector sam3``), else None; an
             empty list: none at all (other detectors, outputs written before the ``sam3_mask`` column).
+        stability, hq_sam_iou, box_iou: N float32 quality signals (``hqlabel.platform.schema``); NaN where
+            the output predates them. None: not given (a result built by hand).
     """
 
     height: int
@@ -61,6 +64,9 @@ class LabelResult:
     classes: list[str] = field(default_factory=list)
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     sam3_rles: list[dict[str, Any] | None] = field(default_factory=list, repr=False)
+    stability: np.ndarray | None = None
+    hq_sam_iou: np.ndarray | None = None
+    box_iou: np.ndarray | None = None
     _masks: np.ndarray | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -91,6 +97,7 @@ class LabelResult:
             classes=list(classes or []),
             max_pixels=max_pixels,
             sam3_rles=[_plain_rle(r.get("sam3_mask")) for r in instances],
+            **{name: _signal(instances, name) for name in SIGNAL_NAMES},
         )
 
     def __len__(self) -> int:
@@ -131,8 +138,8 @@ class LabelResult:
 
     def rows(self) -> list[dict[str, Any]]:
         """The instances as masks-table rows (``MASKS_SCHEMA``: ``image_id``, ``instance_id``, ``label``,
-        ``score``, ``box``, ``mask``, ``area``, ``pred_iou``, ``sam3_mask``), as a labeling job writes
-        them."""
+        ``score``, ``box``, ``mask``, ``area``, ``pred_iou``, ``sam3_mask`` and the quality signals, None
+        where unknown), as a labeling job writes them."""
         return [
             {
                 "image_id": self.image_id,
@@ -144,6 +151,7 @@ class LabelResult:
                 "area": int(self.areas[k]),
                 "pred_iou": float(self.pred_iou[k]),
                 "sam3_mask": self.sam3_rles[k] if self.sam3_rles else None,
+                **{name: _signal_value(getattr(self, name), k) for name in SIGNAL_NAMES},
             }
             for k in range(len(self))
         ]
@@ -162,6 +170,18 @@ def _plain_rle(rle: dict[str, Any] | None) -> dict[str, Any] | None:
     if rle is None:
         return None
     return {"size": [int(v) for v in rle["size"]], "counts": bytes(rle["counts"])}
+
+
+def _signal(instances: list[dict[str, Any]], name: str) -> np.ndarray:
+    """N float32 values of a quality-signal column; NaN where the row lacks it (an older output)."""
+    values = [r.get(name) for r in instances]
+    return np.asarray([np.nan if v is None else v for v in values], np.float32)
+
+
+def _signal_value(values: np.ndarray | None, k: int) -> float | None:
+    if values is None or np.isnan(values[k]):
+        return None
+    return float(values[k])
 
 
 def _labeled_images(folder: Any, uri: str) -> Iterator[tuple[str, int, int]]:

@@ -41,8 +41,9 @@ class Detections:
 class Detector(Protocol):
     """An open-vocabulary detector: images + class names in, boxes with class indices out."""
 
-    def detect(self, images: list[np.ndarray], classes: list[str]) -> list[Detections]:
-        """Detect ``classes`` in each of ``images`` (H x W x 3 uint8 RGB); one ``Detections`` per image."""
+    def detect(self, images: list[np.ndarray], classes: list[str] | list[list[str]]) -> list[Detections]:
+        """Detect ``classes`` in each of ``images`` (H x W x 3 uint8 RGB); one ``Detections`` per image.
+        A class is a name or a list of synonyms (``prompt_groups``); labels index ``classes``."""
         ...
 
 
@@ -107,6 +108,11 @@ class TransformersDetector:
         ``max_detections``, by decreasing score, on the CPU."""
         kept = batched_nms(boxes, scores, labels, self.nms_threshold, self.max_detections)
         return Detections(boxes[kept].cpu(), scores[kept].cpu(), labels[kept].cpu())
+
+
+def prompt_groups(classes: list[str] | list[list[str]]) -> list[list[str]]:
+    """Per class, the phrases a detector is prompted with: a name alone, or the class's list of synonyms."""
+    return [[c] if isinstance(c, str) else list(c) for c in classes]
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from transformers.models.grounding_dino.image_processing_pil_grounding_dino impo
     GroundingDinoImageProcessorPil,
 )
 
-from hqlabel.detectors.base import Detections, TransformersDetector
+from hqlabel.detectors.base import Detections, TransformersDetector, prompt_groups
 from hqlabel.platform.config import Precision
 from hqlabel.platform.preprocess import Preprocess, grounding_dino_pixel_values, use_torch_preprocess
 
@@ -67,6 +67,63 @@ def token_class_map(
     return positive
 
 
+class TextPass:
+    """One detector pass: a prompt, its C' x T token map and the class index of each of its C' rows."""
+
+    def __init__(self, prompt: str, positive: torch.Tensor, class_ids: torch.Tensor) -> None:
+        self.prompt, self.positive, self.class_ids = prompt, positive, class_ids
+
+
+def plan_passes(groups: list[list[str]], tokenizer, max_len: int) -> list[TextPass]:
+    """Pack the phrases of ``groups`` (per class, its synonyms) into as few prompts as fit ``max_len`` tokens.
+
+    Phrases are packed in order, a prompt closing when the next phrase would take it over the limit (counted
+    by tokenizing the prompt with ``tokenizer``, special tokens included); a class's synonyms may land in
+    different passes (its boxes meet again at the NMS).
+
+    Raises:
+        ValueError: one phrase alone is over the limit, or produces no tokens.
+    """
+    phrases = [(c, phrase) for c, group in enumerate(groups) for phrase in group]
+    packed: list[list[tuple[int, str]]] = []
+    current: list[tuple[int, str]] = []
+
+    def length(members: list[tuple[int, str]]) -> int:
+        return len(tokenizer(build_prompt([p for _, p in members])[0])["input_ids"])
+
+    for c, phrase in phrases:
+        candidate = [*current, (c, phrase)]
+        if length(candidate) <= max_len:
+            current = candidate
+            continue
+        n = length([(c, phrase)])
+        if n > max_len:
+            raise ValueError(
+                f"the prompt for class name {phrase!r} alone is {n} tokens, more than the detector's "
+                f"limit of {max_len}; shorten it"
+            )
+        if current:
+            packed.append(current)
+        current = [(c, phrase)]
+    if current:
+        packed.append(current)
+    passes = []
+    for members in packed:
+        prompt, spans = build_prompt([p for _, p in members])
+        encoded = tokenizer(prompt, return_offsets_mapping=True)
+        by_phrase = token_class_map(encoded["offset_mapping"], spans, max_len)
+        missing = [p for (_, p), row in zip(members, by_phrase, strict=True) if not row.any()]
+        if missing:
+            raise ValueError(f"class names {missing} produce no tokens for the detector; rename them")
+        class_ids = sorted({c for c, _ in members})
+        row = {c: k for k, c in enumerate(class_ids)}
+        positive = torch.zeros(len(class_ids), max_len, dtype=torch.bool)
+        for (c, _), tokens in zip(members, by_phrase, strict=True):
+            positive[row[c]] |= tokens
+        passes.append(TextPass(prompt, positive, torch.tensor(class_ids, dtype=torch.int64)))
+    return passes
+
+
 class GroundingDinoDetector(TransformersDetector):
     """Grounding DINO with class-aware NMS; ``detect`` takes a batch of images and a class list.
 
@@ -102,26 +159,45 @@ class GroundingDinoDetector(TransformersDetector):
             precision=precision,
         )
         self.torch_preprocess = use_torch_preprocess(preprocess, self.device)
-        self._prompt_cache: dict[tuple[str, ...], tuple[str, torch.Tensor]] = {}
+        self._prompt_cache: dict[tuple[tuple[str, ...], ...], list[TextPass]] = {}
         self._text_cache: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 
-    def _prompt(self, classes: list[str]) -> tuple[str, torch.Tensor]:
-        key = tuple(classes)
+    def passes(self, classes: list[str] | list[list[str]]) -> list[TextPass]:
+        """The detector passes for ``classes`` (names, or per class a list of synonyms): one prompt when
+        they fit the text limit, else several (``plan_passes``); cached."""
+        groups = prompt_groups(classes)
+        key = tuple(tuple(g) for g in groups)
         if key not in self._prompt_cache:
-            prompt, spans = build_prompt(classes)
-            max_len = self.model.config.max_text_len
-            encoded = self.processor.tokenizer(prompt, return_offsets_mapping=True)
-            if len(encoded["input_ids"]) > max_len:
-                raise ValueError(
-                    f"the prompt for {len(classes)} classes is {len(encoded['input_ids'])} tokens, more than "
-                    f"the detector's limit of {max_len}; pass fewer or shorter class names"
-                )
-            positive = token_class_map(encoded["offset_mapping"], spans, max_len)
-            missing = [classes[c] for c in range(len(classes)) if not positive[c].any()]
-            if missing:
-                raise ValueError(f"class names {missing} produce no tokens for the detector; rename them")
-            self._prompt_cache[key] = (prompt, positive)
+            passes = plan_passes(groups, self.processor.tokenizer, self.model.config.max_text_len)
+            self._prompt_cache[key] = passes
         return self._prompt_cache[key]
+
+    def _detect_pass(
+        self, images: list[np.ndarray], text: TextPass
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """One model call with one prompt: per image, the boxes over ``box_threshold`` (XYXY pixels), their
+        scores and class indices (into the whole class list), before NMS."""
+        inputs = self._inputs(images, text.prompt)
+        with self.autocast():
+            outputs = self.model(**inputs)
+        probs = outputs.logits.float().sigmoid()  # B x Q x T
+        positive = text.positive.to(self.device)
+        # B x Q x C': best token score per class; a class with all tokens under text_threshold drops out.
+        class_scores = (probs[:, :, None, :] * positive[None, None]).amax(-1)
+        class_scores = class_scores.masked_fill(class_scores < self.text_threshold, 0.0)
+        scores, labels = class_scores.max(-1)
+        labels = text.class_ids.to(self.device)[labels]
+        found = []
+        for i, image in enumerate(images):
+            h, w = image.shape[:2]
+            keep = scores[i] > self.box_threshold
+            cx, cy, bw, bh = outputs.pred_boxes[i, keep].float().unbind(-1)
+            boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1)
+            boxes = boxes * torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+            found.append((boxes, scores[i, keep], labels[i, keep]))
+        return found
 
     def _inputs(self, images: list[np.ndarray], prompt: str) -> dict[str, torch.Tensor]:
         """The model's inputs on the device: from the processor, or (``torch_preprocess``) pixels resized on
@@ -144,39 +220,27 @@ class GroundingDinoDetector(TransformersDetector):
         return {**self._text_cache[key], "pixel_values": pixel_values, "pixel_mask": pixel_mask}
 
     @torch.inference_mode()
-    def detect(self, images: list[np.ndarray], classes: list[str]) -> list[Detections]:
+    def detect(self, images: list[np.ndarray], classes: list[str] | list[list[str]]) -> list[Detections]:
         """Detect ``classes`` in ``images``.
 
         Args:
             images: H x W x 3 uint8 RGB arrays (sizes may differ).
-            classes: class names; ``Detections.labels`` index into this list.
+            classes: class names, or per class a list of synonyms (each a phrase of the prompt; a box scores
+                a class by its best token over all of them); ``Detections.labels`` index into this list.
 
         Returns:
             One ``Detections`` per image, boxes in XYXY pixels of that image, at most ``max_detections``.
         """
         if not images:
             return []
-        prompt, positive = self._prompt(classes)
-        inputs = self._inputs(images, prompt)
-        with self.autocast():
-            outputs = self.model(**inputs)
-        probs = outputs.logits.float().sigmoid()  # B x Q x T
-        positive = positive.to(self.device)
-        # B x Q x C: best token score per class; a class whose tokens all stay under text_threshold drops out.
-        class_scores = (probs[:, :, None, :] * positive[None, None]).amax(-1)
-        class_scores = class_scores.masked_fill(class_scores < self.text_threshold, 0.0)
-        scores, labels = class_scores.max(-1)
-
+        found: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in images]
+        for text in self.passes(classes):
+            for i, candidates in enumerate(self._detect_pass(images, text)):
+                found[i].append(candidates)
         results = []
-        for i, image in enumerate(images):
-            h, w = image.shape[:2]
-            keep = scores[i] > self.box_threshold
-            cx, cy, bw, bh = outputs.pred_boxes[i, keep].float().unbind(-1)
-            boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1)
-            boxes = boxes * torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
-            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-            results.append(self.keep(boxes, scores[i, keep], labels[i, keep]))
+        for candidates in found:
+            boxes, det_scores, det_labels = (torch.cat(parts) for parts in zip(*candidates, strict=True))
+            results.append(self.keep(boxes, det_scores, det_labels))
         return results
 
 

@@ -27,7 +27,7 @@ from transformers import (
 )
 from transformers.models.owlv2.image_processing_pil_owlv2 import Owlv2ImageProcessorPil
 
-from hqlabel.detectors.base import Detections, TransformersDetector
+from hqlabel.detectors.base import Detections, TransformersDetector, prompt_groups
 from hqlabel.platform.config import Precision
 from hqlabel.platform.preprocess import PREPROCESS_MODES, Preprocess
 
@@ -126,25 +126,33 @@ class Owlv2Detector(TransformersDetector):
         return pixels.to(self.device)
 
     @torch.inference_mode()
-    def detect(self, images: list[np.ndarray], classes: list[str]) -> list[Detections]:
+    def detect(self, images: list[np.ndarray], classes: list[str] | list[list[str]]) -> list[Detections]:
         """Detect ``classes`` in ``images``.
 
         Args:
             images: H x W x 3 uint8 RGB arrays (sizes may differ).
-            classes: class names, one text query each; ``Detections.labels`` index into this list.
+            classes: class names, one text query each, or per class a list of synonyms, one query each (a
+                box's logit for a class is its best over the class's queries); ``Detections.labels`` index
+                into this list.
 
         Returns:
             One ``Detections`` per image, boxes in XYXY pixels of that image, at most ``max_detections``.
         """
         if not images:
             return []
-        text = self.queries(classes)
+        groups = prompt_groups(classes)
+        text = self.queries([phrase for group in groups for phrase in group])
         inputs = {k: v.repeat(len(images), 1) for k, v in text.items()}  # (B * C) x L, image-major
         with self.autocast():
             outputs = self.model(pixel_values=self.pixel_values(images), **inputs)
         # B x P x C; the best class by logit, as transformers' post-processing (sigmoid saturates to 1.0 in
         # float32 and would tie classes); a class under text_threshold is not a candidate
         logits = outputs.logits.float()
+        if any(len(group) > 1 for group in groups):  # B x P x queries -> B x P x C, a class's best query
+            owner = torch.tensor([c for c, group in enumerate(groups) for _ in group], device=logits.device)
+            logits = logits.new_full((*logits.shape[:2], len(groups)), float("-inf")).scatter_reduce(
+                -1, owner.expand_as(logits), logits, "amax"
+            )
         logits = logits.masked_fill(logits.sigmoid() < self.text_threshold, float("-inf"))
         best, labels = logits.max(-1)
         scores = best.sigmoid()

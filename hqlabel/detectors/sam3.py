@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Sam3Config, Sam3Model
 
-from hqlabel.detectors.base import Detections, TransformersDetector, batched_nms
+from hqlabel.detectors.base import Detections, TransformersDetector, batched_nms, prompt_groups
 from hqlabel.platform.config import Precision
 from hqlabel.platform.preprocess import PREPROCESS_MODES, Preprocess
 
@@ -151,12 +151,14 @@ class Sam3Detector(TransformersDetector):
             ]
 
     @torch.inference_mode()
-    def detect(self, images: list[np.ndarray], classes: list[str]) -> list[Detections]:
+    def detect(self, images: list[np.ndarray], classes: list[str] | list[list[str]]) -> list[Detections]:
         """Detect ``classes`` in ``images``.
 
         Args:
             images: H x W x 3 uint8 RGB arrays (sizes may differ).
-            classes: class names, one text prompt each; ``Detections.labels`` index into this list.
+            classes: class names, one text prompt each, or per class a list of synonyms, one prompt each (the
+                boxes of all of a class's prompts are that class's; the NMS runs on classes);
+                ``Detections.labels`` index into this list.
 
         Returns:
             One ``Detections`` per image: boxes in XYXY pixels of that image, at most ``max_detections``, and
@@ -164,13 +166,15 @@ class Sam3Detector(TransformersDetector):
         """
         if not images:
             return []
-        per_class = self.raw_outputs(images, classes)
+        groups = prompt_groups(classes)
+        owners = [c for c, group in enumerate(groups) for _ in group]
+        per_class = self.raw_outputs(images, [phrase for group in groups for phrase in group])
         results = []
         for i, image in enumerate(images):
             h, w = image.shape[:2]
             scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
             boxes, scores, labels, masks = [], [], [], []
-            for c, out in enumerate(per_class):
+            for c, out in zip(owners, per_class, strict=True):
                 presence = out.presence_logits[i].float().sigmoid()  # 1
                 score = out.pred_logits[i].float().sigmoid() * presence  # Q
                 keep = score > self.box_threshold

@@ -35,7 +35,13 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
         "input",
         help="a folder of images (recursive), Parquet file/folder of shards, or COCO JSON; local or s3://",
     )
-    p.add_argument("--classes", default="", help='comma-separated class names, e.g. "person, bicycle"')
+    p.add_argument(
+        "--classes",
+        default="",
+        help='comma-separated class names, e.g. "person, bicycle"; with synonyms (the detector is prompted '
+        'with them, rows are labeled with the class): "person: man, woman; car: car, truck", or a .yaml / '
+        ".json file of a mapping class -> list of synonyms (or of a list of names)",
+    )
     p.add_argument(
         "--prompts",
         choices=("detector", "boxes"),
@@ -47,6 +53,12 @@ def _add_label_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--box-threshold", type=float, default=0.35, help="minimum box score (default 0.35)")
     p.add_argument("--text-threshold", type=float, default=0.25, help="minimum class token score (0.25)")
     p.add_argument("--nms-threshold", type=float, default=0.5, help="same-class box IoU merged by NMS (0.5)")
+    p.add_argument(
+        "--mask-nms",
+        type=float,
+        help="class-agnostic NMS by mask IoU, e.g. 0.8: of two masks of an image overlapping more, the "
+        "lower-scored is dropped (duplicates box NMS misses; default: off)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="images per model call (default 8)")
     p.add_argument(
         "--num-workers", type=int, help="labeling actors, a fixed pool (default: one per GPU, or by CPUs)"
@@ -165,6 +177,7 @@ def _label(args: argparse.Namespace) -> int:
         box_threshold=args.box_threshold,
         text_threshold=args.text_threshold,
         nms_threshold=args.nms_threshold,
+        mask_nms=args.mask_nms,
         hq_token_only=args.hq_token_only,
         multimask=args.multimask,
         hq_weights=args.hq_weights,

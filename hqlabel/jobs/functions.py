@@ -39,8 +39,10 @@ def label_spec(input: str, *, out: str, classes: str | list[str] = "", **options
         input: a folder of images (recursive), a Parquet file or folder of shards, or a COCO JSON; local,
             ``file://`` or ``s3://``.
         out: the output folder (local or ``s3://``).
-        classes: ``"cat, dog"`` or ``["cat", "dog"]``.
+        classes: ``"cat, dog"`` or ``["cat", "dog"]``; with synonyms ``"person: man, woman; car: car"``, a
+            mapping ``{"person": ["man", "woman"]}`` or a ``.yaml`` / ``.json`` file of one.
         options: any field of ``LabelerConfig`` (``detector``, ``segmenter``, ``preset``, ``box_threshold``,
+            ``mask_nms``,
             ``prompts``, ``device``, ...) or of ``LabelJobSpec`` (``batch_size``, ``num_workers``,
             ``shard_size``, ``s3_endpoint``, ``ray_address``, ``overwrite``, ...); None values are left out.
 

@@ -7,9 +7,9 @@ and the resolved value is saved next to every output (``job.json``).
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
     import torch
@@ -111,7 +111,14 @@ class LabelerConfig(BaseModel):
 
     classes: list[str] = Field(
         default_factory=list,
-        description="Class names to detect; the output `label` column takes these values.",
+        description="Class names to detect; the output `label` column takes these values. Also accepts "
+        "synonyms ('person: man, woman; car: car, truck', a mapping, or a .yaml / .json file of one; see "
+        "hqlabel.platform.ontology), which fill `synonyms`.",
+    )
+    synonyms: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Per class, the phrases the detector is prompted with (rows are labeled with the class "
+        "name); empty: each class is prompted with its own name.",
     )
     prompts: Literal["detector", "boxes"] = Field(
         "detector",
@@ -180,6 +187,13 @@ class LabelerConfig(BaseModel):
         description="torch.compile the segmenter's image encoder (GPU-oriented: the first batch of each new "
         "shape compiles, seconds to minutes; needs a C++ compiler on the CPU).",
     )
+    mask_nms: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Class-agnostic NMS by mask IoU: of two masks of an image overlapping by more than this "
+        "(e.g. 0.8), the lower-scored is dropped (duplicates that box NMS misses); None: off.",
+    )
     preprocess: Preprocess = Field(
         "auto",
         description="Where images are resized and normalised for the models: 'processor' (transformers' "
@@ -202,10 +216,34 @@ class LabelerConfig(BaseModel):
         "(default True).",
     )
 
-    @field_validator("classes", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _clean_classes(cls, value: str | list[str]) -> list[str]:
-        return [] if value in ("", []) else parse_classes(value)
+    def _parse_ontology(cls, data: Any) -> Any:
+        """``classes`` as a list or synonyms (inline, a mapping, a file) -> ``classes`` and ``synonyms``."""
+        if not isinstance(data, dict) or data.get("classes") in (None, []):
+            return data
+        if data["classes"] == "":
+            return {**data, "classes": []}
+        from hqlabel.platform.ontology import parse_ontology
+
+        classes, synonyms = parse_ontology(data["classes"])
+        if synonyms and data.get("synonyms"):
+            raise ValueError("classes with synonyms and synonyms= both given; pass the synonyms once")
+        return {**data, "classes": classes, "synonyms": synonyms or data.get("synonyms") or {}}
+
+    @model_validator(mode="after")
+    def _synonyms_name_the_classes(self) -> LabelerConfig:
+        if not self.synonyms:
+            return self
+        extra = sorted(set(self.synonyms) - set(self.classes))
+        missing = [c for c in self.classes if c not in self.synonyms]
+        empty = [c for c, prompts in self.synonyms.items() if not prompts]
+        if extra or missing or empty:
+            raise ValueError(
+                f"synonyms must give each class its prompts: not classes {extra}, classes without synonyms "
+                f"{missing}, empty lists {empty}; pass them together as --classes 'class: synonym, ...; ...'"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -9,10 +9,16 @@ The masks table is the output contract of a labeling job (one row per instance):
     box          fixed_size_list<float32>[4]   XYXY pixels of the original image
     mask         struct<size: list<int32> [height, width], counts: binary>   COCO compressed RLE
     area         int64            mask pixels at the original resolution
-    pred_iou     float32          HQ-SAM IoU-head prediction
+    pred_iou     float32          SAM's IoU-head prediction for SAM's own mask (not the HQ-corrected one)
     sam3_mask    struct (as mask), nullable   the SAM 3 detector's own mask of the instance (``--detector
                                   sam3``), to compare with HQ-SAM's ``mask``; null for other detectors, and
                                   absent from outputs written before it existed (readers treat it as null)
+    stability    float32 (null)   IoU of the final mask thresholded at mask_threshold -1 and +1 (logits)
+    hq_sam_iou   float32 (null)   IoU of the final (HQ-corrected) mask with SAM's own mask; 1.0 for plain SAM
+    box_iou      float32 (null)   IoU of the mask's tight bounding box with its prompt box
+
+The last three (quality signals, ``SIGNAL_FIELDS``) are null in outputs written before they existed; readers
+fill them in (``conform``), so old and new outputs read alike.
 """
 
 from __future__ import annotations
@@ -23,6 +29,14 @@ import pyarrow.compute as pc
 RLE_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.binary())])
 BOX_TYPE = pa.list_(pa.float32(), 4)
 
+# Per-mask quality signals (``hqlabel.workers.quality``), added after the first outputs were written:
+# nullable, and absent from older outputs (``conform`` adds them as nulls).
+SIGNAL_FIELDS: list[pa.Field] = [
+    pa.field("stability", pa.float32()),
+    pa.field("hq_sam_iou", pa.float32()),
+    pa.field("box_iou", pa.float32()),
+]
+SIGNAL_NAMES: tuple[str, ...] = tuple(f.name for f in SIGNAL_FIELDS)
 INSTANCE_FIELDS: list[pa.Field] = [
     pa.field("instance_id", pa.int32(), nullable=False),
     pa.field("label", pa.string(), nullable=False),
@@ -32,6 +46,7 @@ INSTANCE_FIELDS: list[pa.Field] = [
     pa.field("area", pa.int64(), nullable=False),
     pa.field("pred_iou", pa.float32(), nullable=False),
     pa.field("sam3_mask", RLE_TYPE, nullable=True),
+    *SIGNAL_FIELDS,
 ]
 INSTANCE_TYPE = pa.struct(INSTANCE_FIELDS)
 
@@ -104,6 +119,22 @@ RESULT_SCHEMA = pa.schema(
         pa.field("node_id", pa.string()),
     ]
 )
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` in ``schema``: its columns in ``schema``'s order and types, and the nullable columns it lacks
+    (a table written before they existed, e.g. the quality signals) added as nulls.
+
+    Raises:
+        ValueError: a non-nullable column of ``schema`` is missing.
+    """
+    missing = [f for f in schema if f.name not in table.column_names]
+    required = [f.name for f in missing if not f.nullable]
+    if required:
+        raise ValueError(f"the table lacks the columns {required}; its columns: {table.column_names}")
+    for f in missing:
+        table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    return table.select(schema.names).cast(schema)
 
 
 def results_to_tables(results: pa.Table, *, with_row: bool = False) -> tuple[pa.Table, pa.Table, pa.Table]:

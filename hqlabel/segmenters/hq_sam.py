@@ -29,6 +29,7 @@ from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPi
 from hqlabel.platform.config import Precision, autocast, resolve_precision
 from hqlabel.platform.hub import load_pretrained
 from hqlabel.platform.preprocess import Preprocess, sam_pixel_values, use_torch_preprocess
+from hqlabel.segmenters.quality import HQLogitsCapture, MaskSignals
 from hqlabel.segmenters.structures import ImageEmbeddings, MaskLogits, Prompts
 from hqlabel.segmenters.transformers_fixes import fix_sam_hq_mask_decoder
 
@@ -91,6 +92,8 @@ class HQSamSegmenter:
         if isinstance(model, SamHQModel):
             fix_sam_hq_mask_decoder(model)  # transformers' HQ decoder upscales the wrong tensor (see module)
         self.model = model.to(self.device).eval()
+        # the HQ token's own logits of each ``predict`` call, for SAM's mask next to the final one
+        self._hq_capture = HQLogitsCapture(self.model.mask_decoder) if self.is_hq else None
         self.processor = processor
         self.hq_token_only = hq_token_only
         self.mask_threshold = mask_threshold
@@ -246,7 +249,7 @@ class HQSamSegmenter:
             image = embeddings[i]
             (h, w), (rh, rw) = image.original_sizes[0], image.reshaped_sizes[0]
             scale = torch.tensor([rw / w, rh / h])
-            logits, scores = [], []
+            logits, scores, sam_logits = [], [], []
             n = 0 if image_prompts is None else len(image_prompts)
             side = 4 * image.image_embeddings.shape[-1]
             if n and image_prompts.masks is not None and image_prompts.masks.shape[-2:] != (side, side):
@@ -257,16 +260,20 @@ class HQSamSegmenter:
             for start in range(0, n, self.chunk_size):
                 chunk = image_prompts.slice(start, start + self.chunk_size)
                 with self.autocast():
-                    masks, iou = self._decode(image, chunk, scale)
+                    masks, iou, sam = self._decode(image, chunk, scale, with_sam=True)
                 logits.append(masks.float())
                 scores.append(iou.float())
+                if sam is not None:
+                    sam_logits.append(sam.float())
             if logits:
                 mask_logits, iou = torch.cat(logits), torch.cat(scores)
             else:
                 k = 3 if self.multimask == "all" and not self.hq_token_only else 1
                 mask_logits = image.image_embeddings.new_zeros(0, k, side, side)
                 iou = image.image_embeddings.new_zeros(0, k)
-            results.append(MaskLogits(mask_logits, iou, (h, w), (rh, rw)))
+                sam_logits = [mask_logits] if self.is_hq else []
+            sam = torch.cat(sam_logits) if sam_logits else None
+            results.append(MaskLogits(mask_logits, iou, (h, w), (rh, rw), sam_logits=sam))
         return results
 
     def decode_logits(self, image: ImageEmbeddings, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,14 +293,17 @@ class HQSamSegmenter:
         if len(image) != 1:
             raise ValueError(f"decode_logits takes the embeddings of one image, got {len(image)}")
         (h, w), (rh, rw) = image.original_sizes[0], image.reshaped_sizes[0]
-        return self._decode(image, prompts, torch.tensor([rw / w, rh / h]))
+        masks, iou, _ = self._decode(image, prompts, torch.tensor([rw / w, rh / h]))
+        return masks, iou
 
     def _decode(
-        self, image: ImageEmbeddings, prompts: Prompts, scale: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decoder call for the n prompts of one image -> (n x K x h x w logits, n x K IoU)."""
+        self, image: ImageEmbeddings, prompts: Prompts, scale: torch.Tensor, *, with_sam: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One decoder call for the n prompts of one image -> (n x K x h x w logits, n x K IoU, SAM's own
+        n x K x h x w logits for the same masks or None). SAM's logits come with ``with_sam`` on an HQ model:
+        the HQ token's part (``HQLogitsCapture``) subtracted from SAM + HQ, from the same call."""
         if prompts.points is not None and bool((prompts.point_labels == -10).any()):
-            return self._decode_without_padding(image, prompts, scale)
+            return self._decode_without_padding(image, prompts, scale, with_sam=with_sam)
         n, dtype = len(prompts), self.model.dtype
         kwargs: dict = {}
         if prompts.masks is None:
@@ -312,24 +322,36 @@ class HQSamSegmenter:
             points = prompts.points * scale
             kwargs["input_points"] = points.reshape(*shape, -1, 2).to(self.device, dtype)
             kwargs["input_labels"] = prompts.point_labels.reshape(*shape, -1).to(self.device)
+        capture = self._hq_capture if with_sam else None
         if self.is_hq:
-            kwargs.update(intermediate_embeddings=inter, hq_token_only=self.hq_token_only)
+            # with the HQ part captured, SAM + HQ gives both masks (HQ alone is that part)
+            hq_only = self.hq_token_only and capture is None
+            kwargs.update(intermediate_embeddings=inter, hq_token_only=hq_only)
+        if capture is not None:
+            capture.start()
         out = self.model(image_embeddings=embed, multimask_output=self.multimask != "off", **kwargs)
         masks = out.pred_masks.reshape(n, -1, *out.pred_masks.shape[-2:])
         iou = out.iou_scores.reshape(n, -1)
+        sam = None
+        if capture is not None:
+            hq = capture.hq_logits(n).to(masks.dtype)
+            sam = masks - hq  # n x K: SAM's masks (sorted by IoU under multimask, as ``masks``)
+            if self.hq_token_only:  # the HQ mask alone; SAM's is the single-mask token's or the best of 3
+                masks, sam = hq, sam[:, :1]
         if masks.shape[1] == 1:  # hq_token_only returns the HQ mask alone; its IoU is the best SAM one's
-            return masks, iou[:, :1]
+            return masks, iou[:, :1], sam
         if self.multimask == "best":
             if not self.is_hq:  # plain SAM's transformers output is not sorted: pick the best by IoU
                 best = iou.argmax(-1)
                 masks, iou = masks[torch.arange(n), best][:, None], iou[torch.arange(n), best][:, None]
             else:  # transformers sorts the three SAM masks by IoU (each + HQ): the first is the original's
                 masks, iou = masks[:, :1], iou[:, :1]
-        return masks, iou
+                sam = None if sam is None else sam[:, :1]
+        return masks, iou, sam
 
     def _decode_without_padding(
-        self, image: ImageEmbeddings, prompts: Prompts, scale: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, image: ImageEmbeddings, prompts: Prompts, scale: torch.Tensor, *, with_sam: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``_decode`` with the -10 padding points dropped. transformers zeroes their embeddings, but the
         decoder still attends to the zero tokens (no attention mask), which changes the masks; so the prompts
         are decoded in groups with equally many real points, each group without padding."""
@@ -338,10 +360,10 @@ class HQSamSegmenter:
         points = prompts.points.gather(1, order[..., None].expand(-1, -1, 2))
         labels = prompts.point_labels.gather(1, order)
         counts = real.sum(1)
-        rows, masks, iou = [], [], []
+        rows, masks, iou, sam = [], [], [], []
         for count in counts.unique().tolist():
             group = torch.nonzero(counts == count)[:, 0]
-            group_masks, group_iou = self._decode(
+            group_masks, group_iou, group_sam = self._decode(
                 image,
                 Prompts(
                     None if prompts.boxes is None else prompts.boxes[group],
@@ -350,12 +372,15 @@ class HQSamSegmenter:
                     None if prompts.masks is None else prompts.masks[group],
                 ),
                 scale,
+                with_sam=with_sam,
             )
             rows.append(group)
             masks.append(group_masks)
             iou.append(group_iou)
+            sam.append(group_sam)
         inverse = torch.argsort(torch.cat(rows))
-        return torch.cat(masks)[inverse], torch.cat(iou)[inverse]
+        sam_logits = None if any(s is None for s in sam) else torch.cat(sam)[inverse]
+        return torch.cat(masks)[inverse], torch.cat(iou)[inverse], sam_logits
 
     def iter_masks(
         self,
@@ -363,6 +388,7 @@ class HQSamSegmenter:
         output_size: tuple[int, int] | None = None,
         chunk_size: int | None = None,
         budget_bytes: int = RESIZE_BUDGET_BYTES,
+        signals: MaskSignals | None = None,
     ) -> Iterator[torch.Tensor]:
         """Upsample and binarise masks a chunk at a time, in working memory bounded by ``budget_bytes``.
 
@@ -392,6 +418,10 @@ class HQSamSegmenter:
                 image's original resolution, when a downscaled copy was embedded) keeps the same frame.
             chunk_size: at most this many prompts per yielded chunk; default: as many as the budget allows.
             budget_bytes: float32 working memory of a chunk, bytes.
+            signals: gathers each mask's quality signals from the resizes themselves (``MaskSignals``, see
+                ``quality_signals``): the stability score from the final-resolution logits before they are
+                thresholded, and the IoU with SAM's own mask from the first resize (SAM's logits take that
+                one only, rw x rh per mask more).
 
         Yields:
             n x K x H x W bool tensors, in prompt order, on the segmenter's device. Each H x W mask is a
@@ -417,10 +447,26 @@ class HQSamSegmenter:
         if chunk_size is not None:
             prompts = min(prompts, chunk_size)
         upsample = torch.ops.aten.upsample_bilinear2d.default  # takes both the output size and the scale
-        for chunk in crop.transpose(-1, -2).split(prompts):
+        sam = (
+            None
+            if signals is None or signals.sam_logits is None
+            else signals.sam_logits[..., : crop.shape[-2], : crop.shape[-1]]
+        )
+        sam_chunks = None if sam is None else sam.transpose(-1, -2).split(prompts)
+        for c, chunk in enumerate(crop.transpose(-1, -2).split(prompts)):
             x = upsample(chunk.float(), [rw, rh], False, pw / lw, ph / lh)  # = the padded resize, cropped
+            if signals is not None:
+                sam_x = (
+                    None
+                    if sam_chunks is None
+                    else upsample(sam_chunks[c].float(), [rw, rh], False, pw / lw, ph / lh)
+                )
+                signals.input_frame(x, sam_x)
+                del sam_x
             if rows is None:
                 x = upsample(x, [width, height], False)
+                if signals is not None:
+                    signals.output_frame(x)
                 yield (x > self.mask_threshold).transpose(-1, -2)
             else:
                 x = upsample(x, [rw, height], False)  # the last axis alone: as the 2-D kernel computes it
@@ -430,9 +476,15 @@ class HQSamSegmenter:
                         x[..., start : start + rows].contiguous(), [width, min(rows, height - start)], False
                     )
                     torch.gt(strip, self.mask_threshold, out=masks[..., start : start + rows])
+                    if signals is not None:
+                        signals.output_frame(strip, last=start + rows >= height)
                     del strip
                 del x
                 yield masks.transpose(-1, -2)
+
+    def quality_signals(self, logits: MaskLogits) -> MaskSignals:
+        """An empty ``MaskSignals`` for ``logits`` (one image's), to pass to ``iter_masks``."""
+        return MaskSignals(self.mask_threshold, logits.sam_logits)
 
 
 # ATen's CPU bilinear kernel takes another code path (other rounding) for outputs whose two sides sum to at

@@ -119,12 +119,15 @@ class MaskLogits:
         iou_scores: N x K, the IoU head's prediction for each mask.
         original_size: (H, W) of the embedded image.
         reshaped_size: (H', W') of that image inside the padded frame.
+        sam_logits: N x K x h x w, SAM's own logits for the same masks (without the HQ token's correction),
+            from an HQ model's ``predict``; None for plain SAM (its masks are SAM's) and elsewhere.
     """
 
     logits: torch.Tensor
     iou_scores: torch.Tensor
     original_size: tuple[int, int]
     reshaped_size: tuple[int, int]
+    sam_logits: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.logits.shape[0])

@@ -28,6 +28,7 @@ from hqlabel.workers.faults import (
     is_transient_label_error,
 )
 from hqlabel.workers.overlap import BackgroundQueue, encode_with_areas
+from hqlabel.workers.quality import dedupe_instances, mask_box_iou
 from hqlabel.workers.tiling import Tiling, detect_tiled
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,8 @@ class Labeler:
         *,
         resize_budget: int = RESIZE_BUDGET_BYTES,
         tiling: Tiling | None = None,
+        synonyms: dict[str, list[str]] | None = None,
+        mask_nms: float | None = None,
     ) -> None:
         self.detector = detector
         self.segmenter = segmenter
@@ -110,11 +113,21 @@ class Labeler:
         self.resize_budget = resize_budget
         self.tiling = tiling  # detect on tiles of images over tiling.size (hqlabel.workers.tiling)
         self.encoder = BackgroundQueue()  # RLE + areas in a thread while the device works on (overlap.py)
+        # what the detector is prompted with: per class, its synonyms (``LabelerConfig.synonyms``) or its name
+        self.prompts = [list((synonyms or {}).get(c, [c])) for c in self.classes]
+        self.mask_nms = mask_nms
 
     @classmethod
     def from_config(cls, config: LabelerConfig) -> Labeler:
         detector, segmenter = build_models(config)
-        return cls(detector, segmenter, config.classes, tiling=Tiling.from_config(config))
+        return cls(
+            detector,
+            segmenter,
+            config.classes,
+            tiling=Tiling.from_config(config),
+            synonyms=config.synonyms,
+            mask_nms=config.mask_nms,
+        )
 
     def _detect(
         self, images: list[np.ndarray]
@@ -122,9 +135,9 @@ class Labeler:
         if self.detector is None:
             raise RuntimeError("this Labeler has no detector (prompts='boxes'); pass the boxes to label()")
         detections = (
-            self.detector.detect(images, self.classes)
+            self.detector.detect(images, self.prompts)
             if self.tiling is None
-            else detect_tiled(self.detector, images, self.classes, self.tiling)
+            else detect_tiled(self.detector, images, self.prompts, self.tiling)
         )
         return [(d.boxes, d.scores, [self.classes[int(k)] for k in d.labels], d.masks) for d in detections]
 
@@ -146,7 +159,8 @@ class Labeler:
         Returns:
             Per image, its instances as dicts with the fields of ``INSTANCE_TYPE`` (``instance_id`` 0..n-1,
             by decreasing detector score; ``mask`` COCO RLE at the output size; ``sam3_mask`` the SAM 3
-            detector's own mask, RLE at the output size, or None for other detectors and given boxes).
+            detector's own mask, RLE at the output size, or None for other detectors and given boxes; the
+            quality signals of ``hqlabel.workers.quality``), without the duplicates that ``mask_nms`` removes.
         """
         output_sizes = output_sizes or [image.shape[:2] for image in images]
         scales = [
@@ -173,13 +187,19 @@ class Labeler:
         logits = self.segmenter.predict_boxes(embeddings, [prompts[i][0] for i in todo])
         encoding = []  # per image: its chunks' encodings (futures, in order) and IoU scores
         for i, mask_logits in zip(todo, logits, strict=True):
-            chunks = self.segmenter.iter_masks(mask_logits, output_sizes[i], budget_bytes=self.resize_budget)
+            signals = self.segmenter.quality_signals(mask_logits)  # filled while the chunks are made
+            chunks = self.segmenter.iter_masks(
+                mask_logits, output_sizes[i], budget_bytes=self.resize_budget, signals=signals
+            )
             futures = [self.encoder.submit(encode_with_areas, chunk[:, 0].cpu().numpy()) for chunk in chunks]
-            encoding.append((i, futures, mask_logits.iou_scores[:, 0].float().cpu().tolist()))
-        for i, futures, iou in encoding:
+            encoding.append((i, futures, mask_logits.iou_scores[:, 0].float().cpu().tolist(), signals))
+        for i, futures, iou, signals in encoding:
             work_boxes, scores, names, detector_masks = prompts[i]
             out_boxes = work_boxes * scales[i]
             encoded = [pair for future in futures for pair in future.result()]
+            rles = [rle for rle, _ in encoded]
+            stability, hq_sam_iou = (t[:, 0].cpu().tolist() for t in signals.result())
+            box_iou = mask_box_iou(rles, out_boxes.numpy())
             sam3 = (
                 [None] * len(encoded)
                 if detector_masks is None
@@ -196,8 +216,12 @@ class Labeler:
                         "area": area,
                         "pred_iou": iou[k],
                         "sam3_mask": sam3[k],
+                        "stability": stability[k],
+                        "hq_sam_iou": hq_sam_iou[k],
+                        "box_iou": box_iou[k],
                     }
                 )
+            results[i] = dedupe_instances(results[i], self.mask_nms)
         return results
 
     def _detector_rles(self, probs: torch.Tensor, size: tuple[int, int]) -> list[dict]:

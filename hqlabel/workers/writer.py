@@ -32,7 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from hqlabel.platform import storage
-from hqlabel.platform.schema import ERRORS_SCHEMA, IMAGES_SCHEMA, MASKS_SCHEMA, results_to_tables
+from hqlabel.platform.schema import ERRORS_SCHEMA, IMAGES_SCHEMA, MASKS_SCHEMA, conform, results_to_tables
 from hqlabel.platform.sources import files_by_shard
 from hqlabel.platform.storage import StorageOptions
 
@@ -245,10 +245,10 @@ def _rows_in_order(parts: _Parts, kept: pa.Table, budget: int) -> Iterator[pa.Ta
             held -= old.nbytes
             loose += old.nbytes if dropped in pinned else 0
         if pending_bytes >= budget // 4 or loose >= budget // 4:
-            yield pa.concat_tables(pending)
+            yield pa.concat_tables(pending, promote_options="default")
             pending, pinned, pending_bytes, loose = [], set(), 0, 0
     if pending:
-        yield pa.concat_tables(pending)
+        yield pa.concat_tables(pending, promote_options="default")
 
 
 def _merge(
@@ -265,7 +265,7 @@ def _merge(
         stages: Counter = Counter()
         with storage.parquet_writer(uri, schema, options) as writer:
             for chunk in _rows_in_order(parts, kept, budget):
-                writer.write_table(chunk.cast(schema), row_group_size=chunk.num_rows)
+                writer.write_table(conform(chunk, schema), row_group_size=chunk.num_rows)
                 if "stage" in chunk.column_names:
                     stages.update(chunk["stage"].to_pylist())
                     stages[RETRYABLE] += int(pc.sum(chunk["retryable"]).as_py() or 0)
@@ -381,7 +381,7 @@ def carry_over(out: str, shard: str, replaced: set[str], options: StorageOptions
         if name == "errors" and "retryable" not in table.column_names:  # written before the column existed
             table = table.append_column("retryable", pa.array([False] * table.num_rows, pa.bool_()))
         table = table.filter(pc.invert(pc.is_in(table["image_id"], pa.array(sorted(replaced), pa.string()))))
-        table = table.select(schema.names).cast(schema)
+        table = conform(table, schema)  # an output written before the quality signals lacks them
         table = table.append_column("_row", pa.array(-np.arange(1, table.num_rows + 1), pa.int64()))
         _write_part(table, storage.join(tmp, name, CARRIED_PART), ROW_KEYS[name], options)
         if name == "images":

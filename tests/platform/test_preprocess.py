@@ -74,7 +74,8 @@ def test_models_see_the_same_inputs_either_way() -> None:
     by_processor = tiny_random_grounding_dino(preprocess="processor")
     by_torch = tiny_random_grounding_dino(preprocess="torch")
     assert by_torch.torch_preprocess and not by_processor.torch_preprocess
-    prompt, _ = by_torch._prompt(["circle", "square"])
+    (text,) = by_torch.passes(["circle", "square"])
+    prompt = text.prompt
     inputs = by_processor._inputs(batch, prompt), by_torch._inputs(batch, prompt)
     for key in ("input_ids", "attention_mask", "token_type_ids", "pixel_mask"):
         assert torch.equal(inputs[0][key], inputs[1][key]), key

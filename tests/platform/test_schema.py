@@ -88,3 +88,24 @@ def test_labeler_config_validates_classes_and_thresholds():
         LabelerConfig(classes="")
     with pytest.raises(ValueError):
         LabelerConfig(classes="a", box_threshold=1.5)
+
+
+def test_conform_fills_the_quality_signals_of_an_older_masks_table():
+    from hqlabel.platform.schema import MASKS_SCHEMA, SIGNAL_NAMES, conform
+
+    row = {
+        "image_id": "a",
+        "instance_id": 0,
+        "label": "cat",
+        "score": 0.5,
+        "box": [0.0, 0.0, 1.0, 1.0],
+        "mask": {"size": [1, 1], "counts": b"01"},
+        "area": 1,
+        "pred_iou": 0.9,
+    }
+    old = pa.Table.from_pylist([row])  # as written before the signal columns existed
+    table = conform(old, MASKS_SCHEMA)
+    assert table.schema == MASKS_SCHEMA
+    assert all(table[name].null_count == 1 for name in SIGNAL_NAMES)
+    with pytest.raises(ValueError, match=r"lacks the columns \['pred_iou'\]"):
+        conform(old.drop_columns(["pred_iou"]), MASKS_SCHEMA)
