@@ -36,6 +36,12 @@ logger = logging.getLogger(__name__)
 DEVICE_ERROR_EXIT_CODE = 70  # the labeling actor's process ends with it after a sticky device error
 
 
+def class_prompts(classes: list[str], synonyms: dict[str, list[str]] | None) -> list[list[str]]:
+    """Per class, what the detector is prompted with: its synonyms (``LabelerConfig.synonyms``), or its
+    name."""
+    return [list((synonyms or {}).get(c, [c])) for c in classes]
+
+
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; anything else as given (validated)."""
     if device == "auto":
@@ -114,7 +120,7 @@ class Labeler:
         self.tiling = tiling  # detect on tiles of images over tiling.size (hqlabel.workers.tiling)
         self.encoder = BackgroundQueue()  # RLE + areas in a thread while the device works on (overlap.py)
         # what the detector is prompted with: per class, its synonyms (``LabelerConfig.synonyms``) or its name
-        self.prompts = [list((synonyms or {}).get(c, [c])) for c in self.classes]
+        self.prompts = class_prompts(self.classes, synonyms)
         self.mask_nms = mask_nms
 
     @classmethod

@@ -13,10 +13,23 @@ import pyarrow as pa
 
 from hqlabel.platform.config import LabelerConfig
 from hqlabel.workers.faults import AttemptLog, Failpoints
-from hqlabel.workers.labeler import LabelWorker, ray_node_id
+from hqlabel.workers.labeler import LabelWorker, class_prompts, ray_node_id
+from hqlabel.workers.tiling import Tiling
 
 # What a job may choose on a warm service: everything else of LabelerConfig builds the models.
-PER_JOB_FIELDS = ("classes", "prompts", "box_threshold", "text_threshold", "nms_threshold", "max_detections")
+PER_JOB_FIELDS = (
+    "classes",
+    "synonyms",
+    "prompts",
+    "box_threshold",
+    "text_threshold",
+    "nms_threshold",
+    "max_detections",
+    "mask_nms",
+    "tile",
+    "tile_overlap",
+    "tile_full_image",
+)
 MODEL_FIELDS = tuple(name for name in LabelerConfig.model_fields if name not in PER_JOB_FIELDS)
 
 _LOADS = 0  # models loaded by this process (a warm actor's stays 1 across jobs; Ray restarts count again)
@@ -87,7 +100,11 @@ class WarmLabeler:
             raise ValueError(f"the labeling service runs other models ({'; '.join(differ)})")
         self.first_batch.setdefault(job, time.time())
         worker = self.worker
-        worker.labeler.classes = list(config.classes)
+        labeler = worker.labeler
+        labeler.classes = list(config.classes)
+        labeler.prompts = class_prompts(labeler.classes, config.synonyms)
+        labeler.mask_nms = config.mask_nms
+        labeler.tiling = Tiling.from_config(config)
         worker.given_boxes = config.prompts == "boxes"
         detector = worker.labeler.detector
         if detector is not None:
