@@ -15,9 +15,9 @@ from hqlabel.api.results import read_labels
 from hqlabel.jobs.functions import curate, export, label, label_spec
 from hqlabel.jobs.label import run_label_job
 from hqlabel.jobs.status import job_status
-from hqlabel.platform.gallery import write_gallery
 from hqlabel.platform.rle import decode_mask
 from hqlabel.platform.schema import SIGNAL_NAMES
+from hqlabel.review.gallery import write_gallery
 from hqlabel.training.data import index_instances
 
 pytestmark = pytest.mark.timeout(300)
