@@ -38,3 +38,27 @@ def test_encode_with_areas_matches_encode_masks():
     rng = np.random.default_rng(0)
     masks = rng.random((3, 17, 23)) > 0.5
     assert encode_with_areas(masks) == [(rle, mask_area(rle)) for rle in encode_masks(masks)]
+
+
+def _submit_in_child(queue: BackgroundQueue, out) -> None:
+    out.send(queue.submit(lambda: "child").result())
+
+
+def test_a_forked_child_gets_its_own_thread():
+    """Threads do not survive ``fork``: a child that inherits a started queue (a test forking after a batch,
+    a forked Ray worker) must not wait on the parent's thread."""
+    import multiprocessing
+
+    queue = BackgroundQueue()
+    assert queue.submit(lambda: "parent").result() == "parent"  # the parent's thread is started
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_submit_in_child, args=(queue, send))
+    child.start()
+    child.join(60)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    assert child.exitcode == 0
+    assert receive.recv() == "child"
+    assert queue.submit(lambda: "again").result() == "again"
