@@ -18,6 +18,7 @@ from reviewing import api, copy_labels, make_labels, running
 
 from hqlabel.jobs.cli import build_parser
 from hqlabel.platform.rle import decode_mask
+from hqlabel.review.items import SIGNALS
 from hqlabel.review.server import ReviewApp
 from hqlabel.review.store import read_review
 
@@ -47,7 +48,7 @@ def test_items_ranked_least_trustworthy_first_with_filters(served, labels):
     _app, base, _ = served
     status, info = api(base, "/api/info")
     assert status == 200 and info["random_weights"] is True and "RANDOM WEIGHTS" in info["warning"]
-    assert info["classes"] == ["cat", "dog"] and info["signals"] == ["pred_iou", "score"]
+    assert info["classes"] == ["cat", "dog"] and info["signals"] == list(SIGNALS)  # a labeling job writes all
     rows = pq.read_table(labels / "masks").to_pylist()
     assert info["total"] == len(rows) > 10
     status, page = api(base, "/api/items?limit=500")
@@ -55,7 +56,7 @@ def test_items_ranked_least_trustworthy_first_with_filters(served, labels):
     trusts = [item["trust"] for item in page["items"]]
     assert trusts == sorted(trusts)  # least trustworthy first
     for item in page["items"]:
-        assert item["trust"] == pytest.approx(min(item["score"], item["pred_iou"]))
+        assert item["trust"] == pytest.approx(min(item[s] for s in SIGNALS if item[s] is not None))
     first, second = api(base, "/api/items?offset=0&limit=3")[1], api(base, "/api/items?offset=3&limit=3")[1]
     assert [i["instance_id"] for i in first["items"] + second["items"]] == [
         i["instance_id"] for i in page["items"][:6]
@@ -225,10 +226,11 @@ def test_the_review_command_serves_until_stopped(labels, tmp_path):
 
 
 def test_ranking_uses_the_quality_columns_a_labels_folder_has(labels, tmp_path):
-    """Outputs with ``stability`` / ``box_iou`` columns rank by the lowest signal, nulls skipped."""
+    """Outputs with only some signal columns (``stability`` / ``box_iou`` here, as an output of an older
+    version has only ``pred_iou`` / ``score``) rank by the lowest signal they have, nulls skipped."""
     folder = copy_labels(labels, tmp_path / "labels")
     for path in (folder / "masks").glob("*.parquet"):
-        table = pq.read_table(path)
+        table = pq.read_table(path).drop_columns(["stability", "hq_sam_iou", "box_iou"])
         n = table.num_rows
         stability = [None if k % 5 == 0 else -1 + 0.01 * ((k * 37) % 100) for k in range(n)]  # < pred_iou
         table = table.append_column("stability", pa.array(stability, pa.float32()))
