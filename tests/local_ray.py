@@ -171,6 +171,25 @@ class LocalRayCluster:
         return leftover
 
 
+def jobs_api_head(env: dict[str, str] | None = None, num_cpus: int = 2):
+    """Generator for a module fixture: the Jobs API URL of a local Ray head (``num_cpus`` CPUs, loopback, no
+    token authentication; ``env`` as ``LocalRayCluster``'s), killed at the end; skips when Ray's Jobs API
+    (ray[default]) is missing or the head does not start."""
+    import pytest
+
+    pytest.importorskip("aiohttp", reason="the Ray Jobs API needs ray[default] (the dev extra)")
+    cluster = LocalRayCluster(env=env)
+    try:
+        try:
+            cluster.start_head(num_cpus, dashboard=True)
+        except RuntimeError as e:
+            pytest.skip(f"local Ray head with the Jobs API did not start: {e}")
+        yield cluster.dashboard
+    finally:
+        leftover = cluster.stop()
+        assert not leftover, f"Ray head processes left behind: {leftover}"
+
+
 def private_mounts(hidden: Path) -> list[str] | None:
     """A command prefix that runs a command in a mount namespace of its own where ``hidden`` is an empty
     folder (a tmpfs over it): a node started so sees this machine's files but not those under ``hidden``, as

@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from local_ray import LocalRayCluster, clean_env
+from local_ray import clean_env, jobs_api_head
 
 from hqlabel.jobs.cli import main
 from hqlabel.jobs.flywheel import CRASH_ENV, STAGES, Flywheel, load_flywheel, shard_quality
@@ -192,17 +192,7 @@ def test_next_turn_labels_with_the_promoted_weights(resumed, inputs, tmp_path, r
 @pytest.fixture(scope="module")
 def ray_head():
     """Jobs API URL of a local Ray head (2 CPUs, loopback, no token authentication), killed at the end."""
-    pytest.importorskip("aiohttp", reason="the Ray Jobs API needs ray[default] (the dev extra)")
-    cluster = LocalRayCluster(env=clean_env(RAY_AUTH_MODE="disabled", PYTHONPATH=str(REPO)))
-    try:
-        try:
-            cluster.start_head(2, dashboard=True)
-        except RuntimeError as e:
-            pytest.skip(f"local Ray head with the Jobs API did not start: {e}")
-        yield cluster.dashboard
-    finally:
-        leftover = cluster.stop()
-        assert not leftover, f"Ray head processes left behind: {leftover}"
+    yield from jobs_api_head(clean_env(RAY_AUTH_MODE="disabled", PYTHONPATH=str(REPO)))
 
 
 @pytest.mark.timeout(900)

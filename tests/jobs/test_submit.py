@@ -7,7 +7,7 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
-from local_ray import LocalRayCluster, free_port
+from local_ray import free_port, jobs_api_head
 
 from hqlabel.jobs.cli import main
 from hqlabel.jobs.submit import build_runtime_env, entrypoint
@@ -16,17 +16,7 @@ from hqlabel.jobs.submit import build_runtime_env, entrypoint
 @pytest.fixture(scope="module")
 def ray_head():
     """Jobs API URL of a local Ray head (2 CPUs, loopback, no token authentication), killed at the end."""
-    pytest.importorskip("aiohttp", reason="the Ray Jobs API needs ray[default] (the dev extra)")
-    cluster = LocalRayCluster()
-    try:
-        try:
-            cluster.start_head(2, dashboard=True)
-        except RuntimeError as e:
-            pytest.skip(f"local Ray head with the Jobs API did not start: {e}")
-        yield cluster.dashboard
-    finally:
-        leftover = cluster.stop()
-        assert not leftover, f"Ray head processes left behind: {leftover}"
+    yield from jobs_api_head()
 
 
 @pytest.mark.timeout(240)
