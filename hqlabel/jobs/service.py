@@ -237,8 +237,7 @@ def attach(spec: LabelJobSpec) -> tuple[LabelJobSpec, list, ResourcePlan]:
     """
     import ray
 
-    from hqlabel.platform.config import LabelerConfig
-    from hqlabel.workers.warm import model_differences
+    from hqlabel.platform.config import LabelerConfig, model_differences
 
     service = find_service()
     if service is None:

@@ -307,3 +307,35 @@ class LabelerConfig(BaseModel):
                 f"{list(SEGMENTER_FAMILIES)}; got {self.segmenter!r}"
             )
         return self
+
+
+# What a job may choose on a warm service: everything else of LabelerConfig builds the models.
+PER_JOB_FIELDS = (
+    "classes",
+    "synonyms",
+    "prompts",
+    "box_threshold",
+    "text_threshold",
+    "nms_threshold",
+    "max_detections",
+    "mask_nms",
+    "tile",
+    "tile_overlap",
+    "tile_full_image",
+)
+MODEL_FIELDS = tuple(name for name in LabelerConfig.model_fields if name not in PER_JOB_FIELDS)
+
+
+def model_differences(service: LabelerConfig, job: LabelerConfig) -> list[str]:
+    """``"field: service VALUE, job VALUE"`` for each model setting in which ``job`` differs from ``service``
+    (empty: the service can label the job). A service without a detector cannot serve detector prompts."""
+    differ = [
+        f"{name}: service {getattr(service, name)!r}, job {getattr(job, name)!r}"
+        for name in MODEL_FIELDS
+        if getattr(service, name) != getattr(job, name)
+    ]
+    if job.prompts == "detector" and service.prompts == "boxes":
+        differ.append(
+            "prompts: the service has no detector (started with --prompts boxes), the job needs one"
+        )
+    return differ

@@ -17,8 +17,7 @@ import pytest
 from local_ray import LocalRayCluster
 
 from hqlabel.jobs.cli import main
-from hqlabel.platform.config import LabelerConfig
-from hqlabel.workers.warm import MODEL_FIELDS, PER_JOB_FIELDS, model_differences
+from hqlabel.platform.config import MODEL_FIELDS, PER_JOB_FIELDS, LabelerConfig, model_differences
 
 # One driver does the whole sequence (two model loads, four jobs): about a minute on a quiet 2-core machine.
 pytestmark = pytest.mark.timeout(600)
