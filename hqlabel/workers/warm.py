@@ -20,11 +20,14 @@ import pyarrow as pa
 from hqlabel.platform.config import LabelerConfig, model_differences, segmenter_differences
 from hqlabel.platform.rle import encode_masks
 from hqlabel.workers.faults import AttemptLog, Failpoints
-from hqlabel.workers.labeler import LabelWorker, class_prompts, ray_node_id
 from hqlabel.workers.tiling import Tiling
 
 if TYPE_CHECKING:
     from hqlabel.segmenters import ImageEmbeddings, Prompts
+
+# The models' modules (torch, transformers) are imported where the models load, not with this module: a
+# process that only holds the service's actor handles (a ``label --service`` driver, ``segment --service``)
+# unpickles this class when it deserializes a handle, and so imports this module, never the models.
 
 _LOADS = 0  # models loaded by this process (a warm actor's stays 1 across jobs; Ray restarts count again)
 SEGMENT_CACHE = 8  # image embeddings a warm actor keeps for segment() (ViT-B: ~16 MB each)
@@ -39,6 +42,8 @@ class WarmLabeler:
     """
 
     def __init__(self, config: LabelerConfig, num_threads: int | None = None) -> None:
+        from hqlabel.workers.labeler import LabelWorker
+
         global _LOADS
         self.config = config
         self.worker = LabelWorker(config, num_threads)
@@ -54,6 +59,8 @@ class WarmLabeler:
         """Process id, how many times this process loaded models, Ray node, start time, batches labeled,
         ``segment`` calls (and how many of them ran the image encoder), and the service's models
         (``LabelerConfig`` as JSON)."""
+        from hqlabel.workers.labeler import ray_node_id
+
         return {
             "pid": os.getpid(),
             "loads": _LOADS,
@@ -81,6 +88,8 @@ class WarmLabeler:
         Raises:
             ValueError: ``config``'s models differ from the service's (``model_differences``).
         """
+        from hqlabel.workers.labeler import class_prompts
+
         differ = model_differences(self.config, config)
         if differ:
             raise ValueError(f"the labeling service runs other models ({'; '.join(differ)})")
