@@ -53,6 +53,11 @@ def _review(args: argparse.Namespace) -> int:
         raise ValueError(f"--port {args.port} is not a port number (0..65535; 0 = any free port)")
     if args.service and args.no_fix:
         raise ValueError("--service runs click fixes and --no-fix turns them off: give one of them")
+    if args.service and args.device != "auto":
+        raise ValueError(
+            f"--device {args.device} places a local model; with --service the service's actors run on their "
+            "own device (serve start --device): drop --device or --service"
+        )
     if args.address is not None and not args.service:
         raise ValueError("--address names the labeling service's cluster: add --service, or drop --address")
     make_fixer = None
@@ -60,7 +65,7 @@ def _review(args: argparse.Namespace) -> int:
         from hqlabel.jobs.service_client import ServiceFixer
 
         def make_fixer(labeler: dict) -> ServiceFixer:
-            return ServiceFixer(labeler, args.address, labels=args.labels)
+            return ServiceFixer(labeler, args.address)
 
     app = ReviewApp(
         args.labels,

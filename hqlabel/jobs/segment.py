@@ -7,7 +7,6 @@ loads no model (nor torch or transformers).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -129,12 +128,6 @@ def segmenter_settings(spec: SegmentJobSpec) -> dict[str, Any]:
     }
 
 
-def image_key(image: np.ndarray) -> str:
-    """Names decoded pixels for the service's embeddings cache: their size and a digest of them."""
-    digest = hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).hexdigest()
-    return f"pixels:{image.shape[0]}x{image.shape[1]}:{digest}"
-
-
 def run_segment(spec: SegmentJobSpec) -> SegmentResult:
     """Segment the prompted objects of ``spec.image``; write ``STEM_mask_K[_J].png``, ``STEM_overlay.png``
     and ``STEM_masks.json`` (prompts, predicted IoU, model; with ``--service``, the service's address and
@@ -166,7 +159,7 @@ def run_segment(spec: SegmentJobSpec) -> SegmentResult:
     check_inside(spec, *image.shape[:2])
     service = None
     if spec.service:
-        from hqlabel.jobs.service_client import SegmentService, decode_result
+        from hqlabel.jobs.service_client import SegmentService, decode_result, image_key
 
         client = SegmentService(
             spec.ray_address, segmenter_settings(spec), instead="segment without --service (a local model)"

@@ -253,6 +253,7 @@ def test_ranking_uses_the_quality_columns_a_labels_folder_has(labels, tmp_path):
     ("extra", "message"),
     [
         (["--service", "--no-fix"], "give one of them"),
+        (["--service", "--device", "cpu"], "drop --device or --service"),
         (["--address", "127.0.0.1:1"], "add --service, or drop --address"),
     ],
 )

@@ -13,7 +13,7 @@ from PIL import Image
 
 from hqlabel.jobs.cli import main
 from hqlabel.jobs.segment import segmenter_settings
-from hqlabel.jobs.service_client import decode_result, fix_prompts
+from hqlabel.jobs.service_client import decode_result, fix_prompts, image_key
 from hqlabel.jobs.spec import SegmentJobSpec
 from hqlabel.platform.config import SEGMENTER_FIELDS, LabelerConfig
 from hqlabel.platform.rle import decode_mask, encode_masks
@@ -119,6 +119,8 @@ def test_click_fix_prompts_give_the_local_fixers_mask(warm):
     settings = {name: labeler[name] for name in SEGMENTER_FIELDS}
     for points in ([(20.0, 20.0, 1)], [(20.0, 20.0, 1), (3.0, 3.0, 0)]):
         rle, area, iou = fixer.fix("a.png", image, [4.0, 6.0, 40.0, 44.0], points)
-        result = warm.segment(image, fix_prompts([4.0, 6.0, 40.0, 44.0], points), settings, key="job\na.png")
+        result = warm.segment(
+            image, fix_prompts([4.0, 6.0, 40.0, 44.0], points), settings, key=image_key(image)
+        )
         assert result["masks"][0][0] == rle and result["iou"][0][0] == iou
         assert int(decode_mask(rle).sum()) == area
