@@ -258,6 +258,15 @@ def _add_segment_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--max-pixels", type=int, help="refuse images with more pixels (100M, as label)")
     p.add_argument("--max-bytes", type=int, help="refuse image files larger than this, unread (512 MiB)")
+    p.add_argument(
+        "--service",
+        action="store_true",
+        help="segment on the warm labeling service (`hqlabel serve start`): no model loaded here; refused "
+        "when none runs or its segmenter differs",
+    )
+    p.add_argument(
+        "--address", help="with --service: the service's Ray cluster (default: the one serve start recorded)"
+    )
     p.set_defaults(func=_segment)
 
 
@@ -276,6 +285,8 @@ def _segment(args: argparse.Namespace) -> int:
         hq_token_only=args.hq_token_only,
         multimask=args.multimask,
         device=args.device,
+        service=args.service,
+        ray_address=args.address,
         **{
             k: v
             for k, v in {"max_pixels": args.max_pixels, "max_bytes": args.max_bytes}.items()

@@ -1,4 +1,9 @@
-"""``hqlabel segment``: HQ-SAM masks for boxes / clicks on one image, written as PNGs for inspection."""
+"""``hqlabel segment``: HQ-SAM masks for boxes / clicks on one image, written as PNGs for inspection.
+
+With ``--service`` the warm labeling service's segmenter makes them (``hqlabel.jobs.service_client``): this
+process reads, checks and decodes the image as without it, sends the prompts and writes the same files; it
+loads no model (nor torch or transformers).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,9 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from hqlabel.jobs.checks import check_device, check_hq_weights, check_pretrained
@@ -17,8 +22,9 @@ from hqlabel.jobs.spec import SegmentJobSpec
 from hqlabel.platform.config import DEFAULT_SEGMENTER
 from hqlabel.platform.images import decode_image
 from hqlabel.review.render import overlay_masks
-from hqlabel.segmenters import Prompts, build_segmenter
-from hqlabel.workers.labeler import resolve_device
+
+if TYPE_CHECKING:  # torch and the segmenters (transformers) load only for a local model, not with --service
+    from hqlabel.segmenters import HQSamSegmenter, Prompts
 
 
 @dataclass
@@ -32,8 +38,27 @@ class SegmentResult:
         return f"wrote {len(self.masks)} masks and {self.overlay} (predicted IoU: {scores})"
 
 
+def build_segmenter(name_or_path: str, **kwargs) -> HQSamSegmenter:
+    """``hqlabel.segmenters.build_segmenter``, imported when a local model is built."""
+    from hqlabel.segmenters import build_segmenter as build
+
+    return build(name_or_path, **kwargs)
+
+
 def build_prompts(spec: SegmentJobSpec) -> Prompts:
-    """Boxes are one object each; clicks refine a single object (alone, or with exactly one box)."""
+    """The checked prompts (``prompt_fields``) as ``Prompts``."""
+    from hqlabel.segmenters import Prompts
+
+    return Prompts(**prompt_fields(spec))
+
+
+def prompt_fields(spec: SegmentJobSpec) -> dict[str, Any]:
+    """``Prompts``' fields as nested lists (``boxes`` N x 4, ``points`` 1 x P x 2, ``point_labels`` 1 x P):
+    boxes are one object each; clicks refine a single object (alone, or with exactly one box).
+
+    Raises:
+        ValueError: no prompt, points with several boxes, an empty box, a point label not 0 or 1.
+    """
     if not spec.boxes and not spec.points:
         raise ValueError("give at least one --box x0,y0,x1,y1 or --point x,y[,label]")
     if spec.points and len(spec.boxes) > 1:
@@ -48,12 +73,13 @@ def build_prompts(spec: SegmentJobSpec) -> Prompts:
             )
     if any(label not in (0, 1) for _, _, label in spec.points):
         raise ValueError("point labels are 1 (foreground) or 0 (background)")
-    boxes = torch.tensor(spec.boxes, dtype=torch.float32).reshape(-1, 4) if spec.boxes else None
-    points = labels = None
+    fields: dict[str, Any] = {}
+    if spec.boxes:
+        fields["boxes"] = [[float(v) for v in box] for box in spec.boxes]
     if spec.points:
-        points = torch.tensor([[(x, y) for x, y, _ in spec.points]], dtype=torch.float32)
-        labels = torch.tensor([[label for _, _, label in spec.points]])
-    return Prompts(boxes=boxes, points=points, point_labels=labels)
+        fields["points"] = [[[float(x), float(y)] for x, y, _ in spec.points]]
+        fields["point_labels"] = [[int(label) for _, _, label in spec.points]]
+    return fields
 
 
 def check_inside(spec: SegmentJobSpec, height: int, width: int) -> None:
@@ -89,24 +115,73 @@ def read_image(path: Path, spec: SegmentJobSpec) -> np.ndarray:
         Image.MAX_IMAGE_PIXELS = limit
 
 
+def segmenter_settings(spec: SegmentJobSpec) -> dict[str, Any]:
+    """The segmenter settings ``segment`` chooses (``SEGMENTER_FIELDS``; the mask threshold is the
+    default's): what ``--service`` compares with the service's."""
+    return {
+        "segmenter": spec.segmenter,
+        "preset": spec.preset,
+        "hq_weights": spec.hq_weights,
+        "hq_token_only": spec.hq_token_only,
+        "multimask": spec.multimask,
+        "mask_threshold": 0.0,
+    }
+
+
 def run_segment(spec: SegmentJobSpec) -> SegmentResult:
     """Segment the prompted objects of ``spec.image``; write ``STEM_mask_K[_J].png``, ``STEM_overlay.png``
-    and ``STEM_masks.json`` (prompts, predicted IoU, model) to ``spec.out``.
+    and ``STEM_masks.json`` (prompts, predicted IoU, model; with ``--service``, the service's address and
+    segmenter) to ``spec.out``.
 
-    Everything is checked before a model is built: the image, the prompts (on the image), the device, the
-    HQ weights and the segmenter's name.
+    Everything is checked before a model is built or the service is asked: the image, the prompts (on the
+    image), and for a local model the device, the HQ weights and the segmenter's name (with ``--service``,
+    the service compares the segmenter settings with its own and refuses other ones).
     """
     path = Path(spec.image).expanduser().absolute()
     if not path.is_file():
         raise FileNotFoundError(f"image {spec.image!r} does not exist")
     spec = spec.model_copy(update={"image": str(path), "out": str(Path(spec.out).expanduser().absolute())})
-    prompts = build_prompts(spec)
-    check_device(spec.device, "auto", local=True)
-    check_hq_weights(spec.hq_weights)
-    if spec.preset is None and not Path(spec.segmenter).expanduser().is_file():  # a .pth has no config
-        check_pretrained([(spec.segmenter, "segmenter", "--segmenter", DEFAULT_SEGMENTER)])
+    fields = prompt_fields(spec)
+    if spec.ray_address is not None and not spec.service:
+        raise ValueError("--address names the labeling service's cluster: add --service, or drop --address")
+    if spec.service:
+        if spec.device != "auto":
+            raise ValueError(
+                f"--device {spec.device} places a local model; with --service the service's actors run on "
+                "their own device (serve start --device): drop --device or --service"
+            )
+    else:
+        check_device(spec.device, "auto", local=True)
+        check_hq_weights(spec.hq_weights)
+        if spec.preset is None and not Path(spec.segmenter).expanduser().is_file():  # a .pth has no config
+            check_pretrained([(spec.segmenter, "segmenter", "--segmenter", DEFAULT_SEGMENTER)])
     image = read_image(path, spec)
     check_inside(spec, *image.shape[:2])
+    service = None
+    if spec.service:
+        from hqlabel.jobs.service_client import SegmentService, decode_result, image_key
+
+        client = SegmentService(
+            spec.ray_address, segmenter_settings(spec), instead="segment without --service (a local model)"
+        )
+        if spec.preset == "tiny-random":
+            print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
+        masks, iou = decode_result(client.segment(image, fields, key=image_key(image)))
+        service = {"address": client.address, "models": client.models()}
+    else:
+        masks, iou = _segment_locally(spec, image, fields)
+    return write_outputs(spec, path, image, masks, iou, service)
+
+
+def _segment_locally(
+    spec: SegmentJobSpec, image: np.ndarray, fields: dict[str, Any]
+) -> tuple[np.ndarray, list[list[float]]]:
+    """Build the segmenter here: ``(N x K x H x W bool masks, N x K predicted IoU)``."""
+    import torch
+
+    from hqlabel.segmenters import Prompts
+    from hqlabel.workers.labeler import resolve_device
+
     if spec.preset == "tiny-random":
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     segmenter = build_segmenter(
@@ -117,9 +192,21 @@ def run_segment(spec: SegmentJobSpec) -> SegmentResult:
         multimask=spec.multimask,
         device=resolve_device(spec.device),
     )
-    (logits,) = segmenter.predict(segmenter.embed([image]), [prompts])
+    (logits,) = segmenter.predict(segmenter.embed([image]), [Prompts(**fields)])
     masks = torch.cat(list(segmenter.iter_masks(logits))).cpu().numpy()  # N x K x H x W
+    return masks, logits.iou_scores.float().cpu().tolist()
 
+
+def write_outputs(
+    spec: SegmentJobSpec,
+    path: Path,
+    image: np.ndarray,
+    masks: np.ndarray,
+    iou: list[list[float]],
+    service: dict[str, Any] | None = None,
+) -> SegmentResult:
+    """The mask PNGs, the overlay and masks.json of ``masks`` (N x K x H x W bool) and ``iou`` (N x K);
+    ``service``: the service that made them (``address``, ``models``), recorded in masks.json."""
     out = Path(spec.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     stem = path.stem
@@ -130,7 +217,6 @@ def run_segment(spec: SegmentJobSpec) -> SegmentResult:
             target = out / f"{stem}_mask_{suffix}.png"
             Image.fromarray(masks[k, j].astype(np.uint8) * 255).save(target)
             written.append(target)
-    iou = logits.iou_scores.float().cpu().tolist()
     overlay = overlay_masks(
         image,
         [masks[k, 0] for k in range(masks.shape[0])],
@@ -146,6 +232,7 @@ def run_segment(spec: SegmentJobSpec) -> SegmentResult:
         "random_weights": spec.preset == "tiny-random",
         "masks": [p.name for p in written],
         "pred_iou": iou,
+        "service": service,
     }
     (out / f"{stem}_masks.json").write_text(json.dumps(record, indent=2))
     return SegmentResult(written, overlay_path, iou)

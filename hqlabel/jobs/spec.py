@@ -211,3 +211,11 @@ class SegmentJobSpec(BaseModel):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Larger images are refused.")
     max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1, description="Larger image files are refused, unread.")
+    service: bool = Field(
+        False,
+        description="Segment on the warm labeling service (`hqlabel serve start`) instead of loading a "
+        "model; refused when none runs or its segmenter differs.",
+    )
+    ray_address: str | None = Field(
+        None, description="With service: the service's Ray cluster (default: the one `serve start` recorded)."
+    )

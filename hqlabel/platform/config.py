@@ -324,6 +324,19 @@ PER_JOB_FIELDS = (
     "tile_full_image",
 )
 MODEL_FIELDS = tuple(name for name in LabelerConfig.model_fields if name not in PER_JOB_FIELDS)
+# The model fields that define a segmenter's masks for given prompts (``hqlabel segment --service``, review's
+# click fixes on the service); device, compile and decoder_chunk_size change where and how fast, not what.
+SEGMENTER_FIELDS = (
+    "segmenter",
+    "segmenter_revision",
+    "preset",
+    "hq_weights",
+    "hq_token_only",
+    "multimask",
+    "mask_threshold",
+    "precision",
+    "preprocess",
+)
 
 
 def model_differences(service: LabelerConfig, job: LabelerConfig) -> list[str]:
@@ -339,3 +352,31 @@ def model_differences(service: LabelerConfig, job: LabelerConfig) -> list[str]:
             "prompts: the service has no detector (started with --prompts boxes), the job needs one"
         )
     return differ
+
+
+def segmenter_differences(service: LabelerConfig, caller: LabelerConfig | dict[str, Any]) -> list[str]:
+    """``"field: service VALUE, caller VALUE"`` for each ``SEGMENTER_FIELDS`` setting in which ``caller``
+    differs from ``service`` (empty: the service's segmenter gives the caller's masks). A ``LabelerConfig``
+    caller is compared on every segmenter field, a dict on the fields it names; a caller's
+    ``segmenter_revision`` of None takes the service's (as ``label --service`` does).
+
+    Raises:
+        ValueError: a dict names a field that is not in ``SEGMENTER_FIELDS``.
+    """
+    given = (
+        {name: getattr(caller, name) for name in SEGMENTER_FIELDS}
+        if isinstance(caller, LabelerConfig)
+        else dict(caller)
+    )
+    unknown = sorted(set(given) - set(SEGMENTER_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"segmenter settings {unknown} are not segmenter fields; give some of {SEGMENTER_FIELDS}"
+        )
+    if given.get("segmenter_revision") is None:
+        given.pop("segmenter_revision", None)
+    return [
+        f"{name}: service {getattr(service, name)!r}, caller {value!r}"
+        for name, value in given.items()
+        if getattr(service, name) != value
+    ]

@@ -24,6 +24,7 @@ import logging
 import math
 import threading
 import urllib.parse
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -69,6 +70,9 @@ class ReviewApp:
         reviewer: the name recorded with decisions that do not bring their own.
         images: the job's input, if it moved since labeling.
         device: where the click-fix segmenter runs; None: no click fixes (``/api/fix`` answers 409).
+        make_fixer: builds the click fixer from the job's labeler config (``job.json`` ``spec.labeler``)
+            instead of a local ``Fixer`` on ``device``: anything with ``Fixer.fix``'s signature, e.g.
+            ``hqlabel.jobs.service_client.ServiceFixer`` (``hqlabel review --service``).
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class ReviewApp:
         options: StorageOptions = StorageOptions(),
         images: str | None = None,
         device: str | None = "auto",
+        make_fixer: Callable[[dict[str, Any]], Any] | None = None,
     ):
         if not reviewer.strip():
             raise ValueError("--reviewer is empty; give a name, e.g. --reviewer alice")
@@ -86,7 +91,9 @@ class ReviewApp:
         self.items = ReviewItems(labels, options, images)
         self.store = ReviewStore(storage.join(self.items.folder.uri, "review"), options)
         self.fixer = None
-        if device is not None:
+        if make_fixer is not None:
+            self.fixer = make_fixer(self.items.spec.get("labeler", {}))
+        elif device is not None:
             from hqlabel.review.fix import Fixer
 
             self.fixer = Fixer(self.items.spec.get("labeler", {}), device)

@@ -1,5 +1,8 @@
 """A labeling worker that outlives jobs (``hqlabel serve``): it loads its models once and labels the batches
 of any job whose models are its own; the class list, prompt kind and detector thresholds come with each job.
+It also segments single images with given prompts (``hqlabel segment --service``, the review app's click
+fixes) with the same segmenter, keeping the last few images' embeddings: one encoder pass per image, one
+decoder call per request.
 
 ``WarmLabeler`` is Ray-free (tests call it directly); ``hqlabel.jobs.service`` runs it as a named Ray actor.
 """
@@ -8,15 +11,26 @@ from __future__ import annotations
 
 import os
 import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 
-from hqlabel.platform.config import LabelerConfig, model_differences
+from hqlabel.platform.config import LabelerConfig, model_differences, segmenter_differences
+from hqlabel.platform.rle import encode_masks
 from hqlabel.workers.faults import AttemptLog, Failpoints
-from hqlabel.workers.labeler import LabelWorker, class_prompts, ray_node_id
 from hqlabel.workers.tiling import Tiling
 
+if TYPE_CHECKING:
+    from hqlabel.segmenters import ImageEmbeddings, Prompts
+
+# The models' modules (torch, transformers) are imported where the models load, not with this module: a
+# process that only holds the service's actor handles (a ``label --service`` driver, ``segment --service``)
+# unpickles this class when it deserializes a handle, and so imports this module, never the models.
+
 _LOADS = 0  # models loaded by this process (a warm actor's stays 1 across jobs; Ray restarts count again)
+SEGMENT_CACHE = 8  # image embeddings a warm actor keeps for segment() (ViT-B: ~16 MB each)
 
 
 class WarmLabeler:
@@ -28,6 +42,8 @@ class WarmLabeler:
     """
 
     def __init__(self, config: LabelerConfig, num_threads: int | None = None) -> None:
+        from hqlabel.workers.labeler import LabelWorker
+
         global _LOADS
         self.config = config
         self.worker = LabelWorker(config, num_threads)
@@ -35,10 +51,16 @@ class WarmLabeler:
         self.started = time.time()
         self.batches = 0
         self.first_batch: dict[str, float] = {}  # per job id: when its first batch arrived (time.time())
+        self.segments = 0  # segment() calls answered
+        self.encodes = 0  # of which ran the image encoder (the others found the image's embeddings cached)
+        self._embeddings: OrderedDict[str, ImageEmbeddings] = OrderedDict()
 
     def info(self) -> dict:
-        """Process id, how many times this process loaded models, Ray node, start time, batches labeled, and
-        the service's models (``LabelerConfig`` as JSON)."""
+        """Process id, how many times this process loaded models, Ray node, start time, batches labeled,
+        ``segment`` calls (and how many of them ran the image encoder), and the service's models
+        (``LabelerConfig`` as JSON)."""
+        from hqlabel.workers.labeler import ray_node_id
+
         return {
             "pid": os.getpid(),
             "loads": _LOADS,
@@ -46,6 +68,8 @@ class WarmLabeler:
             "started": self.started,
             "batches": self.batches,
             "first_batch": dict(self.first_batch),
+            "segments": self.segments,
+            "encodes": self.encodes,
             "config": self.config.model_dump(mode="json"),
         }
 
@@ -64,6 +88,8 @@ class WarmLabeler:
         Raises:
             ValueError: ``config``'s models differ from the service's (``model_differences``).
         """
+        from hqlabel.workers.labeler import class_prompts
+
         differ = model_differences(self.config, config)
         if differ:
             raise ValueError(f"the labeling service runs other models ({'; '.join(differ)})")
@@ -86,3 +112,73 @@ class WarmLabeler:
         out = worker(batch)
         self.batches += 1
         return out
+
+    def segment(
+        self,
+        image: np.ndarray,
+        prompts: Prompts | dict[str, Any],
+        settings: LabelerConfig | dict[str, Any],
+        *,
+        key: str | None = None,
+    ) -> dict[str, Any]:
+        """HQ-SAM on one image with given prompts, by the service's segmenter (loaded once; a service started
+        with ``--prompts boxes`` has one too).
+
+        Args:
+            image: H x W x 3 uint8 RGB.
+            prompts: ``Prompts`` of N objects (pixels of ``image``), or its fields as nested lists
+                (``{"boxes": N x 4 XYXY, "points": N x P x 2 XY, "point_labels": N x P}``, what a client
+                without torch sends).
+            settings: the caller's segmenter settings (a ``LabelerConfig``, or a dict of some
+                ``SEGMENTER_FIELDS``), which must be the service's (``segmenter_differences``).
+            key: names ``image`` for the embeddings cache (the last ``SEGMENT_CACHE`` images, checked
+                against the image's size): another request with the same key costs one decoder call. None:
+                the image is encoded and not kept.
+
+        Returns:
+            ``{"masks": N lists of K COCO RLE dicts (H x W, counts bytes), "iou": N x K predicted IoU,
+            "size": [H, W], "encoded": whether the image encoder ran}``; K = 1 unless the segmenter's
+            multimask mode gives 3.
+
+        Raises:
+            ValueError: other segmenter settings than the service's, or a malformed image or prompts.
+        """
+        from hqlabel.segmenters import Prompts
+
+        differ = segmenter_differences(self.config, settings)
+        if differ:
+            raise ValueError(
+                f"the labeling service's segmenter differs from the one asked for ({'; '.join(differ)}); "
+                "run without --service, or restart the service with these settings (hqlabel serve stop, "
+                "serve start)"
+            )
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image must be H x W x 3 uint8 RGB, got shape {image.shape} {image.dtype}")
+        if not isinstance(prompts, Prompts):
+            prompts = Prompts(**prompts)
+        segmenter = self.worker.labeler.segmenter
+        size = tuple(image.shape[:2])
+        embeddings = None if key is None else self._embeddings.get(key)
+        encoded = embeddings is None or tuple(embeddings.original_sizes[0]) != size
+        if encoded:
+            embeddings = segmenter.embed([image])
+            self.encodes += 1
+        if key is not None:
+            self._embeddings[key] = embeddings
+            self._embeddings.move_to_end(key)
+            while len(self._embeddings) > SEGMENT_CACHE:
+                self._embeddings.popitem(last=False)
+        (logits,) = segmenter.predict(embeddings, [prompts])
+        masks: list[list[dict[str, Any]]] = []
+        for chunk in segmenter.iter_masks(logits):  # n x K x H x W bool, column-major (what RLE reads)
+            n, k = chunk.shape[:2]
+            rles = encode_masks(chunk.flatten(0, 1).cpu().numpy())
+            masks.extend(rles[i * k : (i + 1) * k] for i in range(n))
+        self.segments += 1
+        return {
+            "masks": masks,
+            "iou": logits.iou_scores.float().cpu().tolist(),
+            "size": list(size),
+            "encoded": encoded,
+        }

@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -113,3 +116,42 @@ def test_segment_checks_everything_before_building_a_model(
     lines = [line for line in err.splitlines() if line.startswith("hqlabel: error:")]
     assert code == 2 and len(lines) == 1 and message in lines[0], err
     assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.timeout(120)
+def test_segment_on_the_service_checks_the_image_here_and_loads_no_model(image_path, tmp_path):
+    """``--service`` with no service running: the image and prompts are checked first, as without it; then a
+    one-line error naming the service; torch's segmenters (and transformers) are never imported."""
+    code = (
+        "import json, sys\n"
+        "from hqlabel.jobs.cli import main\n"
+        "argv = sys.argv[1:]\n"
+        "codes = [main(argv + ['--box', '10,20,60,70']), main(argv + ['--box', '10,20,130,70'])]\n"
+        "heavy = sorted({'transformers', 'hqlabel.segmenters'} & set(sys.modules))\n"
+        "print('RESULT ' + json.dumps([codes, heavy]))\n"
+    )
+    argv = ["segment", str(image_path), "--preset", "tiny-random", "--out", str(tmp_path / "o"), "--service"]
+    env = {**os.environ, "HQLABEL_SERVICE_FILE": str(tmp_path / "none.json")}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True)
+    result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result, done.stderr
+    assert json.loads(result[0].removeprefix("RESULT ")) == [[2, 2], []]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("hqlabel: error:")]
+    assert len(errors) == 2 and "Traceback" not in done.stderr
+    assert "no labeling service is running" in errors[0] and "hqlabel serve start" in errors[0]
+    assert "--box 10,20,130,70 is outside the 120 x 90 image" in errors[1]  # checked before the service
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--service", "--device", "cpu"], "drop --device or --service"),
+        (["--address", "127.0.0.1:1"], "add --service, or drop --address"),
+    ],
+)
+def test_segment_service_options_in_one_line(image_path, tmp_path, capsys, extra, message):
+    argv = ["segment", str(image_path), "--box", "1,1,9,9", "--preset", "tiny-random", "--out", str(tmp_path)]
+    assert main([*argv, *extra]) == 2
+    assert message in capsys.readouterr().err

@@ -1,8 +1,10 @@
 """The warm labeling service (``hqlabel serve`` / ``label --service``) on a real local Ray cluster.
 
 One driver process (a subprocess: the test session's own Ray stays apart) runs the commands in order on a
-2-CPU head: status with none, start, a second start refused, two jobs on the service, a job whose models
-differ refused, stop, status and a service job with none, then the same job without the service.
+2-CPU head: status with none, start, a second start refused, two jobs on the service, segment --service
+(twice, and with another segmenter: refused), a review --service click fix over HTTP (and a job with another
+segmenter: refused), a job whose models differ refused, stop, status and a service job with none, then the
+same job without the service.
 """
 
 from __future__ import annotations
@@ -12,18 +14,30 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import encode, random_image
 from local_ray import LocalRayCluster
+from PIL import Image
 
 from hqlabel.jobs.cli import main
-from hqlabel.platform.config import MODEL_FIELDS, PER_JOB_FIELDS, LabelerConfig, model_differences
+from hqlabel.platform.config import (
+    MODEL_FIELDS,
+    PER_JOB_FIELDS,
+    SEGMENTER_FIELDS,
+    LabelerConfig,
+    model_differences,
+    segmenter_differences,
+)
+from hqlabel.platform.rle import decode_mask
 
-# One driver does the whole sequence (two model loads, four jobs): about a minute on a quiet 2-core machine.
+# One driver does the whole sequence (two model loads, four jobs, three segment and one review command): about
+# a minute and a half on a quiet 2-core machine.
 pytestmark = pytest.mark.timeout(600)
 
 DRIVER = r"""
-import contextlib, io, json, os, sys
+import contextlib, io, json, os, shutil, subprocess, sys, urllib.request
 import ray
 from hqlabel.jobs import service
 from hqlabel.jobs.cli import main
@@ -32,7 +46,7 @@ address, images, tmp = sys.argv[1:4]
 job = ["label", images, "--classes", "circle, square", "--preset", "tiny-random", "--device", "cpu",
        "--no-progress", "--address", address]
 model = ["--preset", "tiny-random", "--device", "cpu", "--address", address]
-out = {}
+out = {"address": address}
 
 def run(name, argv):
     err = io.StringIO()
@@ -46,6 +60,46 @@ run("job1", [*job, "--out", f"{tmp}/service1", "--service"])
 out["info1"] = service.service_status(address)["workers"]
 run("job2", [*job, "--out", f"{tmp}/service2", "--service", "--box-threshold", "0.3"])
 out["info2"] = service.service_status(address)["workers"]
+
+# segment --service: the CLI in a process of its own (no model, no transformers), then here (the same image:
+# its embeddings are cached), then with other segmenter settings (refused)
+seg = ["segment", f"{tmp}/photo.png", "--box", "10,20,60,70", "--box", "50,5,110,80",
+       "--preset", "tiny-random", "--service", "--address", address]
+code = ("import json, sys\nfrom hqlabel.jobs.cli import main\nrc = main(sys.argv[1:])\n"
+        "heavy = sorted({'transformers', 'hqlabel.segmenters'} & set(sys.modules))\n"
+        "print('SEGMENT ' + json.dumps([rc, heavy]))")
+done = subprocess.run([sys.executable, "-c", code, *seg, "--out", f"{tmp}/seg_service"], capture_output=True,
+                      text=True)
+lines = [l for l in done.stdout.splitlines() if l.startswith("SEGMENT ")]
+out["segment_cli"] = json.loads(lines[-1].removeprefix("SEGMENT ")) if lines else done.stderr[-3000:]
+run("segment_again", [*seg, "--out", f"{tmp}/seg_again"])
+run("segment_mismatch", [*seg, "--multimask", "best", "--out", f"{tmp}/seg_mismatch"])
+
+# review --service: the CLI's HTTP API, one click fix on the service; a job with another segmenter refused
+labels = f"{tmp}/service2"
+review = subprocess.Popen([sys.executable, "-m", "hqlabel", "review", labels, "--port", "0",
+                           "--reviewer", "t", "--service", "--address", address],
+                          stdout=subprocess.PIPE, text=True)
+try:
+    first = review.stdout.readline()
+    base = first.split(" at ")[1].split("/;")[0]
+    item = json.loads(urllib.request.urlopen(base + "/api/items?limit=1", timeout=60).read())["items"][0]
+    points = [[item["width"] / 2, item["height"] / 2, 1], [1.0, 1.0, 0]]
+    body = {"image_id": item["image_id"], "instance_id": item["instance_id"], "points": points}
+    request = urllib.request.Request(base + "/api/fix", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    out["review"] = {"item": item, "points": points,
+                     "fix": json.loads(urllib.request.urlopen(request, timeout=120).read())}
+finally:
+    review.terminate()
+    review.wait(timeout=30)
+other = f"{tmp}/other_labels"
+shutil.copytree(labels, other, ignore=shutil.ignore_patterns("review"))
+job_json = json.loads(open(f"{other}/job.json").read())
+job_json["spec"]["labeler"]["hq_token_only"] = True
+open(f"{other}/job.json", "w").write(json.dumps(job_json))
+run("review_mismatch", ["review", other, "--port", "0", "--service", "--address", address])
+out["info3"] = service.service_status(address)["workers"]
 run("mismatch", [*job, "--out", f"{tmp}/mismatch", "--service", "--precision", "bf16"])
 run("stop", ["serve", "stop", "--address", address])
 if not ray.is_initialized():  # serve stop keeps a driver's earlier connection
@@ -66,6 +120,7 @@ def service_run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("service")
     make_demo_images(tmp / "images", 12, size=(96, 128))
+    (tmp / "photo.png").write_bytes(encode(random_image(4, (90, 120))))
     cluster = LocalRayCluster()
     try:
         address = cluster.start_head(num_cpus=2)
@@ -142,6 +197,14 @@ def test_model_fields_and_differences():
     assert model_differences(service, other) == [f"segmenter: service {service.segmenter!r}, job 'other/sam'"]
     boxes = service.model_copy(update={"prompts": "boxes"})
     assert "no detector" in model_differences(boxes, job)[0]
+    assert set(SEGMENTER_FIELDS) < set(MODEL_FIELDS)
+    assert segmenter_differences(boxes, job) == []  # a boxes-only service still segments for the job
+    pinned = service.model_copy(update={"segmenter_revision": "abc"})
+    assert segmenter_differences(pinned, job) == []  # no revision asked for: the service's
+    assert segmenter_differences(pinned, {"segmenter_revision": "def", "multimask": "best"}) == [
+        "segmenter_revision: service 'abc', caller 'def'",
+        "multimask: service 'off', caller 'best'",
+    ]
 
 
 def test_service_job_without_a_service_is_refused(tmp_path, monkeypatch, capsys, image_folder):
@@ -150,3 +213,60 @@ def test_service_job_without_a_service_is_refused(tmp_path, monkeypatch, capsys,
     argv = ["label", str(image_folder), "--classes", "a", "--preset", "tiny-random", "--service"]
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
     assert "no labeling service is running" in capsys.readouterr().err
+
+
+def test_segment_on_the_service_matches_a_local_segment(service_run):
+    """``segment --service`` writes what the local command writes (same masks, same predicted IoU), loads no
+    model, and records the service; other segmenter settings are refused in one line."""
+    result, tmp = service_run
+    assert result["segment_cli"] == [0, []], result["segment_cli"]  # no segmenter module, no transformers
+    assert result["segment_again"]["rc"] == 0
+    local = tmp / "seg_local"
+    argv = ["segment", str(tmp / "photo.png"), "--box", "10,20,60,70", "--box", "50,5,110,80"]
+    assert main([*argv, "--preset", "tiny-random", "--device", "cpu", "--out", str(local)]) == 0
+    expected = json.loads((local / "photo_masks.json").read_text())
+    assert expected["service"] is None
+    for out in ("seg_service", "seg_again"):
+        record = json.loads((tmp / out / "photo_masks.json").read_text())
+        assert record["masks"] == expected["masks"] == ["photo_mask_0.png", "photo_mask_1.png"]
+        assert record["pred_iou"] == expected["pred_iou"]
+        assert record["service"]["address"] == result["address"] and record["random_weights"] is True
+        assert record["service"]["models"]["preset"] == "tiny-random"
+        for name in record["masks"]:
+            mine, theirs = (np.asarray(Image.open(folder / name)) for folder in (tmp / out, local))
+            assert np.array_equal(mine, theirs) and 0 < mine.sum() < mine.size * 255
+        assert (tmp / out / "photo_overlay.png").is_file()
+    mismatch = result["segment_mismatch"]
+    assert mismatch["rc"] == 2 and "multimask: service 'off', caller 'best'" in mismatch["stderr"]
+    assert "segment without --service" in mismatch["stderr"]
+    assert not (tmp / "seg_mismatch").exists()
+
+
+def test_review_click_fix_on_the_service_matches_the_local_fixer(service_run):
+    result, tmp = service_run
+    from hqlabel.review.fix import Fixer
+    from hqlabel.review.items import ReviewItems
+    from hqlabel.review.store import read_review
+
+    review = result["review"]
+    item, points = review["item"], review["points"]
+    key = (item["image_id"], item["instance_id"])
+    saved = read_review(str(tmp / "service2" / "review"))[key]
+    assert saved.corrected and saved.points == points and saved.area == review["fix"]["area"]
+    items = ReviewItems(str(tmp / "service2"))
+    fixer = Fixer(items.spec["labeler"], "cpu")
+    rle, area, iou = fixer.fix(item["image_id"], items.image(item["image_id"]), item["box"], points)
+    assert np.array_equal(decode_mask(saved.mask), decode_mask(rle))
+    assert (area, iou) == (review["fix"]["area"], review["fix"]["pred_iou"])
+    mismatch = result["review_mismatch"]
+    assert mismatch["rc"] == 2 and "hq_token_only: service False, caller True" in mismatch["stderr"]
+    assert "review without --service" in mismatch["stderr"]
+
+
+def test_one_model_load_serves_jobs_segments_and_fixes(service_run):
+    result, _ = service_run
+    (before,), (after,) = result["info2"], result["info3"]
+    assert after["pid"] == before["pid"] and after["loads"] == 1
+    assert after["batches"] == before["batches"] > 0
+    assert (before["segments"], after["segments"]) == (0, 3)  # two segment commands, one click fix
+    assert after["encodes"] == 2  # the second segment of the same image found its embeddings

@@ -247,3 +247,18 @@ def test_ranking_uses_the_quality_columns_a_labels_folder_has(labels, tmp_path):
     unstable = [i for i in items if i["stability"] is not None]
     assert items[: len(unstable)] == unstable  # the lowest signal decides: these come first
     assert all(i["trust"] == pytest.approx(i["stability"]) for i in unstable)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--service", "--no-fix"], "give one of them"),
+        (["--service", "--device", "cpu"], "drop --device or --service"),
+        (["--address", "127.0.0.1:1"], "add --service, or drop --address"),
+    ],
+)
+def test_review_service_options_in_one_line(tmp_path, capsys, extra, message):
+    from hqlabel.jobs.cli import main
+
+    assert main(["review", str(tmp_path), "--port", "0", *extra]) == 2
+    assert message in capsys.readouterr().err
