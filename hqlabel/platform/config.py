@@ -184,8 +184,10 @@ class LabelerConfig(BaseModel):
     )
     compile: bool = Field(
         False,
-        description="torch.compile the segmenter's image encoder (GPU-oriented: the first batch of each new "
-        "shape compiles, seconds to minutes; needs a C++ compiler on the CPU).",
+        description="torch.compile the segmenter's image encoder and the Grounding DINO detector "
+        "(GPU-oriented: the first batch of each new shape compiles, seconds to minutes; needs a C++ "
+        "compiler on the CPU). Batches are padded to the first one's size and detector images to a canvas "
+        "that only grows, so each compiles once per canvas; the OWLv2 and SAM 3 detectors refuse it.",
     )
     mask_nms: float | None = Field(
         None,
