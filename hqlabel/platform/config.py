@@ -296,6 +296,14 @@ class LabelerConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _compile_covers_the_detector(self) -> LabelerConfig:
+        # a hub id's family is known once its config loads: its detector refuses --compile as it is built
+        refused = self.prompts == "detector" and self.detector in ("owlv2", "sam3")
+        if self.compile and self.preset is not None and refused:
+            raise ValueError(f"--compile does not cover --detector {self.detector} yet; drop --compile")
+        return self
+
+    @model_validator(mode="after")
     def _preset_detector_is_a_family(self) -> LabelerConfig:
         families = (DEFAULT_DETECTOR, *DETECTOR_FAMILIES)
         if self.preset is not None and self.prompts == "detector" and self.detector not in families:

@@ -142,3 +142,5 @@ def test_labeler_config_compiles_the_detector() -> None:
 def test_other_detectors_refuse_compile(build, name: str) -> None:
     with pytest.raises(ValueError, match=f"--compile does not cover --detector {name} yet; drop --compile"):
         build(compile=True)
+    with pytest.raises(ValueError, match=f"--compile does not cover --detector {name} yet"):
+        LabelerConfig(classes="cat", preset="tiny-random", detector=name, compile=True)
