@@ -55,6 +55,7 @@ def assert_close_detections(got: list[Detections], expected: list[Detections], t
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # inductor compiles the whole model: ~2 min cold on 2 cores, seconds cached
 @pytest.mark.skipif(not HAS_CXX, reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
 def test_inductor_compiled_detector_matches_eager_and_compiles_once() -> None:
     """The real default backend: batches of 3, 3 and 1 images of different sizes compile one graph, and its
