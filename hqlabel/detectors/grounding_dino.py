@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import string
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import (
     BertConfig,
     BertTokenizer,
@@ -29,6 +31,14 @@ from transformers.models.grounding_dino.image_processing_pil_grounding_dino impo
 from hqlabel.detectors.base import Detections, TransformersDetector, prompt_groups
 from hqlabel.platform.config import Precision
 from hqlabel.platform.preprocess import Preprocess, grounding_dino_pixel_values, use_torch_preprocess
+
+# With fixed shapes, the pixel canvas (height and width) is rounded up to a multiple of this: a mixed
+# dataset's canvas grows, and so recompiles, a bounded number of times (the backbone's coarsest stride is 32).
+CANVAS_MULTIPLE = 64
+
+
+def round_up(value: int, multiple: int = CANVAS_MULTIPLE) -> int:
+    return -(-value // multiple) * multiple
 
 
 def build_prompt(classes: list[str]) -> tuple[str, list[tuple[int, int]]]:
@@ -129,6 +139,24 @@ class GroundingDinoDetector(TransformersDetector):
 
     ``precision``: see ``TransformersDetector``. ``preprocess`` ("auto": on the device when it is a GPU, see
     ``hqlabel.platform.preprocess``) chooses where images are resized and normalised.
+
+    ``compile``: ``torch.compile`` the whole model in place (one graph, static shapes; parameter names and
+    ``save_pretrained`` are unchanged). Meant for GPUs; on the CPU inductor needs a C++ compiler. It implies
+    ``fixed_shapes``, so that a job compiles once per canvas, not once per batch:
+
+    - the batch: every model call takes ``batch`` images (default: the first call's count); a smaller batch is
+      padded with blank images (zeros, all valid) whose outputs are dropped, a larger one is split;
+    - the pixels: ``pixel_values`` / ``pixel_mask`` are padded (bottom and right, zeros, mask 0 as Grounding
+      DINO pads every batch to its largest image) to a canvas that only grows: the largest resized height
+      and width seen so far, each rounded up to ``CANVAS_MULTIPLE`` (a starting ``canvas`` may be given);
+      a dataset of same-size images compiles once, a mixed one once per canvas growth;
+    - the text: every pass of a class list is padded to the longest pass's token count (pad tokens are
+      masked: the detections do not change).
+
+    Both preprocessing paths are padded the same way. Grounding DINO's outputs depend on the padding around
+    an image (its features see the padded feature maps), so without fixed shapes an image's boxes depend
+    slightly on the other images of its batch; with them, the boxes are those of the image on the canvas,
+    the same whatever the batch composition (for one canvas), but not the boxes of the unpadded image.
     """
 
     model_class = GroundingDinoForObjectDetection
@@ -147,7 +175,14 @@ class GroundingDinoDetector(TransformersDetector):
         device: str | torch.device = "cpu",
         precision: Precision = "fp32",
         preprocess: Preprocess = "auto",
+        compile: bool = False,
+        compile_backend: str | Callable[..., Any] = "inductor",
+        fixed_shapes: bool | None = None,
+        batch: int | None = None,
+        canvas: tuple[int, int] | None = None,
     ) -> None:
+        if batch is not None and batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
         super().__init__(
             model,
             processor,
@@ -160,7 +195,16 @@ class GroundingDinoDetector(TransformersDetector):
         )
         self.torch_preprocess = use_torch_preprocess(preprocess, self.device)
         self._prompt_cache: dict[tuple[tuple[str, ...], ...], list[TextPass]] = {}
-        self._text_cache: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        self._text_cache: dict[tuple[str, int, int | None], dict[str, torch.Tensor]] = {}
+        self._length_cache: dict[tuple[str, ...], int] = {}
+        self.compiled = compile
+        self.fixed_shapes = compile if fixed_shapes is None else fixed_shapes
+        self.batch = batch
+        self.canvas = None if canvas is None else (round_up(canvas[0]), round_up(canvas[1]))
+        if compile:
+            # one graph: the deformable attention's shape checks (transformers' ``torch_compilable_check``)
+            # call ``Tensor.item()``, a graph break per layer unless scalar outputs are captured (``_call``)
+            self.model.compile(backend=compile_backend, dynamic=False)
 
     def passes(self, classes: list[str] | list[list[str]]) -> list[TextPass]:
         """The detector passes for ``classes`` (names, or per class a list of synonyms): one prompt when
@@ -173,14 +217,15 @@ class GroundingDinoDetector(TransformersDetector):
         return self._prompt_cache[key]
 
     def _detect_pass(
-        self, images: list[np.ndarray], text: TextPass
+        self, images: list[np.ndarray], text: TextPass, text_len: int | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """One model call with one prompt: per image, the boxes over ``box_threshold`` (XYXY pixels), their
-        scores and class indices (into the whole class list), before NMS."""
-        inputs = self._inputs(images, text.prompt)
+        scores and class indices (into the whole class list), before NMS. ``text_len``: pad the prompt's
+        tokens to this length (fixed shapes)."""
+        inputs = self._inputs(images, text.prompt, text_len)
         with self.autocast():
-            outputs = self.model(**inputs)
-        probs = outputs.logits.float().sigmoid()  # B x Q x T
+            outputs = self._call(inputs)
+        probs = outputs.logits.float().sigmoid()  # B x Q x T (B: with fixed shapes, the padded batch)
         positive = text.positive.to(self.device)
         # B x Q x C': best token score per class; a class with all tokens under text_threshold drops out.
         class_scores = (probs[:, :, None, :] * positive[None, None]).amax(-1)
@@ -188,9 +233,10 @@ class GroundingDinoDetector(TransformersDetector):
         scores, labels = class_scores.max(-1)
         labels = text.class_ids.to(self.device)[labels]
         found = []
-        for i, image in enumerate(images):
+        for i, image in enumerate(images):  # the padding images' rows are dropped
             h, w = image.shape[:2]
             keep = scores[i] > self.box_threshold
+            # boxes are relative to the image's valid (unpadded) region, whatever the canvas around it
             cx, cy, bw, bh = outputs.pred_boxes[i, keep].float().unbind(-1)
             boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1)
             boxes = boxes * torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
@@ -199,10 +245,38 @@ class GroundingDinoDetector(TransformersDetector):
             found.append((boxes, scores[i, keep], labels[i, keep]))
         return found
 
-    def _inputs(self, images: list[np.ndarray], prompt: str) -> dict[str, torch.Tensor]:
+    def _call(self, inputs: dict[str, torch.Tensor]) -> Any:
+        """The model on ``inputs``; a compiled model is traced with scalar outputs captured, so that the
+        deformable attention's ``.item()`` checks do not break the graph (one graph per input shape)."""
+        if not self.compiled:
+            return self.model(**inputs)
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            return self.model(**inputs)
+
+    def _tokens(self, prompt: str, count: int, length: int | None) -> dict[str, torch.Tensor]:
+        """``prompt``'s tokens for ``count`` images on the device (padded to ``length`` tokens), cached."""
+        key = (prompt, count, length)
+        if key not in self._text_cache:
+            padding = dict(padding="max_length", max_length=length) if length else dict(padding=True)
+            text = self.processor.tokenizer([prompt] * count, return_tensors="pt", **padding)
+            self._text_cache[key] = {k: v.to(self.device) for k, v in text.items()}
+        return self._text_cache[key]
+
+    def _text_length(self, passes: list[TextPass]) -> int:
+        """The longest pass's token count (special tokens included): every pass is padded to it."""
+        key = tuple(text.prompt for text in passes)
+        if key not in self._length_cache:
+            tokenizer = self.processor.tokenizer
+            self._length_cache[key] = max(len(tokenizer(text.prompt)["input_ids"]) for text in passes)
+        return self._length_cache[key]
+
+    def _inputs(
+        self, images: list[np.ndarray], prompt: str, text_len: int | None = None
+    ) -> dict[str, torch.Tensor]:
         """The model's inputs on the device: from the processor, or (``torch_preprocess``) pixels resized on
-        the device and the prompt's tokens tokenized once per batch size."""
-        if not self.torch_preprocess:
+        the device and the prompt's tokens tokenized once per batch size. With ``fixed_shapes``, padded to the
+        canvas and the fixed batch, with the tokens padded to ``text_len``."""
+        if not self.fixed_shapes and not self.torch_preprocess:
             inputs = self.processor(
                 images=images,
                 text=[prompt] * len(images),
@@ -210,14 +284,37 @@ class GroundingDinoDetector(TransformersDetector):
                 input_data_format="channels_last",  # else a 1- or 3-pixel-high image reads as channels-first
             )
             return {k: v.to(self.device) for k, v in inputs.items()}
-        key = (prompt, len(images))
-        if key not in self._text_cache:
-            text = self.processor.tokenizer([prompt] * len(images), return_tensors="pt", padding=True)
-            self._text_cache[key] = {k: v.to(self.device) for k, v in text.items()}
-        pixel_values, pixel_mask = grounding_dino_pixel_values(
-            images, self.processor.image_processor, self.device
-        )
-        return {**self._text_cache[key], "pixel_values": pixel_values, "pixel_mask": pixel_mask}
+        if self.torch_preprocess:
+            pixel_values, pixel_mask = grounding_dino_pixel_values(
+                images, self.processor.image_processor, self.device
+            )
+        else:
+            pixels = self.processor.image_processor(
+                images=images, return_tensors="pt", input_data_format="channels_last"
+            )
+            pixel_values, pixel_mask = pixels["pixel_values"], pixels["pixel_mask"]
+            pixel_values, pixel_mask = pixel_values.to(self.device), pixel_mask.to(self.device)
+        count = len(images)
+        if self.fixed_shapes:
+            pixel_values, pixel_mask = self._pad(pixel_values, pixel_mask)
+            count = len(pixel_values)
+        text = self._tokens(prompt, count, text_len)
+        return {**text, "pixel_values": pixel_values, "pixel_mask": pixel_mask}
+
+    def _pad(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """B x 3 x h x w pixels and B x h x w mask -> ``batch`` x 3 x H x W and ``batch`` x H x W on the
+        canvas (grown to hold h x w): zeros and mask 0 around the images, blank images (zeros, mask 1: a
+        mask of 0 alone would make their valid ratios 0 and their outputs NaN) after them."""
+        h, w = pixel_values.shape[-2:]
+        height, width = self.canvas or (0, 0)
+        self.canvas = height, width = max(height, round_up(h)), max(width, round_up(w))
+        pixel_values = F.pad(pixel_values, (0, width - w, 0, height - h))
+        pixel_mask = F.pad(pixel_mask, (0, width - w, 0, height - h))
+        extra = self.batch - len(pixel_values)
+        if extra > 0:
+            pixel_values = torch.cat([pixel_values, pixel_values.new_zeros(extra, *pixel_values.shape[1:])])
+            pixel_mask = torch.cat([pixel_mask, pixel_mask.new_ones(extra, *pixel_mask.shape[1:])])
+        return pixel_values, pixel_mask
 
     @torch.inference_mode()
     def detect(self, images: list[np.ndarray], classes: list[str] | list[list[str]]) -> list[Detections]:
@@ -233,10 +330,20 @@ class GroundingDinoDetector(TransformersDetector):
         """
         if not images:
             return []
+        passes = self.passes(classes)
+        chunks, text_len = [images], None
+        if self.fixed_shapes:
+            if self.batch is None:
+                self.batch = len(images)
+            chunks = [images[i : i + self.batch] for i in range(0, len(images), self.batch)]
+            text_len = self._text_length(passes)
         found: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in images]
-        for text in self.passes(classes):
-            for i, candidates in enumerate(self._detect_pass(images, text)):
-                found[i].append(candidates)
+        start = 0
+        for chunk in chunks:
+            for text in passes:
+                for i, candidates in enumerate(self._detect_pass(chunk, text, text_len)):
+                    found[start + i].append(candidates)
+            start += len(chunk)
         results = []
         for candidates in found:
             boxes, det_scores, det_labels = (torch.cat(parts) for parts in zip(*candidates, strict=True))

@@ -99,8 +99,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the segmenter's image encoder (GPU-oriented; the first batch compiles, ~40 s for "
-        "ViT-L; encoder batches are padded to the first one's size so that it compiles once)",
+        help="torch.compile the segmenter's image encoder and the Grounding DINO detector (GPU-oriented; the "
+        "first batch compiles, ~40 s for ViT-L; batches are padded to the first one's size, and detector "
+        "images to a canvas that only grows, so that each compiles once; not for --detector owlv2 or sam3)",
     )
     p.add_argument(
         "--preprocess",

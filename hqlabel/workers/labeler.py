@@ -65,6 +65,7 @@ def build_models(
         max_detections=config.max_detections,
         device=device,
         precision=config.precision,
+        compile=config.compile,
         preprocess=config.preprocess,
     )
     seg_kwargs = dict(
