@@ -35,9 +35,9 @@ def test_quick_stages_and_per_box(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_gpu_runner_on_the_cpu_with_tiny_models(tmp_path):
-    """``benchmarks.gpu`` end to end on the CPU: every section runs, each image gets ``--boxes`` boxes in
-    both the pipeline and the baseline, and the pipeline writes every image."""
-    from benchmarks.gpu import main as gpu_main
+    """``benchmarks.gpu_sections`` end to end on the CPU: every section runs, each image gets ``--boxes``
+    boxes in both the pipeline and the baseline, and the pipeline writes every image."""
+    from benchmarks.gpu_sections import main as gpu_main
 
     out = tmp_path / "gpu.json"
     args = ["--device", "cpu", "--preset", "tiny-random", "--images", "8", "--baseline-images", "3"]
