@@ -9,6 +9,10 @@ actor start (imports, weights, CUDA). The job refuses to run when no service is 
 service's models differ from the ones it asks for (classes, prompts and detector thresholds are the job's
 own).
 
+``serve start`` also starts a keeper process on this machine that holds the service's job runner
+(``hqlabel.jobs.service_runner``): ``label --service`` runs its job's driver there, so that a job from a new
+CLI process finds Ray task workers already started.
+
 The service needs a Ray cluster that outlives the command: ``--address`` names one; without it ``serve
 start`` starts a local head (``ray start --head --block`` on 127.0.0.1 in a process session of its own, with
 its own temporary folder), which ``serve stop`` ends again. Where the service runs is recorded in a state
@@ -381,6 +385,7 @@ def start_service(
         )
         try:
             description = ray.get(service.describe.remote())
+            _end_stale_runner(address)
             keeper = start_keeper(address)  # the job runner (hqlabel.jobs.service_runner), warmed up
         except Exception:
             ray.kill(service)
@@ -395,6 +400,21 @@ def start_service(
             stop_local_head(started)
             state_path().unlink(missing_ok=True)
         raise
+
+
+def _end_stale_runner(address: str) -> None:
+    """End a job runner (and the keeper recorded for ``address``) that outlived its service's actors."""
+    import ray
+
+    previous = read_state() or {}
+    if previous.get("address") == address and previous.get("keeper_pid"):
+        stop_keeper(previous)
+    runner = find_runner()
+    if runner is not None:
+        ray.kill(runner, no_restart=True)
+        deadline = time.monotonic() + 30
+        while find_runner() is not None and time.monotonic() < deadline:  # its name is free once it ended
+            time.sleep(0.2)
 
 
 def service_status(address: str | None = None) -> dict | None:

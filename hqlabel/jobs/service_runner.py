@@ -180,7 +180,9 @@ class JobRunner:
             spec = LabelJobSpec(
                 input=str(folder / "images"), out=str(folder / "out"), labeler=config, service=True
             )
-            self.run("warm-up", spec.model_dump_json())
+            result = self.run("warm-up", spec.model_dump_json())
+            if "error" in result:
+                logging.getLogger(__name__).warning("the warm-up job failed: %s", result["error"])
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return self.info()

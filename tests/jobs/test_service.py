@@ -2,8 +2,9 @@
 
 One driver process (a subprocess: the test session's own Ray stays apart) runs the commands in order on a
 2-CPU head: status with none, start, a second start refused, two jobs on the service, a job from a fresh CLI
-process and one failing at run time (both in the service's job runner), a job with the runner gone, a job
-whose models differ refused, stop, status and a service job with none, then the same job without the service.
+process, one failing at run time and one cancelled by Ctrl-C (all in the service's job runner), a job with the
+runner gone, a job whose models differ refused, stop, status and a service job with none, then the same job
+without the service.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from local_ray import LocalRayCluster
 from hqlabel.jobs.cli import main
 from hqlabel.platform.config import MODEL_FIELDS, PER_JOB_FIELDS, LabelerConfig, model_differences
 
-# One driver does the whole sequence (two model loads, a warm-up and six jobs): about 80 s on a quiet 2-core
+# One driver does the whole sequence (two model loads, a warm-up and seven jobs): about 90 s on a quiet 2-core
 # machine.
 pytestmark = pytest.mark.timeout(600)
 
 DRIVER = r"""
-import contextlib, io, json, os, subprocess, sys, time
+import contextlib, io, json, os, signal, subprocess, sys, time
 import ray
 from hqlabel.jobs import service, service_runner
 from hqlabel.jobs.cli import main
@@ -63,6 +64,17 @@ out["cli"] = json.loads(lines[-1].removeprefix("CLI ")) if lines else done.stder
 os.environ["HQLABEL_FAILPOINTS"] = "bogus"
 run("fail", [*job, "--out", f"{tmp}/fail", "--service"])
 del os.environ["HQLABEL_FAILPOINTS"]
+# Ctrl-C while the job runs in the runner (its first batch stalls in the warm actor): cancelled there
+cancel = subprocess.Popen([sys.executable, "-m", "hqlabel", *job, "--out", f"{tmp}/cancel", "--service"],
+                          env=os.environ | {"HQLABEL_FAILPOINTS": "stall:demo_00000.jpg"},
+                          stderr=subprocess.PIPE, text=True)
+for _ in range(300):
+    jobs = service_runner.runner_info()["jobs"]
+    if len(jobs) == 6 and jobs[-1]["state"] == "running":
+        break
+    time.sleep(0.2)
+cancel.send_signal(signal.SIGINT)
+out["cancel"] = {"rc": cancel.wait(timeout=120), "stderr": cancel.stderr.read()}
 out["runner2"] = service.service_status(address)["runner"]
 ray.kill(service_runner.find_runner())  # as when its keeper exits: the job's driver runs here
 run("fallback", [*job, "--out", f"{tmp}/fallback", "--service", "--box-threshold", "0.3"])
@@ -139,7 +151,8 @@ def test_cli_jobs_run_in_the_warm_runner(service_run):
     assert later["pid"] == first["pid"] and later["job_id"] == first["job_id"]
     jobs = later["jobs"]
     assert [job["id"] for job in jobs[:3]] == [job["id"] for job in first["jobs"]]
-    assert jobs[0]["id"] == "warm-up" and [job["state"] for job in jobs] == ["done"] * 4 + ["failed"]
+    states = [job["state"] for job in jobs]
+    assert jobs[0]["id"] == "warm-up" and states == ["done"] * 4 + ["failed", "cancelled"]
     for before, job in itertools.pairwise(jobs[:4]):  # reused, not started again
         assert set(job["workers_before"]) & set(before["workers_after"]), (before, job)
     assert jobs[3]["done"] == jobs[3]["total"] == 12
@@ -155,6 +168,13 @@ def test_runner_error_reaches_the_cli_as_one_line(service_run):
     ]
     assert "Traceback" not in result["fail"]["stderr"]
     assert not (tmp / "fail").exists()  # a new run that failed leaves nothing behind
+
+
+def test_ctrl_c_cancels_the_job_in_the_runner(service_run):
+    result, tmp = service_run
+    assert result["cancel"]["rc"] == 130
+    assert result["cancel"]["stderr"].rstrip().endswith("hqlabel: interrupted")
+    assert not (tmp / "cancel").exists()  # a new run stopped before any shard completed leaves nothing
 
 
 def test_job_without_runner_runs_its_driver_in_the_cli(service_run):
