@@ -593,8 +593,10 @@ def _stop(args: argparse.Namespace) -> int:
     if not stopped["actors"] and not stopped["head"] and not stopped["keeper"]:
         print(NO_SERVICE.format(where=""))
         return 0
-    head = f"; local Ray head at {stopped['head']} stopped" if stopped["head"] else ""
+    parts = [f"stopped the labeling service ({len(stopped['actors'])} actors)"]
     if stopped["keeper"]:
-        head = f"; keeper process {stopped['keeper']} stopped{head}"
-    print(f"stopped the labeling service ({len(stopped['actors'])} actors){head}")
+        parts.append(f"keeper process {stopped['keeper']} stopped")
+    if stopped["head"]:
+        parts.append(f"local Ray head at {stopped['head']} stopped")
+    print("; ".join(parts))
     return 0

@@ -46,6 +46,7 @@ READY = "KEEPER READY "
 POLL_S = 0.25
 CANCEL_WAIT_S = 120  # how long an interrupted CLI waits for the runner to stop the job
 WARM_UP_IMAGES = 2
+MAX_RECORDS = 1000  # jobs the runner remembers (JobRunner.info)
 
 
 class JobCancelled(Exception):
@@ -90,9 +91,9 @@ class JobRunner:
         return self.jobs.setdefault(job, {"id": job, "state": "queued", "cancel": False})
 
     def run(self, job: str, spec_json: str, failpoints: str | None = None) -> dict:
-        """Run the job (``LabelJobSpec`` as JSON, checked by the caller) once the jobs before it are done,
-        with the caller's ``HQLABEL_FAILPOINTS`` (``failpoints``). Returns ``{"summary": LabelSummary as a
-        dict}``, ``{"cancelled": True}`` or ``{"error": {"type", "module", "message"}}``."""
+        """Run the job (``LabelJobSpec`` as JSON; ``check_label_spec`` first, at once) once the jobs before
+        it are done, with the caller's ``HQLABEL_FAILPOINTS`` (``failpoints``). Returns ``{"summary":
+        LabelSummary as a dict}``, ``{"cancelled": True}`` or ``{"error": {"type", "module", "message"}}``."""
         from hqlabel.jobs.label import check_label_spec, run_label_job
         from hqlabel.jobs.spec import LabelJobSpec
         from hqlabel.workers.faults import FAILPOINTS_ENV
@@ -138,6 +139,9 @@ class JobRunner:
             with self.turn:
                 self.queue.remove(job)
                 self.turn.notify_all()
+            for old in list(self.jobs)[: max(0, len(self.jobs) - MAX_RECORDS)]:  # the oldest go
+                if old not in self.queue:
+                    del self.jobs[old]
 
     def progress(self, job: str) -> dict:
         """The job's state (``queued``, ``running``, ``done``, ``failed``, ``cancelled``) and, once its
@@ -156,7 +160,7 @@ class JobRunner:
             "pid": os.getpid(),
             "job_id": self.job_id,
             "started": self.started,
-            "jobs": [dict(r) for r in self.jobs.values()],
+            "jobs": [dict(r) for r in list(self.jobs.values())],
         }
 
     def warm_up(self) -> dict:
@@ -339,12 +343,13 @@ def start_keeper(address: str) -> dict:
 
 def stop_keeper(state: dict) -> int | None:
     """End the keeper of ``state`` (its process session: SIGTERM, then SIGKILL) and delete its folder; its
-    runner ends with it. Returns its pid, or None when there was none."""
-    from hqlabel.jobs.service import end_session
+    runner ends with it. Returns its pid, or None when it was not running."""
+    from hqlabel.jobs.service import _alive, end_session
 
     pid = state.get("keeper_pid")
-    if pid:
-        end_session(pid)
+    if not _alive(pid):
+        pid = None
+    end_session(pid)
     if state.get("keeper_dir"):
         shutil.rmtree(state["keeper_dir"], ignore_errors=True)
     return pid
