@@ -7,9 +7,12 @@ loop; prints a table and writes JSON. Random-weight models: only the timings mea
 Measured, medians of ``--repeats`` runs:
 - ``baseline``: the plain-transformers loop (``benchmarks.stages.baseline_loop``), same images and models;
   ``baseline_bf16``: the same under bf16 autocast (ratios are given against both, and against the faster).
+- ``service_cli``: ``hqlabel label --service`` as a new process (imports, Ray connection, job), whose driver
+  runs in the service's job runner (``hqlabel.jobs.service_runner``); measured first, right after ``serve
+  start``: Ray keeps about one idle worker per CPU in all, so the jobs of another driver (the rows below)
+  would displace the runner's idle task workers and its next job would start new ones.
 - ``service_first``: the first job of a driver on the warm service (the driver's Ray task workers start).
 - ``service``: the following jobs of that driver on the warm service.
-- ``service_cli``: ``hqlabel label --service`` as a new process (imports, Ray connection, job).
 ``start_s``: from the job's call (or the process start) to the first batch reaching the warm actor, by the
 actor's clock (same machine).
 """
@@ -122,12 +125,12 @@ def main(argv: list[str] | None = None) -> dict:
     start_service(config, num_cpus=args.num_cpus)
     results["service_start_s"] = time.perf_counter() - start
     try:
+        results["service_cli"] = _median(
+            [_cli_job(images, root / f"cli{k}", args.device) for k in range(args.repeats)]
+        )
         results["service_first"] = _job(images, root / "first", args.device, True)
         results["service"] = _median(
             [_job(images, root / f"svc{k}", args.device, True) for k in range(args.repeats)]
-        )
-        results["service_cli"] = _median(
-            [_cli_job(images, root / f"cli{k}", args.device) for k in range(args.repeats)]
         )
     finally:
         stop_service()

@@ -70,7 +70,8 @@ def label(
     HQ-SAM mask per detected instance, written to ``out`` (``masks/``, ``errors/``, ``images/`` Parquet,
     ``job.json``). A rerun with the same arguments resumes; ``overwrite=True`` starts over.
 
-    Args: as ``label_spec``; ``progress``: a progress bar on stderr.
+    Args: as ``label_spec``; ``progress``: a progress bar on stderr. With ``service=True`` the job's driver
+        runs in the warm service's job runner (``service_runner.run_on_service``).
 
     Returns:
         ``LabelSummary``: ``images``, ``instances``, ``errors``, ``seconds``, ``out``, ``images_this_run``.
@@ -79,9 +80,14 @@ def label(
         ValueError, FileNotFoundError: bad options or input (the command line's one-line errors).
         RuntimeError: some shards did not complete (call again to resume them).
     """
+    spec = label_spec(input, out=out, classes=classes, **options)
+    if spec.service:
+        from hqlabel.jobs.service_runner import run_on_service
+
+        return run_on_service(spec, progress=progress)
     from hqlabel.jobs.label import run_label_job
 
-    return run_label_job(label_spec(input, out=out, classes=classes, **options), progress=progress)
+    return run_label_job(spec, progress=progress)
 
 
 def curate(

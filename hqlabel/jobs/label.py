@@ -16,6 +16,7 @@ import platform
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -424,14 +425,11 @@ def _labeling_pool(ds, spec: LabelJobSpec, plan: ResourcePlan, attempts: Attempt
     )
 
 
-def run_label_job(spec: LabelJobSpec, *, progress: bool = True) -> LabelSummary:
-    """Run (or resume) a labeling job to completion; the summary is also saved in ``OUT/job.json``.
-
-    Raises:
-        RuntimeError: some shards could not be completed (rerun the same command to resume them).
-    """
-
-    if spec.labeler.preset == "tiny-random":
+def check_label_spec(spec: LabelJobSpec, *, warn: bool = True) -> LabelJobSpec:
+    """The checks a job passes before anything starts or is written (the random-weights warning first, with
+    ``warn``); returns ``spec`` with absolute paths and, without ``service``, its models pinned
+    (``check_models``)."""
+    if warn and spec.labeler.preset == "tiny-random":
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     # Workers on other machines or folders read and write the same places; job.json records them absolute.
     spec = spec.with_absolute_paths()
@@ -442,6 +440,25 @@ def run_label_job(spec: LabelJobSpec, *, progress: bool = True) -> LabelSummary:
     check_hq_weights(spec.labeler.hq_weights)
     if not spec.service:  # the service loaded its models: the job takes their revisions (service.attach)
         spec = check_models(spec)  # hub models pinned to commits (an earlier run's, when resuming)
+    return spec
+
+
+def run_label_job(
+    spec: LabelJobSpec,
+    *,
+    progress: bool = True,
+    warn: bool = True,
+    on_progress: Callable[[int, int, int, int], None] | None = None,
+) -> LabelSummary:
+    """Run (or resume) a labeling job to completion; the summary is also saved in ``OUT/job.json``.
+    ``warn``: print the random-weights warning (``check_label_spec``). ``on_progress(images done, images
+    to do, shards merged, shards to do)``: called as the progress bar moves (the service's job runner
+    polls it; an exception it raises stops the job, whose output stays resumable).
+
+    Raises:
+        RuntimeError: some shards could not be completed (rerun the same command to resume them).
+    """
+    spec = check_label_spec(spec, warn=warn)
     # One run writes to an output at a time: a second one is refused while this one holds the lease.
     new_folder = not storage.is_s3(spec.out) and not Path(spec.out).exists()
     try:
@@ -450,7 +467,7 @@ def run_label_job(spec: LabelJobSpec, *, progress: bool = True) -> LabelSummary:
         ) as lease:
             fresh = spec.overwrite or _read_json(storage.join(spec.out, "job.json"), spec) is None
             try:
-                return _label(spec, lease, progress)
+                return _label(spec, lease, progress, on_progress)
             except BaseException:
                 if fresh:  # a new run that failed before any shard completed leaves nothing to resume
                     with contextlib.suppress(OSError):
@@ -487,7 +504,9 @@ def check_shared_storage(spec: LabelJobSpec) -> None:
     check_shared_paths(reads, {"--out": spec.out})
 
 
-def _label(spec: LabelJobSpec, lease: OutputLease, progress: bool) -> LabelSummary:
+def _label(
+    spec: LabelJobSpec, lease: OutputLease, progress: bool, on_progress: Callable | None = None
+) -> LabelSummary:
     """``run_label_job`` once its checks passed and it holds the output's lease."""
     import ray
 
@@ -536,7 +555,17 @@ def _label(spec: LabelJobSpec, lease: OutputLease, progress: bool) -> LabelSumma
     )
     try:
         return _run_pipeline(
-            spec, source, pending, plan, record, progress, lease, retry, retry_todo, service=service
+            spec,
+            source,
+            pending,
+            plan,
+            record,
+            progress,
+            lease,
+            retry,
+            retry_todo,
+            service=service,
+            on_progress=on_progress,
         )
     finally:
         context.execution_options.resource_limits = limits
@@ -557,6 +586,7 @@ def _run_pipeline(
     retry_todo: dict[str, int],
     *,
     service: list | None = None,
+    on_progress: Callable[[int, int, int, int], None] | None = None,
 ) -> LabelSummary:
     """The labeling itself: ``run_label_job`` after its checks and set-up. ``retry`` / ``retry_todo``: the
     finished shards reopened by ``--retry-errors`` (``prepare_retry``), whose listed images are labeled too.
@@ -589,10 +619,14 @@ def _run_pipeline(
             if marker is not None:
                 finished[shard] = marker
                 bar.set_postfix(shards=f"{len(finished)}/{len(expected)}")
+                if on_progress is not None:
+                    on_progress(sum(arrived.values()), todo_images, len(finished), len(expected))
 
     nodes: Counter[str | None] = Counter()  # images labeled per Ray node
     todo_images = sum(expected.values())
     with tqdm(total=todo_images, unit="img", desc="labeling", disable=not progress, file=sys.stderr) as bar:
+        if on_progress is not None:
+            on_progress(0, todo_images, 0, len(expected))
         if pending or reopened:
             ds = input_dataset([*pending, *reopened], source, spec, only=retry)
             ds = build_pipeline(ds, spec, plan, source.root, lease.run_id, service)
@@ -603,6 +637,8 @@ def _run_pipeline(
                     arrived[shard] += stats["images"]
                     nodes[stats["node_id"]] += stats["images"]
                     bar.update(stats["images"])
+                    if on_progress is not None:
+                        on_progress(sum(arrived.values()), todo_images, len(finished), len(expected))
                     if shard not in tried and arrived[shard] >= expected[shard]:
                         tried.add(shard)
                         running[merge.remote(spec.out, shard, totals[shard], spec.storage)] = shard

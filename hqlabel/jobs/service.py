@@ -9,6 +9,10 @@ actor start (imports, weights, CUDA). The job refuses to run when no service is 
 service's models differ from the ones it asks for (classes, prompts and detector thresholds are the job's
 own).
 
+``serve start`` also starts a keeper process on this machine that holds the service's job runner
+(``hqlabel.jobs.service_runner``): ``label --service`` runs its job's driver there, so that a job from a new
+CLI process finds Ray task workers already started.
+
 The service needs a Ray cluster that outlives the command: ``--address`` names one; without it ``serve
 start`` starts a local head (``ray start --head --block`` on 127.0.0.1 in a process session of its own, with
 its own temporary folder), which ``serve stop`` ends again. Where the service runs is recorded in a state
@@ -37,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from hqlabel.jobs.args import add_model_args, model_options, resource_amount
 from hqlabel.jobs.cluster import ADDRESS_HELP, ray_init
+from hqlabel.jobs.service_runner import find_runner, runner_info, start_keeper, stop_keeper
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -131,7 +136,14 @@ def start_local_head(num_cpus: int | None) -> dict:
 def stop_local_head(state: dict) -> None:
     """End the head that ``start_local_head`` started (its whole process session, by its id: SIGTERM, then
     SIGKILL) and delete its temporary folder."""
-    pid = state.get("head_pid")
+    end_session(state.get("head_pid"))
+    if state.get("temp_dir"):
+        shutil.rmtree(state["temp_dir"], ignore_errors=True)
+
+
+def end_session(pid: int | None) -> None:
+    """End the process session led by ``pid`` (started with ``start_new_session``), by its id: SIGTERM, then
+    SIGKILL; reaped when it is this process's child."""
     for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
         if not _alive(pid):
             break
@@ -142,8 +154,6 @@ def stop_local_head(state: dict) -> None:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)  # reap it when it is our child
             time.sleep(0.2)
-    if state.get("temp_dir"):
-        shutil.rmtree(state["temp_dir"], ignore_errors=True)
 
 
 class LabelService:
@@ -375,18 +385,36 @@ def start_service(
         )
         try:
             description = ray.get(service.describe.remote())
+            _end_stale_runner(address)
+            keeper = start_keeper(address)  # the job runner (hqlabel.jobs.service_runner), warmed up
         except Exception:
             ray.kill(service)
             raise
         if started is None and (state or {}).get("address") != address:
             _write_state({"address": address})  # a cluster the service did not start: no head to stop
-        return {"address": address, **description}
+        _write_state({**(read_state() or {}), **keeper})
+        return {"address": address, **description, "runner": runner_info()}
     except BaseException:
         if started is not None:
             ray.shutdown()
             stop_local_head(started)
             state_path().unlink(missing_ok=True)
         raise
+
+
+def _end_stale_runner(address: str) -> None:
+    """End a job runner (and the keeper recorded for ``address``) that outlived its service's actors."""
+    import ray
+
+    previous = read_state() or {}
+    if previous.get("address") == address and previous.get("keeper_pid"):
+        stop_keeper(previous)
+    runner = find_runner()
+    if runner is not None:
+        ray.kill(runner, no_restart=True)
+        deadline = time.monotonic() + 30
+        while find_runner() is not None and time.monotonic() < deadline:  # its name is free once it ended
+            time.sleep(0.2)
 
 
 def service_status(address: str | None = None) -> dict | None:
@@ -400,18 +428,19 @@ def service_status(address: str | None = None) -> dict | None:
         return None
     import ray
 
-    return {"address": address, **ray.get(service.describe.remote())}
+    return {"address": address, **ray.get(service.describe.remote()), "runner": runner_info()}
 
 
 def stop_service(address: str | None = None) -> dict:
-    """End the service (its labeling actors first, then the service actor) and, when ``serve start``
-    started the local head, that head too. Returns what was stopped: ``actors`` (names), ``head``.
+    """End the service (its job runner and labeling actors first, then the service actor), the keeper
+    ``serve start`` started on this machine (``service_runner``) and, when ``serve start`` started the local
+    head, that head too. Returns what was stopped: ``actors`` (names), ``keeper`` (its pid), ``head``.
 
     A no-op (nothing stopped) when no service is running."""
     import ray
 
     state = read_state()
-    stopped: dict[str, Any] = {"actors": [], "head": None}
+    stopped: dict[str, Any] = {"actors": [], "keeper": None, "head": None}
     joined = ray.is_initialized()  # a driver that joined before keeps its connection
     try:
         address = connect(address)
@@ -421,6 +450,9 @@ def stop_service(address: str | None = None) -> dict:
         service = find_service()
         if service is not None:
             names = _names()
+            runner = find_runner()
+            if runner is not None:
+                ray.kill(runner, no_restart=True)
             with contextlib.suppress(ray.exceptions.RayActorError):
                 for worker in ray.get(service.workers.remote()):
                     ray.kill(worker, no_restart=True)
@@ -429,6 +461,8 @@ def stop_service(address: str | None = None) -> dict:
             stopped["actors"] = names
         if not joined or (state and state.get("head_pid") and state.get("address") == address):
             ray.shutdown()
+    if state and state.get("keeper_pid") and state.get("address") in (address, None):
+        stopped["keeper"] = stop_keeper(state)
     if state and state.get("head_pid") and state.get("address") in (address, None):
         stop_local_head(state)
         stopped["head"] = state["address"]
@@ -511,6 +545,13 @@ def _describe(status: dict) -> str:
         f"{config['device']}, precision {config['precision']}, compile {config['compile']}, prompts "
         f"{config['prompts']}"
     ]
+    runner = status.get("runner")
+    if runner is None:
+        lines.append(
+            "  job runner: none (its keeper process has exited: label --service drivers run in the CLI)"
+        )
+    else:
+        lines.append(f"  job runner: pid {runner['pid']}, {len(runner['jobs'])} job(s) run")
     for info in status["workers"]:
         lines.append(
             f"  pid {info['pid']}: models loaded {info['loads']} time(s), {info['batches']} batches labeled"
@@ -549,9 +590,13 @@ def _status(args: argparse.Namespace) -> int:
 
 def _stop(args: argparse.Namespace) -> int:
     stopped = stop_service(args.address)
-    if not stopped["actors"] and not stopped["head"]:
+    if not stopped["actors"] and not stopped["head"] and not stopped["keeper"]:
         print(NO_SERVICE.format(where=""))
         return 0
-    head = f"; local Ray head at {stopped['head']} stopped" if stopped["head"] else ""
-    print(f"stopped the labeling service ({len(stopped['actors'])} actors){head}")
+    parts = [f"stopped the labeling service ({len(stopped['actors'])} actors)"]
+    if stopped["keeper"]:
+        parts.append(f"keeper process {stopped['keeper']} stopped")
+    if stopped["head"]:
+        parts.append(f"local Ray head at {stopped['head']} stopped")
+    print("; ".join(parts))
     return 0

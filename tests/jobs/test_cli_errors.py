@@ -148,7 +148,7 @@ def test_a_run_that_fails_before_any_shard_completes_leaves_nothing(image_folder
     folder with a completed shard is kept, to resume."""
     out = tmp_path / "out"
 
-    def fail(spec, lease, progress, *, done: bool = False):
+    def fail(spec, lease, progress, on_progress=None, *, done: bool = False):
         label_job.prepare_output(spec)
         (out / "job.json").write_text(json.dumps({"spec": spec.model_dump(mode="json")}))
         if done:

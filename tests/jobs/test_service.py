@@ -3,12 +3,14 @@
 One driver process (a subprocess: the test session's own Ray stays apart) runs the commands in order on a
 2-CPU head: status with none, start, a second start refused, two jobs on the service, segment --service
 (twice, and with another segmenter: refused), a review --service click fix over HTTP (and a job with another
-segmenter: refused), a job whose models differ refused, stop, status and a service job with none, then the
-same job without the service.
+segmenter: refused), a job from a fresh CLI process, one failing at run time and one cancelled by Ctrl-C (all
+in the service's job runner), a job with the runner gone, a job whose models differ refused, stop, status and
+a service job with none, then the same job without the service.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -32,14 +34,14 @@ from hqlabel.platform.config import (
 )
 from hqlabel.platform.rle import decode_mask
 
-# One driver does the whole sequence (two model loads, four jobs, three segment and one review command): about
-# a minute and a half on a quiet 2-core machine.
+# One driver does the whole sequence (two model loads, a warm-up, seven jobs, three segment and one review
+# command): about two minutes on a quiet 2-core machine.
 pytestmark = pytest.mark.timeout(600)
 
 DRIVER = r"""
-import contextlib, io, json, os, shutil, subprocess, sys, urllib.request
+import contextlib, io, json, os, shutil, signal, subprocess, sys, time, urllib.request
 import ray
-from hqlabel.jobs import service
+from hqlabel.jobs import service, service_runner
 from hqlabel.jobs.cli import main
 
 address, images, tmp = sys.argv[1:4]
@@ -55,6 +57,7 @@ def run(name, argv):
 
 run("status_none", ["serve", "status", "--address", address])
 run("start", ["serve", "start", *model])
+out["state"] = service.read_state()
 run("start_again", ["serve", "start", *model])
 run("job1", [*job, "--out", f"{tmp}/service1", "--service"])
 out["info1"] = service.service_status(address)["workers"]
@@ -100,8 +103,42 @@ job_json["spec"]["labeler"]["hq_token_only"] = True
 open(f"{other}/job.json", "w").write(json.dumps(job_json))
 run("review_mismatch", ["review", other, "--port", "0", "--service", "--address", address])
 out["info3"] = service.service_status(address)["workers"]
+out["runner1"] = service.service_status(address)["runner"]
+
+# the job runner (hqlabel.jobs.service_runner): a fresh CLI process (light imports) whose job runs there, a
+# job failing there at run time (a malformed fault point, forwarded from this environment), then without it
+code = ("import json, sys\nfrom hqlabel.jobs.cli import main\nrc = main(sys.argv[1:])\n"
+        "print('CLI ' + json.dumps([rc, sorted({'torch', 'transformers'} & set(sys.modules))]))")
+done = subprocess.run([sys.executable, "-c", code, *job, "--out", f"{tmp}/service3", "--service",
+                       "--box-threshold", "0.3"], capture_output=True, text=True)
+lines = [l for l in done.stdout.splitlines() if l.startswith("CLI ")]
+out["cli"] = json.loads(lines[-1].removeprefix("CLI ")) if lines else done.stderr[-3000:]
+os.environ["HQLABEL_FAILPOINTS"] = "bogus"
+run("fail", [*job, "--out", f"{tmp}/fail", "--service"])
+del os.environ["HQLABEL_FAILPOINTS"]
+# Ctrl-C while the job runs in the runner (its first batch stalls in the warm actor): cancelled there
+cancel = subprocess.Popen([sys.executable, "-m", "hqlabel", *job, "--out", f"{tmp}/cancel", "--service"],
+                          env=os.environ | {"HQLABEL_FAILPOINTS": "stall:demo_00000.jpg"},
+                          stderr=subprocess.PIPE, text=True)
+for _ in range(300):
+    jobs = service_runner.runner_info()["jobs"]
+    if len(jobs) == 6 and jobs[-1]["state"] == "running":
+        break
+    time.sleep(0.2)
+cancel.send_signal(signal.SIGINT)
+out["cancel"] = {"rc": cancel.wait(timeout=120), "stderr": cancel.stderr.read()}
+out["runner2"] = service.service_status(address)["runner"]
+ray.kill(service_runner.find_runner())  # as when its keeper exits: the job's driver runs here
+run("fallback", [*job, "--out", f"{tmp}/fallback", "--service", "--box-threshold", "0.3"])
+out["runner3"] = service.service_status(address)["runner"]
 run("mismatch", [*job, "--out", f"{tmp}/mismatch", "--service", "--precision", "bf16"])
 run("stop", ["serve", "stop", "--address", address])
+gone = [out["state"]["keeper_pid"], out["runner2"]["pid"], *out["runner2"]["jobs"][-1]["workers_after"]]
+for _ in range(150):  # Ray ends the task workers of the keeper's job once it has ended
+    out["alive_after_stop"] = [pid for pid in gone if os.path.exists(f"/proc/{pid}")]
+    if not out["alive_after_stop"]:
+        break
+    time.sleep(0.2)
 if not ray.is_initialized():  # serve stop keeps a driver's earlier connection
     ray.init(address=address, logging_level="ERROR")
 named = ray.util.list_named_actors(all_namespaces=True)  # Ray Data's own actors live elsewhere
@@ -153,6 +190,51 @@ def test_lifecycle_start_status_stop(service_run):
     for info in result["info2"]:  # the actors' processes ended with the service
         with pytest.raises(ProcessLookupError):
             os.kill(info["pid"], 0)
+    assert result["alive_after_stop"] == []  # the keeper, its runner and the runner's task workers ended
+
+
+def test_cli_jobs_run_in_the_warm_runner(service_run):
+    """``label --service`` jobs run their driver in the runner that ``serve start``'s keeper created and
+    warmed up; each job finds the idle task workers the jobs before it left (a finished driver's would be
+    gone)."""
+    result, _ = service_run
+    assert result["state"]["keeper_pid"] and result["state"]["keeper_dir"]
+    assert result["cli"] == [0, []], result["cli"]  # a fresh CLI process: no torch, no transformers
+    first, later = result["runner1"], result["runner2"]
+    assert later["pid"] == first["pid"] and later["job_id"] == first["job_id"]
+    jobs = later["jobs"]
+    assert [job["id"] for job in jobs[:3]] == [job["id"] for job in first["jobs"]]
+    states = [job["state"] for job in jobs]
+    assert jobs[0]["id"] == "warm-up" and states == ["done"] * 4 + ["failed", "cancelled"]
+    for before, job in itertools.pairwise(jobs[:4]):  # reused, not started again
+        assert set(job["workers_before"]) & set(before["workers_after"]), (before, job)
+    assert jobs[3]["done"] == jobs[3]["total"] == 12
+
+
+def test_runner_error_reaches_the_cli_as_one_line(service_run):
+    result, tmp = service_run
+    assert result["fail"]["rc"] == 2
+    errors = [line for line in result["fail"]["stderr"].splitlines() if line.startswith("hqlabel: error:")]
+    assert errors == [
+        "hqlabel: error: HQLABEL_FAILPOINTS: 'bogus' is not ACTION:IMAGE_ID with ACTION one of ('exit', "
+        "'device', 'stall')"
+    ]
+    assert "Traceback" not in result["fail"]["stderr"]
+    assert not (tmp / "fail").exists()  # a new run that failed leaves nothing behind
+
+
+def test_ctrl_c_cancels_the_job_in_the_runner(service_run):
+    result, tmp = service_run
+    assert result["cancel"]["rc"] == 130
+    assert result["cancel"]["stderr"].rstrip().endswith("hqlabel: interrupted")
+    assert not (tmp / "cancel").exists()  # a new run stopped before any shard completed leaves nothing
+
+
+def test_job_without_runner_runs_its_driver_in_the_cli(service_run):
+    result, _ = service_run
+    assert result["fallback"]["rc"] == 0
+    assert "has no job runner" in result["fallback"]["stderr"]
+    assert result["runner3"] is None
 
 
 def test_two_jobs_reuse_the_warm_actor(service_run):
@@ -162,7 +244,7 @@ def test_two_jobs_reuse_the_warm_actor(service_run):
     assert first["pid"] == second["pid"]
     assert first["loads"] == second["loads"] == 1  # models loaded once, for both jobs
     assert second["batches"] > first["batches"] > 0
-    assert len(second["first_batch"]) == 2  # one entry per job run
+    assert len(second["first_batch"]) == len(first["first_batch"]) + 1  # one entry per job run
 
 
 def test_model_mismatch_is_refused(service_run):
@@ -183,6 +265,8 @@ def test_service_output_matches_a_plain_job(service_run):
     plain = rows("plain")
     assert plain, "expected instances"
     assert rows("service2") == plain  # same models and thresholds: the same rows, none lost or repeated
+    assert rows("service3") == plain  # the same job from a fresh CLI process, in the runner
+    assert rows("fallback") == plain  # the same job with its driver in the CLI (no runner)
     assert rows("service1") != plain  # another box threshold, applied by the same warm actor
     job = json.loads((tmp / "service2" / "job.json").read_text())
     assert job["summary"]["images"] == 12 and job["spec"]["service"] is True
