@@ -120,17 +120,42 @@ def start_local_head(num_cpus: int | None) -> dict:
         cmd.append(f"--num-cpus={num_cpus}")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log_path = Path(temp_dir) / "head.log"
-    with open(log_path, "wb") as log:
-        head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    state = {"address": f"127.0.0.1:{port}", "head_pid": head.pid, "temp_dir": temp_dir, "log": str(log_path)}
-    deadline = time.monotonic() + HEAD_START_S
-    while b"Ray runtime started" not in log_path.read_bytes():
-        if head.poll() is not None or time.monotonic() > deadline:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            stop_local_head(state)
-            raise RuntimeError(f"the local Ray head did not start in {HEAD_START_S} s:\n{tail}")
-        time.sleep(0.3)
+    state = {"address": f"127.0.0.1:{port}", "temp_dir": temp_dir, "log": str(log_path)}
+    try:
+        state["head_pid"] = start_detached(cmd, log_path, "Ray runtime started", HEAD_START_S, env=env)
+    except RuntimeError as e:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise RuntimeError(f"the local Ray head {e}") from None
     return state
+
+
+def start_detached(
+    cmd: list[str], log_path: Path, ready: str, timeout_s: float, env: dict[str, str] | None = None
+) -> int:
+    """Start ``cmd`` in a process session of its own (it outlives this process), its output in
+    ``log_path``, and wait until the log holds ``ready``; returns its pid.
+
+    Raises:
+        RuntimeError: it exited, or was not ready within ``timeout_s`` (then it is ended); the message
+            ("did not start in N s:" and the log's end) reads after the process's name.
+    """
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            cmd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout_s
+    while ready.encode() not in log_path.read_bytes():
+        if process.poll() is not None or time.monotonic() > deadline:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            end_session(process.pid)
+            raise RuntimeError(f"did not start in {timeout_s:g} s:\n{tail}")
+        time.sleep(0.3)
+    return process.pid
 
 
 def stop_local_head(state: dict) -> None:

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -323,22 +322,16 @@ def start_keeper(address: str) -> dict:
         RuntimeError: the keeper exited or was not ready within ``KEEPER_START_S`` (its log's end in the
             message).
     """
+    from hqlabel.jobs.service import start_detached
+
     folder = tempfile.mkdtemp(prefix="hqlabel-keeper-")
-    log_path = Path(folder) / "keeper.log"
     cmd = [sys.executable, "-m", "hqlabel.jobs.service_runner", "--address", address]
-    with open(log_path, "wb") as log:
-        keeper = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    state = {"keeper_pid": keeper.pid, "keeper_dir": folder}
-    deadline = time.monotonic() + KEEPER_START_S
-    while READY.encode() not in log_path.read_bytes():
-        if keeper.poll() is not None or time.monotonic() > deadline:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            stop_keeper(state)
-            raise RuntimeError(f"the service's keeper process did not start in {KEEPER_START_S} s:\n{tail}")
-        time.sleep(0.3)
-    return state
+    try:
+        pid = start_detached(cmd, Path(folder) / "keeper.log", READY, KEEPER_START_S)
+    except RuntimeError as e:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise RuntimeError(f"the service's keeper process {e}") from None
+    return {"keeper_pid": pid, "keeper_dir": folder}
 
 
 def stop_keeper(state: dict) -> int | None:
