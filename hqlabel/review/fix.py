@@ -9,7 +9,6 @@ costs one decoder call.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 from hqlabel.platform.config import LabelerConfig
 from hqlabel.platform.rle import encode_masks, mask_area
 from hqlabel.segmenters import HQSamSegmenter, Prompts, build_segmenter
-from hqlabel.segmenters.structures import ImageEmbeddings
+from hqlabel.segmenters.structures import EmbeddingsCache
 
 __all__ = ["Fixer"]
 
@@ -50,7 +49,7 @@ class Fixer:
             precision=config.precision,
             preprocess=config.preprocess,
         )
-        self._embeddings: OrderedDict[str, ImageEmbeddings] = OrderedDict()
+        self._embeddings = EmbeddingsCache(_EMBEDDINGS_CACHE)
         self._lock = threading.Lock()  # one model, one forward pass at a time
 
     def fix(
@@ -73,13 +72,7 @@ class Fixer:
         """
         height, width = image.shape[:2]
         with self._lock:
-            embeddings = self._embeddings.get(image_id)
-            if embeddings is None or embeddings.original_sizes[0] != (height, width):
-                embeddings = self.segmenter.embed([image])
-                self._embeddings[image_id] = embeddings
-                while len(self._embeddings) > _EMBEDDINGS_CACHE:
-                    self._embeddings.popitem(last=False)
-            self._embeddings.move_to_end(image_id)
+            embeddings, _ = self._embeddings.embed(self.segmenter, image, image_id)
             prompts = Prompts(
                 boxes=torch.tensor([box], dtype=torch.float32),
                 points=torch.tensor([[[x, y] for x, y, _ in points]], dtype=torch.float32)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -131,3 +134,29 @@ class MaskLogits:
 
     def __len__(self) -> int:
         return int(self.logits.shape[0])
+
+
+class EmbeddingsCache:
+    """The image embeddings of the last ``capacity`` images, by a caller's key, so that another prompt on the
+    same image costs one decoder call (click fixes, ``segment`` on the warm service). Not thread-safe: the
+    caller holds its model's lock."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, ImageEmbeddings] = OrderedDict()
+
+    def embed(self, segmenter: Any, image: np.ndarray, key: str | None) -> tuple[ImageEmbeddings, bool]:
+        """``segmenter.embed([image])``, or the embeddings kept under ``key`` when they are of an image of
+        the same size; kept (most recent last) unless ``key`` is None. Returns them and whether the encoder
+        ran."""
+        size = tuple(image.shape[:2])
+        embeddings = None if key is None else self._items.get(key)
+        encoded = embeddings is None or tuple(embeddings.original_sizes[0]) != size
+        if encoded:
+            embeddings = segmenter.embed([image])
+        if key is not None:
+            self._items[key] = embeddings
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return embeddings, encoded

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,7 +22,7 @@ from hqlabel.workers.faults import AttemptLog, Failpoints
 from hqlabel.workers.tiling import Tiling
 
 if TYPE_CHECKING:
-    from hqlabel.segmenters import ImageEmbeddings, Prompts
+    from hqlabel.segmenters import Prompts
 
 # The models' modules (torch, transformers) are imported where the models load, not with this module: a
 # process that only holds the service's actor handles (a ``label --service`` driver, ``segment --service``)
@@ -42,6 +41,7 @@ class WarmLabeler:
     """
 
     def __init__(self, config: LabelerConfig, num_threads: int | None = None) -> None:
+        from hqlabel.segmenters.structures import EmbeddingsCache
         from hqlabel.workers.labeler import LabelWorker
 
         global _LOADS
@@ -53,7 +53,7 @@ class WarmLabeler:
         self.first_batch: dict[str, float] = {}  # per job id: when its first batch arrived (time.time())
         self.segments = 0  # segment() calls answered
         self.encodes = 0  # of which ran the image encoder (the others found the image's embeddings cached)
-        self._embeddings: OrderedDict[str, ImageEmbeddings] = OrderedDict()
+        self._embeddings = EmbeddingsCache(SEGMENT_CACHE)
 
     def info(self) -> dict:
         """Process id, how many times this process loaded models, Ray node, start time, batches labeled,
@@ -158,17 +158,8 @@ class WarmLabeler:
         if not isinstance(prompts, Prompts):
             prompts = Prompts(**prompts)
         segmenter = self.worker.labeler.segmenter
-        size = tuple(image.shape[:2])
-        embeddings = None if key is None else self._embeddings.get(key)
-        encoded = embeddings is None or tuple(embeddings.original_sizes[0]) != size
-        if encoded:
-            embeddings = segmenter.embed([image])
-            self.encodes += 1
-        if key is not None:
-            self._embeddings[key] = embeddings
-            self._embeddings.move_to_end(key)
-            while len(self._embeddings) > SEGMENT_CACHE:
-                self._embeddings.popitem(last=False)
+        embeddings, encoded = self._embeddings.embed(segmenter, image, key)
+        self.encodes += encoded
         (logits,) = segmenter.predict(embeddings, [prompts])
         masks: list[list[dict[str, Any]]] = []
         for chunk in segmenter.iter_masks(logits):  # n x K x H x W bool, column-major (what RLE reads)
@@ -179,6 +170,6 @@ class WarmLabeler:
         return {
             "masks": masks,
             "iou": logits.iou_scores.float().cpu().tolist(),
-            "size": list(size),
+            "size": list(image.shape[:2]),
             "encoded": encoded,
         }
