@@ -28,7 +28,7 @@ from transformers import (
 from transformers.models.owlv2.image_processing_pil_owlv2 import Owlv2ImageProcessorPil
 
 from hqlabel.detectors.base import Detections, TransformersDetector, prompt_groups
-from hqlabel.platform.config import Precision
+from hqlabel.platform.config import Precision, compile_refused
 from hqlabel.platform.preprocess import PREPROCESS_MODES, Preprocess
 
 
@@ -78,7 +78,7 @@ class Owlv2Detector(TransformersDetector):
         compile: bool = False,
     ) -> None:
         if compile:
-            raise ValueError("--compile does not cover --detector owlv2 yet; drop --compile")
+            raise ValueError(compile_refused("owlv2"))
         if preprocess not in PREPROCESS_MODES:
             raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
         if preprocess == "torch":

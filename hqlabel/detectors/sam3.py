@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from transformers import Sam3Config, Sam3Model
 
 from hqlabel.detectors.base import Detections, TransformersDetector, batched_nms, prompt_groups
-from hqlabel.platform.config import Precision
+from hqlabel.platform.config import Precision, compile_refused
 from hqlabel.platform.preprocess import PREPROCESS_MODES, Preprocess
 
 IMAGE_MEAN = (0.5, 0.5, 0.5)  # transformers' IMAGENET_STANDARD_MEAN / _STD, SAM 3's image processor's
@@ -76,7 +76,7 @@ class Sam3Detector(TransformersDetector):
         compile: bool = False,
     ) -> None:
         if compile:
-            raise ValueError("--compile does not cover --detector sam3 yet; drop --compile")
+            raise ValueError(compile_refused("sam3"))
         if preprocess not in PREPROCESS_MODES:
             raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {preprocess!r}")
         super().__init__(

@@ -27,9 +27,15 @@ PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 # --tile: the smallest tile side (detectors enlarge their input to ~800 pixels: smaller tiles add passes, not
 # detail), the largest overlap (a stride of 10% of a tile already means 100 tiles per tile-sized area), and
 # the overlap a tile gets by default (SAHI's)
+UNCOMPILED_DETECTORS = ("owlv2", "sam3")  # detector families --compile does not cover yet
 TILE_MIN = 256
 TILE_OVERLAP_MAX = 0.9
 DEFAULT_TILE_OVERLAP = 0.2
+
+
+def compile_refused(detector: str) -> str:
+    """The one-line error of ``--compile`` with a detector family it does not cover."""
+    return f"--compile does not cover --detector {detector} yet; drop --compile"
 
 
 def resolve_precision(precision: str, device: str | torch.device) -> torch.dtype | None:
@@ -298,9 +304,9 @@ class LabelerConfig(BaseModel):
     @model_validator(mode="after")
     def _compile_covers_the_detector(self) -> LabelerConfig:
         # a hub id's family is known once its config loads: its detector refuses --compile as it is built
-        refused = self.prompts == "detector" and self.detector in ("owlv2", "sam3")
+        refused = self.prompts == "detector" and self.detector in UNCOMPILED_DETECTORS
         if self.compile and self.preset is not None and refused:
-            raise ValueError(f"--compile does not cover --detector {self.detector} yet; drop --compile")
+            raise ValueError(compile_refused(self.detector))
         return self
 
     @model_validator(mode="after")
