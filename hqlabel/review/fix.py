@@ -16,7 +16,7 @@ import torch
 
 from hqlabel.platform.config import LabelerConfig
 from hqlabel.platform.rle import encode_masks, mask_area
-from hqlabel.segmenters import HQSamSegmenter, Prompts, build_segmenter
+from hqlabel.segmenters import HQSamSegmenter, Prompts
 from hqlabel.segmenters.structures import EmbeddingsCache
 
 __all__ = ["Fixer"]
@@ -33,22 +33,11 @@ class Fixer:
     """
 
     def __init__(self, labeler: dict[str, Any], device: str = "auto"):
-        from hqlabel.workers.labeler import resolve_device
+        from hqlabel.workers.labeler import config_segmenter
 
-        config = LabelerConfig(**(labeler | {"device": device}))
-        self.segmenter: HQSamSegmenter = build_segmenter(
-            config.segmenter,
-            preset=config.preset,
-            hq_weights=config.hq_weights,
-            revision=config.segmenter_revision,
-            hq_token_only=config.hq_token_only,
-            mask_threshold=config.mask_threshold,
-            chunk_size=config.decoder_chunk_size,
-            multimask=config.multimask,
-            device=resolve_device(config.device),
-            precision=config.precision,
-            preprocess=config.preprocess,
-        )
+        # the job's segmenter on this machine's device, not compiled (a reviewer's clicks are few)
+        config = LabelerConfig(**(labeler | {"device": device, "compile": False}))
+        self.segmenter: HQSamSegmenter = config_segmenter(config)
         self._embeddings = EmbeddingsCache(_EMBEDDINGS_CACHE)
         self._lock = threading.Lock()  # one model, one forward pass at a time
 

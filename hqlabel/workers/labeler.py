@@ -57,40 +57,40 @@ def build_models(
 ) -> tuple[TransformersDetector | None, HQSamSegmenter]:
     """The detector and segmenter that ``config`` names (``preset`` overrides the model ids); no detector
     when the prompts are given boxes."""
-    device = resolve_device(config.device)
-    det_kwargs = dict(
-        box_threshold=config.box_threshold,
-        text_threshold=config.text_threshold,
-        nms_threshold=config.nms_threshold,
-        max_detections=config.max_detections,
-        device=device,
-        precision=config.precision,
-        compile=config.compile,
-        preprocess=config.preprocess,
-    )
-    seg_kwargs = dict(
+    detector = None
+    if config.prompts != "boxes":
+        detector = build_detector(
+            config.detector,
+            preset=config.preset,
+            revision=config.detector_revision,
+            box_threshold=config.box_threshold,
+            text_threshold=config.text_threshold,
+            nms_threshold=config.nms_threshold,
+            max_detections=config.max_detections,
+            device=resolve_device(config.device),
+            precision=config.precision,
+            compile=config.compile,
+            preprocess=config.preprocess,
+        )
+    return detector, config_segmenter(config)
+
+
+def config_segmenter(config: LabelerConfig) -> HQSamSegmenter:
+    """The segmenter that ``config`` names (``preset`` overrides the model id), with its HQ weights,
+    revision, decoding settings, device, precision, compile and preprocessing."""
+    return build_segmenter(
+        config.segmenter,
+        preset=config.preset,
+        hq_weights=config.hq_weights,
+        revision=config.segmenter_revision,
         hq_token_only=config.hq_token_only,
         mask_threshold=config.mask_threshold,
         chunk_size=config.decoder_chunk_size,
         multimask=config.multimask,
-        device=device,
+        device=resolve_device(config.device),
         precision=config.precision,
         compile=config.compile,
         preprocess=config.preprocess,
-    )
-    return (
-        None
-        if config.prompts == "boxes"
-        else build_detector(
-            config.detector, preset=config.preset, revision=config.detector_revision, **det_kwargs
-        ),
-        build_segmenter(
-            config.segmenter,
-            preset=config.preset,
-            hq_weights=config.hq_weights,
-            revision=config.segmenter_revision,
-            **seg_kwargs,
-        ),
     )
 
 
