@@ -104,6 +104,26 @@ def check_hq_weights(path: str | None) -> None:
         raise ValueError(f"--hq-weights: {e}") from e
 
 
+def hq_weights_pin(path: str | None, revision: str | None) -> str | None:
+    """The ``hq_weights_revision`` a job records for ``--hq-weights PATH`` (None without one): the file's
+    digest, which must match ``revision`` when one is given (set by hand, or an earlier run's).
+
+    Raises:
+        ValueError: the file is not the one ``revision`` names, with the fix.
+    """
+    if path is None:
+        return None
+    from hqlabel.segmenters.hq_weights import hq_weights_revision
+
+    found = hq_weights_revision(path)
+    if revision is not None and revision != found:
+        raise ValueError(
+            f"--hq-weights: {path} has changed (its digest is {found}, {revision} is expected); pass the "
+            "weights that revision names, or drop hq_weights_revision (a resumed run: --overwrite)"
+        )
+    return found
+
+
 def hub_reachable(timeout: float = HUB_PROBE_S) -> bool:
     """Whether a TCP connection to the Hugging Face hub (``HF_ENDPOINT``, default huggingface.co) opens."""
     endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")

@@ -23,7 +23,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from hqlabel import __version__
-from hqlabel.jobs.checks import check_compile, check_device, check_hq_weights, check_pretrained
+from hqlabel.jobs.checks import (
+    check_compile,
+    check_device,
+    check_hq_weights,
+    check_pretrained,
+    hq_weights_pin,
+)
 from hqlabel.jobs.cluster import describe_nodes, is_local, ray_init
 from hqlabel.jobs.resources import ResourcePlan, object_store_limit, plan_label_job
 from hqlabel.jobs.shared_paths import check_shared_paths
@@ -192,7 +198,8 @@ def prepare_output(spec: LabelJobSpec) -> tuple[DatasetInput, list[Shard]]:
         return source, list(source.shards)
     before = {k: earlier["spec"].get(k) for k in LabelJobSpec.OUTPUT_FIELDS}
     if isinstance(before["labeler"], dict):  # fields added since (at their defaults) are no change
-        unpinned = {k: getattr(spec.labeler, k) for k in ("detector_revision", "segmenter_revision")}
+        pins = ("detector_revision", "segmenter_revision", "hq_weights_revision")
+        unpinned = {k: getattr(spec.labeler, k) for k in pins}
         before["labeler"] = {**_labeler_defaults(), **unpinned, **before["labeler"]}  # older runs pinned none
     for name in LabelJobSpec.OUTPUT_FIELDS:  # a job.json from before the field existed: its default then
         if name not in earlier["spec"]:
@@ -258,8 +265,11 @@ def check_models(spec: LabelJobSpec) -> LabelJobSpec:
     one an earlier run in ``spec.out`` recorded for the same model (a resumed run loads the same commit even
     when the hub's default branch has moved since), else the default branch's commit now. A local directory
     or ``.pth`` file gets a fingerprint of its files instead: a resumed run whose files changed is refused
-    as a changed setting (``prepare_output``). A preset has none.
+    as a changed setting (``prepare_output``). A preset has none. ``--hq-weights`` gets a digest of its file
+    (``hq_weights_revision``), presets too: a resumed run whose weights were replaced is refused the same way.
     """
+    hq = hq_weights_pin(spec.labeler.hq_weights, spec.labeler.hq_weights_revision)
+    spec = spec.model_copy(update={"labeler": spec.labeler.model_copy(update={"hq_weights_revision": hq})})
     if spec.labeler.preset is not None:
         return spec
     earlier = None if spec.overwrite else _read_json(storage.join(spec.out, "job.json"), spec)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from hqlabel.jobs.checks import check_device, check_hq_weights, check_pretrained
+from hqlabel.jobs.checks import check_device, check_hq_weights, check_pretrained, hq_weights_pin
 from hqlabel.jobs.label import RANDOM_WEIGHTS_WARNING
 from hqlabel.jobs.spec import SegmentJobSpec
 from hqlabel.platform.config import DEFAULT_SEGMENTER
@@ -122,6 +122,7 @@ def segmenter_settings(spec: SegmentJobSpec) -> dict[str, Any]:
         "segmenter": spec.segmenter,
         "preset": spec.preset,
         "hq_weights": spec.hq_weights,
+        "hq_weights_revision": hq_weights_pin(spec.hq_weights, None),
         "hq_token_only": spec.hq_token_only,
         "multimask": spec.multimask,
         "mask_threshold": 0.0,
@@ -144,6 +145,7 @@ def run_segment(spec: SegmentJobSpec) -> SegmentResult:
     fields = prompt_fields(spec)
     if spec.ray_address is not None and not spec.service:
         raise ValueError("--address names the labeling service's cluster: add --service, or drop --address")
+    check_hq_weights(spec.hq_weights)  # with --service too: the service's weights must be this file's
     if spec.service:
         if spec.device != "auto":
             raise ValueError(
@@ -152,7 +154,6 @@ def run_segment(spec: SegmentJobSpec) -> SegmentResult:
             )
     else:
         check_device(spec.device, "auto", local=True)
-        check_hq_weights(spec.hq_weights)
         if spec.preset is None and not Path(spec.segmenter).expanduser().is_file():  # a .pth has no config
             check_pretrained([(spec.segmenter, "segmenter", "--segmenter", DEFAULT_SEGMENTER)])
     image = read_image(path, spec)

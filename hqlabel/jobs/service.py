@@ -272,6 +272,7 @@ def attach(spec: LabelJobSpec) -> tuple[LabelJobSpec, list, ResourcePlan]:
     """
     import ray
 
+    from hqlabel.jobs.checks import hq_weights_pin
     from hqlabel.platform.config import LabelerConfig, model_differences
 
     service = find_service()
@@ -284,6 +285,8 @@ def attach(spec: LabelJobSpec) -> tuple[LabelJobSpec, list, ResourcePlan]:
         for name in ("detector_revision", "segmenter_revision")
         if getattr(spec.labeler, name) is None
     }
+    # the job's HQ weights file as it is now: one replaced since the service loaded it differs below
+    pinned["hq_weights_revision"] = hq_weights_pin(spec.labeler.hq_weights, spec.labeler.hq_weights_revision)
     spec = spec.model_copy(update={"labeler": spec.labeler.model_copy(update=pinned)})
     differ = model_differences(models, spec.labeler)
     if differ:

@@ -153,6 +153,12 @@ class LabelerConfig(BaseModel):
     hq_weights: str | None = Field(
         None, description="Fine-tuned HQ-token weights (safetensors) loaded on top of the segmenter."
     )
+    hq_weights_revision: str | None = Field(
+        None,
+        description="The HQ weights' version: 'sha256:' and a digest of the file's bytes, recorded when a "
+        "job starts (job.json); a resumed job whose file has changed since is refused. Set by hand, a job "
+        "checks the file against it.",
+    )
     preset: Literal["tiny-random"] | None = Field(
         None, description="Build tiny randomly initialised models instead of loading weights (offline tests)."
     )
@@ -347,6 +353,7 @@ SEGMENTER_FIELDS = (
     "segmenter_revision",
     "preset",
     "hq_weights",
+    "hq_weights_revision",
     "hq_token_only",
     "multimask",
     "mask_threshold",
@@ -374,7 +381,8 @@ def segmenter_differences(service: LabelerConfig, caller: LabelerConfig | dict[s
     """``"field: service VALUE, caller VALUE"`` for each ``SEGMENTER_FIELDS`` setting in which ``caller``
     differs from ``service`` (empty: the service's segmenter gives the caller's masks). A ``LabelerConfig``
     caller is compared on every segmenter field, a dict on the fields it names; a caller's
-    ``segmenter_revision`` of None takes the service's (as ``label --service`` does).
+    ``segmenter_revision`` or ``hq_weights_revision`` of None takes the service's (as ``label --service``
+    does).
 
     Raises:
         ValueError: a dict names a field that is not in ``SEGMENTER_FIELDS``.
@@ -389,8 +397,9 @@ def segmenter_differences(service: LabelerConfig, caller: LabelerConfig | dict[s
         raise ValueError(
             f"segmenter settings {unknown} are not segmenter fields; give some of {SEGMENTER_FIELDS}"
         )
-    if given.get("segmenter_revision") is None:
-        given.pop("segmenter_revision", None)
+    for name in ("segmenter_revision", "hq_weights_revision"):
+        if given.get(name) is None:
+            given.pop(name, None)
     return [
         f"{name}: service {getattr(service, name)!r}, caller {value!r}"
         for name, value in given.items()

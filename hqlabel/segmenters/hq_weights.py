@@ -7,6 +7,7 @@ those tensors alone. ``save_hq_weights`` writes them with the base model id in t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -107,6 +108,20 @@ def resolve_hq_weights(path: str | Path) -> Path:
             "best/ folder or the run folder of `hqlabel train`"
         )
     raise FileNotFoundError(f"HQ weights file {path} does not exist")
+
+
+def hq_weights_revision(path: str | Path) -> str:
+    """``sha256:`` + a digest of the bytes of the weights file ``path`` names (``resolve_hq_weights``): what a
+    job records to tell the weights it labeled with from those the same path holds later (a retrained run).
+
+    Raises:
+        FileNotFoundError: as ``resolve_hq_weights``.
+    """
+    digest = hashlib.sha256()
+    with resolve_hq_weights(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()[:32]
 
 
 def read_hq_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

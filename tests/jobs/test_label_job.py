@@ -192,7 +192,7 @@ def test_hq_weights_relabel_with_the_same_boxes_and_new_masks(ray_session, image
     import torch
 
     from hqlabel.segmenters import tiny_random_sam_hq
-    from hqlabel.segmenters.hq_weights import is_hq_parameter, save_hq_weights
+    from hqlabel.segmenters.hq_weights import hq_weights_revision, is_hq_parameter, save_hq_weights
 
     model = tiny_random_sam_hq().model
     with torch.no_grad():
@@ -221,3 +221,18 @@ def test_hq_weights_relabel_with_the_same_boxes_and_new_masks(ray_session, image
     assert before["mask"].to_pylist() != after["mask"].to_pylist()
     job = json.loads((tmp_path / "tuned" / "job.json").read_text())
     assert job["spec"]["labeler"]["hq_weights"] == str(weights)
+    recorded = job["spec"]["labeler"]["hq_weights_revision"]
+    assert recorded == hq_weights_revision(weights) and recorded.startswith("sha256:")
+
+    # The same path, retrained since: resuming would mix two models' masks in one output.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if is_hq_parameter(name):
+                param.add_(0.01)
+    save_hq_weights(model, weights, base_model="tiny-random")
+    with pytest.raises(ValueError, match="different settings.*hq_weights_revision.*--overwrite"):
+        run_label_job(tuned, progress=False)
+    pinned = tuned.labeler.model_copy(update={"hq_weights_revision": recorded})
+    with pytest.raises(ValueError, match="--hq-weights: .* has changed"):
+        run_label_job(tuned.model_copy(update={"labeler": pinned, "overwrite": True}), progress=False)
+    assert json.loads((tmp_path / "tuned" / "job.json").read_text()) == job  # nothing was touched
