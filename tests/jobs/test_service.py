@@ -132,6 +132,7 @@ ray.kill(service_runner.find_runner())  # as when its keeper exits: the job's dr
 run("fallback", [*job, "--out", f"{tmp}/fallback", "--service", "--box-threshold", "0.3"])
 out["runner3"] = service.service_status(address)["runner"]
 run("mismatch", [*job, "--out", f"{tmp}/mismatch", "--service", "--precision", "bf16"])
+run("hq_mismatch", [*job, "--out", f"{tmp}/hq_mismatch", "--service", "--hq-weights", f"{tmp}/w.safetensors"])
 run("stop", ["serve", "stop", "--address", address])
 gone = [out["state"]["keeper_pid"], out["runner2"]["pid"], *out["runner2"]["jobs"][-1]["workers_after"]]
 for _ in range(150):  # Ray ends the task workers of the keeper's job once it has ended
@@ -158,6 +159,10 @@ def service_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("service")
     make_demo_images(tmp / "images", 12, size=(96, 128))
     (tmp / "photo.png").write_bytes(encode(random_image(4, (90, 120))))
+    from hqlabel.segmenters import tiny_random_sam_hq
+    from hqlabel.segmenters.hq_weights import save_hq_weights
+
+    save_hq_weights(tiny_random_sam_hq().model, tmp / "w.safetensors", base_model="tiny-random")
     cluster = LocalRayCluster()
     try:
         address = cluster.start_head(num_cpus=2)
@@ -252,6 +257,13 @@ def test_model_mismatch_is_refused(service_run):
     assert result["mismatch"]["rc"] == 2
     assert "precision: service 'auto', job 'bf16'" in result["mismatch"]["stderr"]
     assert not (tmp / "mismatch" / "masks").exists()
+    # HQ weights the service did not load: named by path and by the file's digest (service.attach pins it)
+    from hqlabel.segmenters.hq_weights import hq_weights_revision
+
+    stderr = result["hq_mismatch"]["stderr"]
+    assert result["hq_mismatch"]["rc"] == 2 and not (tmp / "hq_mismatch" / "masks").exists()
+    revision = hq_weights_revision(tmp / "w.safetensors")
+    assert f"hq_weights_revision: service None, job {revision!r}" in stderr
 
 
 def test_service_output_matches_a_plain_job(service_run):
@@ -289,6 +301,13 @@ def test_model_fields_and_differences():
         "segmenter_revision: service 'abc', caller 'def'",
         "multimask: service 'off', caller 'best'",
     ]
+    tuned = service.model_copy(update={"hq_weights": "w.safetensors", "hq_weights_revision": "sha256:a"})
+    retrained = tuned.model_copy(update={"hq_weights_revision": "sha256:b"})
+    assert model_differences(tuned, retrained) == ["hq_weights_revision: service 'sha256:a', job 'sha256:b'"]
+    assert segmenter_differences(tuned, retrained) == [
+        "hq_weights_revision: service 'sha256:a', caller 'sha256:b'"
+    ]
+    assert segmenter_differences(tuned, {"hq_weights": "w.safetensors", "hq_weights_revision": None}) == []
 
 
 def test_service_job_without_a_service_is_refused(tmp_path, monkeypatch, capsys, image_folder):
