@@ -11,15 +11,21 @@ A registry is a folder (local or on a filesystem every node mounts)::
 Versions are numbered in the order they are registered (``w1``, ``w2``, ...) and never change once written,
 except for the gate decisions appended to ``gates``. ``current`` is the version that labeling uses: moved by
 ``promote`` (a passed gate, or a person) and ``rollback``; every move is appended to ``history``. Files are
-replaced atomically (written aside, then renamed); one writer at a time is assumed (a flywheel's driver).
+replaced atomically (written aside, then renamed), and every change (register, record a gate, promote, roll
+back) holds an exclusive lock on ``REGISTRY/.lock`` (``flock``; NFS clients map it to a POSIX lock), so two
+writers (a flywheel's driver and a person promoting, two flywheels on one registry) neither take one version
+number twice nor lose each other's history entries.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -98,7 +104,17 @@ class Registry:
                 return record
         return None
 
-    # ---- writing ----------------------------------------------------------------------------------------
+    # ---- writing: each public method holds the lock once (flock is not re-entrant across file handles) ----
+    @contextlib.contextmanager
+    def _locked(self, *, create: bool = False) -> Iterator[None]:
+        if not create and not self.root.is_dir():  # nothing to change (the caller's get() says so)
+            yield
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the handle closes
+            yield
+
     def register(
         self,
         weights: str | None,
@@ -110,6 +126,12 @@ class Registry:
         """Add a version: a copy of ``weights`` (a file, ``RUN/best`` or a run folder; None: the base model's
         own HQ weights) and its lineage. Not promoted: ``promote`` makes it current. The first version of an
         empty registry becomes current at once (what labeling used before any gate)."""
+        with self._locked(create=True):
+            return self._register(weights, kind=kind, lineage=lineage, scores=scores)
+
+    def _register(
+        self, weights: str | None, *, kind: str, lineage: dict[str, Any], scores: dict[str, Any] | None
+    ) -> dict[str, Any]:
         existing = [int(v["version"][1:]) for v in self.versions()]
         version = f"w{max(existing, default=0) + 1}"
         folder = self._version_dir(version)
@@ -142,15 +164,17 @@ class Registry:
     ) -> None:
         """Append a gate decision (its scores, thresholds and verdict) to ``version``'s record; ``scores``
         (the validation mIoU / mBIoU the gate measured) are added to the record's ``scores``."""
-        record = self.get(version)
-        record["gates"].append({**gate, "at": gate.get("at", now())})
-        record["scores"].update(scores or {})
-        _write_json(self._version_dir(version) / "version.json", record)
+        with self._locked():
+            record = self.get(version)
+            record["gates"].append({**gate, "at": gate.get("at", now())})
+            record["scores"].update(scores or {})
+            _write_json(self._version_dir(version) / "version.json", record)
 
     def promote(self, version: str, *, by: str) -> None:
         """Make ``version`` current (``by``: the gate's or a person's name, recorded with the time)."""
-        self.get(version)
-        self._move(version, action="promote", by=by)
+        with self._locked():
+            self.get(version)
+            self._move(version, action="promote", by=by)
 
     def rollback(self, to: str | None = None, *, by: str = "rollback") -> str:
         """Make ``to`` current, by default the version that was current before the current one. Returns it.
@@ -158,15 +182,16 @@ class Registry:
         Raises:
             ValueError: nothing to roll back to, or an unknown version.
         """
-        state = self.state()
-        if to is None:
-            earlier = [h["version"] for h in state["history"] if h["version"] != state["current"]]
-            if not earlier:
-                raise ValueError(f"registry {self.root}: no earlier current version to roll back to")
-            to = earlier[-1]
-        self.get(to)
-        self._move(to, action="rollback", by=by)
-        return to
+        with self._locked():
+            state = self.state()
+            if to is None:
+                earlier = [h["version"] for h in state["history"] if h["version"] != state["current"]]
+                if not earlier:
+                    raise ValueError(f"registry {self.root}: no earlier current version to roll back to")
+                to = earlier[-1]
+            self.get(to)
+            self._move(to, action="rollback", by=by)
+            return to
 
     def _move(self, version: str, *, action: str, by: str) -> None:
         state = self.state()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,45 @@ def test_rollback_with_nothing_before_is_an_error(tmp_path):
     registry.register(None, kind="base", lineage={})
     with pytest.raises(ValueError, match="no earlier current version"):
         registry.rollback()
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from hqlabel.training.registry import Registry
+
+registry, name, barrier = Registry(sys.argv[1]), sys.argv[2], Path(sys.argv[4])
+(barrier / name).touch()  # start together (imports take seconds): wait for the other writer
+while len(list(barrier.iterdir())) < 2:
+    time.sleep(0.001)
+for k in range(int(sys.argv[3])):
+    version = registry.register(None, kind="base", lineage={"writer": name, "k": k})["version"]
+    registry.record_gate(version, {"gate": name, "passed": True})
+    registry.promote(version, by=name)
+"""
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    """Two processes register, gate and promote at once: every version number is taken once, and every
+    promotion is in the history (one writer at a time, through the registry's lock)."""
+    root, count, barrier = tmp_path / "r", 40, tmp_path / "barrier"
+    barrier.mkdir()
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(root), name, str(count), str(barrier)], stderr=subprocess.PIPE
+        )
+        for name in ("a", "b")
+    ]
+    errors = [writer.communicate(timeout=120)[1].decode()[-2000:] for writer in writers]
+    assert [writer.returncode for writer in writers] == [0, 0], errors
+    registry = Registry(root)
+    versions = registry.versions()
+    assert [v["version"] for v in versions] == [f"w{k}" for k in range(1, 2 * count + 1)]
+    made = sorted((v["lineage"]["writer"], v["lineage"]["k"]) for v in versions)
+    assert made == sorted((name, k) for name in "ab" for k in range(count))
+    assert all(len(v["gates"]) == 1 and v["gates"][0]["gate"] == v["lineage"]["writer"] for v in versions)
+    promoted = [(h["version"], h["by"]) for h in registry.state()["history"] if h["action"] == "promote"]
+    assert sorted(promoted) == sorted((v["version"], v["lineage"]["writer"]) for v in versions)
 
 
 def test_models_cli(registry, capsys):
