@@ -15,6 +15,8 @@ from collections import OrderedDict
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from hqlabel.platform import storage
 from hqlabel.platform.images import DEFAULT_MAX_PIXELS, decode_image
@@ -24,26 +26,70 @@ from hqlabel.platform.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SIGNALS", "ReviewItems", "trust"]
+__all__ = ["SIGNALS", "ReviewItems"]
 
 SIGNALS = ("stability", "hq_sam_iou", "box_iou", "pred_iou", "score")
 _IMAGE_CACHE = 16  # decoded images kept (the current one, its neighbours, the prefetched next)
 
 
-def trust(row: dict[str, Any]) -> tuple[float, float]:
-    """``(min, mean)`` of the quality signals ``row`` has (see the module docstring); (0, 0) for none."""
-    values = [float(row[s]) for s in SIGNALS if row.get(s) is not None and np.isfinite(row[s])]
-    if not values:
-        return 0.0, 0.0
-    return min(values), sum(values) / len(values)
+def _key_order(table: pa.Table, shard_rows: list[int]) -> tuple[np.ndarray, np.ndarray, int]:
+    """The rows of ``table`` (the masks of shards 0, 1, ... concatenated, ``shard_rows`` each) to review, in
+    key order ``(image_id, instance_id)``: ``(rows, their shard index, rows left out)``. Masks of an image id
+    found in an earlier shard, or of a key seen earlier in the same shard, are left out (an id the input
+    repeats: its masks cannot be told apart)."""
+    shard = np.repeat(np.arange(len(shard_rows)), shard_rows)
+    if not table.num_rows:
+        return np.zeros(0, np.int64), shard, 0
+    keys = pa.table(
+        {
+            "image_id": table["image_id"],
+            "shard": shard,
+            "instance_id": table["instance_id"],
+            "row": np.arange(table.num_rows),
+        }
+    )
+    order = pc.sort_indices(keys, [(name, "ascending") for name in keys.column_names]).to_numpy()
+    new_image = _starts(table["image_id"].take(order))
+    instances = table["instance_id"].take(order).to_numpy()
+    shards = shard[order]
+    first_shard = shards[np.maximum.accumulate(np.where(new_image, np.arange(len(order)), 0))]
+    repeat_key = ~new_image & np.r_[False, instances[1:] == instances[:-1]]
+    keep = (shards == first_shard) & ~repeat_key
+    return order[keep], shards[keep], int((~keep).sum())
+
+
+def _starts(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Whether each of the sorted ``ids`` (not empty) differs from the one before it (the first: True)."""
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    differ = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1)).to_numpy(zero_copy_only=False)
+    return np.r_[True, differ]
+
+
+def _trust_arrays(table: pa.Table, signals: list[str], order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``trust`` of every row of ``table`` at ``order``, as two arrays (min, mean)."""
+    columns = [
+        table[s].take(order).to_numpy(zero_copy_only=False).astype(np.float64)
+        for s in signals
+        if s in table.column_names
+    ]
+    values = np.stack(columns) if columns else np.full((1, len(order)), np.nan)
+    values[~np.isfinite(values)] = np.nan  # null (NaN after to_numpy) or non-finite: skipped
+    present = np.isfinite(values)
+    count = present.sum(0)
+    low = np.where(present, values, np.inf).min(0)
+    mean = np.where(present, values, 0.0).sum(0) / np.maximum(count, 1)
+    return np.where(count > 0, low, 0.0), np.where(count > 0, mean, 0.0)
 
 
 class ReviewItems:
     """Every instance of the labels folder ``labels``, ranked (see the module docstring), with lookups of an
     instance's full row (mask included) and of its decoded image.
 
-    The masks tables are read once and held in memory (COCO RLE, compact); images are read from the job's
-    input when asked (``images``: where it is now, if it moved) and the last few kept decoded.
+    The masks tables are read once and held as Arrow (COCO RLE, compact: no Python object per row); the
+    ranking, filters and lookups are arrays over the instances in key order (``(image_id, instance_id)``
+    sorted), with one dict entry per image. Images are read from the job's input when asked (``images``:
+    where it is now, if it moved) and the last few kept decoded.
 
     Raises:
         FileNotFoundError: not a labels folder, or its input is gone.
@@ -66,60 +112,88 @@ class ReviewItems:
                 f"{labels} has no masks (masks/part-*.parquet): nothing to review; pass the --out folder of "
                 "a finished `hqlabel label` run with at least one instance"
             )
-        self.signals: list[str] = []
-        self._rows: dict[tuple[str, int], dict[str, Any]] = {}
-        self._shard_of: dict[str, str] = {}
-        repeated = 0
-        for shard in sorted(mask_files):
-            table = storage.read_parquet(mask_files[shard], options)
-            self.signals += [s for s in SIGNALS if s in table.column_names and s not in self.signals]
-            for row in table.to_pylist():
-                key = (row["image_id"], int(row["instance_id"]))
-                if self._shard_of.setdefault(row["image_id"], shard) != shard or key in self._rows:
-                    repeated += 1  # an image id the input repeats: its masks cannot be told apart
-                    continue
-                row["trust"], row["trust_mean"] = trust(row)
-                self._rows[key] = row
+        shards = sorted(mask_files)
+        tables = [storage.read_parquet(mask_files[shard], options) for shard in shards]
+        self.signals: list[str] = [s for s in SIGNALS if any(s in t.column_names for t in tables)]
+        self._table = pa.concat_tables(tables, promote_options="default")  # older parts lack some signals
+        self._order, shard_index, repeated = _key_order(self._table, [t.num_rows for t in tables])
         if repeated:
             logger.warning(
                 "left out %d mask(s) of image ids that occur more than once in %s", repeated, labels
             )
-        self.ranked: list[tuple[str, int]] = sorted(
-            self._rows, key=lambda k: (self._rows[k]["trust"], self._rows[k]["trust_mean"], k)
-        )
+        self._ids = self._table["image_id"].take(self._order).combine_chunks()  # Arrow: no str per row
+        self._instances = self._table["instance_id"].take(self._order).to_numpy().astype(np.int64)
+        starts = np.flatnonzero(_starts(self._ids)) if len(self._ids) else np.zeros(0, np.int64)
+        stops = np.r_[starts[1:], len(self._ids)].astype(np.int64)
+        first = self._ids.take(starts).to_pylist()  # one entry per image
+        self._images_at = {i: (int(a), int(b)) for i, a, b in zip(first, starts, stops, strict=True)}
+        self._shard_of = {i: shards[int(shard_index[a])] for i, a in zip(first, starts, strict=True)}
+        self._trust, self._trust_mean = _trust_arrays(self._table, self.signals, self._order)
+        self._score = self._table["score"].take(self._order).to_numpy(zero_copy_only=False).astype(np.float64)
+        labels_column = self._table["label"].take(self._order).to_pylist()
         self.classes: list[str] = list(self.spec.get("labeler", {}).get("classes") or [])
-        for row in self._rows.values():
-            if row["label"] not in self.classes:
-                self.classes.append(row["label"])
+        for label in dict.fromkeys(labels_column):
+            if label not in self.classes:
+                self.classes.append(label)
+        code = {label: k for k, label in enumerate(self.classes)}
+        self._label = np.array([code[label] for label in labels_column], np.int32)
+        # least trustworthy first; ties: the lower mean, then the key (positions are in key order)
+        positions = np.arange(len(self._order))
+        self._ranked = np.lexsort((positions, self._trust_mean, self._trust))
         self._images: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self.ranked)
+        return len(self._order)
+
+    def position(self, image_id: str, instance_id: int) -> int | None:
+        """The instance's position in key order, or None when the labels folder has no such instance."""
+        span = self._images_at.get(image_id)
+        if span is None:
+            return None
+        a, b = span
+        k = a + int(np.searchsorted(self._instances[a:b], instance_id))
+        return k if k < b and self._instances[k] == instance_id else None
 
     def __contains__(self, key: tuple[str, int]) -> bool:
-        return key in self._rows
+        return self.position(*key) is not None
+
+    def key(self, position: int) -> tuple[str, int]:
+        """The ``(image_id, instance_id)`` at ``position`` (key order)."""
+        return self._ids[position].as_py(), int(self._instances[position])
 
     def row(self, image_id: str, instance_id: int) -> dict[str, Any]:
         """The masks row of one instance (``mask`` COCO RLE, ``box`` XYXY original pixels, the signals,
         ``trust``). Raises KeyError when the labels folder has no such instance."""
-        return self._rows[(image_id, instance_id)]
+        k = self.position(image_id, instance_id)
+        if k is None:
+            raise KeyError((image_id, instance_id))
+        row = self._table.slice(int(self._order[k]), 1).to_pylist()[0]
+        row["trust"], row["trust_mean"] = float(self._trust[k]), float(self._trust_mean[k])
+        return row
 
     def select(
-        self, label: str | None = None, min_score: float | None = None, max_score: float | None = None
-    ) -> list[tuple[str, int]]:
-        """The ranked keys, restricted to class ``label`` and to detector scores in [min_score, max_score]."""
-        keys = []
-        for key in self.ranked:
-            row = self._rows[key]
-            if label is not None and row["label"] != label:
-                continue
-            if min_score is not None and row["score"] < min_score:
-                continue
-            if max_score is not None and row["score"] > max_score:
-                continue
-            keys.append(key)
-        return keys
+        self,
+        label: str | None = None,
+        min_score: float | None = None,
+        max_score: float | None = None,
+        *,
+        exclude: list[tuple[str, int]] = (),
+    ) -> np.ndarray:
+        """The positions (``key``) in ranked order, restricted to class ``label``, to detector scores in
+        [min_score, max_score], and without the instances ``exclude`` names (unknown ones are ignored)."""
+        keep = np.ones(len(self._order), bool)
+        if label is not None:
+            keep &= self._label == (self.classes.index(label) if label in self.classes else -1)
+        if min_score is not None:
+            keep &= self._score >= min_score
+        if max_score is not None:
+            keep &= self._score <= max_score
+        for key in exclude:
+            k = self.position(*key)
+            if k is not None:
+                keep[k] = False
+        return self._ranked[keep[self._ranked]]
 
     def image(self, image_id: str) -> np.ndarray:
         """The H x W x 3 uint8 RGB image, from the job's input (the last ``_IMAGE_CACHE`` kept decoded).

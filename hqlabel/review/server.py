@@ -155,11 +155,11 @@ class ReviewApp:
         min_score, max_score = _float_param(query, "min_score"), _float_param(query, "max_score")
         pending = query.get("pending", "0") not in ("0", "", "false")
         self.store.refresh()
-        keys = self.items.select(label, min_score, max_score)
-        if pending:
-            keys = [k for k in keys if self.store.state(*k).decision is None]
-        page = [self.item(*k) for k in keys[offset : offset + limit]]
-        return {"total": len(keys), "offset": offset, "limit": limit, "items": page, **self._weights()}
+        states = self.store.snapshot().items() if pending else ()
+        decided = [k for k, state in states if state.decision is not None]
+        chosen = self.items.select(label, min_score, max_score, exclude=decided)
+        page = [self.item(*self.items.key(k)) for k in chosen[offset : offset + limit]]
+        return {"total": len(chosen), "offset": offset, "limit": limit, "items": page, **self._weights()}
 
     def overlay_png(self, image_id: str, instance_id: int) -> bytes:
         self._key({"image_id": image_id, "instance_id": instance_id}, "")  # 404 first

@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -247,6 +248,45 @@ def test_ranking_uses_the_quality_columns_a_labels_folder_has(labels, tmp_path):
     unstable = [i for i in items if i["stability"] is not None]
     assert items[: len(unstable)] == unstable  # the lowest signal decides: these come first
     assert all(i["trust"] == pytest.approx(i["stability"]) for i in unstable)
+
+
+def test_repeated_ids_keep_the_first_shards_masks_and_ranking_matches_a_plain_sort(labels, tmp_path, caplog):
+    """An image id in two shards keeps the first shard's masks, a key repeated within a shard its first row
+    (a warning counts the rest); the ranking equals sorting the kept rows by (min signal, mean, key)."""
+    from hqlabel.review.items import ReviewItems
+
+    folder = copy_labels(labels, tmp_path / "labels")
+    first, second = sorted((folder / "masks").glob("*.parquet"))
+    one, two = pq.read_table(first), pq.read_table(second)
+    taken = one["image_id"][0].as_py()  # shard 2's first image now claims shard 1's id
+    renamed = two["image_id"][0].as_py()
+    moved = pc.equal(two["image_id"], renamed)
+    two = two.set_column(
+        two.column_names.index("image_id"), "image_id", pc.if_else(moved, taken, two["image_id"])
+    )
+    pq.write_table(pa.concat_tables([two, two.slice(two.num_rows - 1, 1)]), second)  # last row twice
+    left_out = pc.sum(moved).as_py() + 1
+    with caplog.at_level("WARNING"):
+        items = ReviewItems(str(folder))
+    assert f"left out {left_out} mask(s)" in caplog.text
+    assert len(items) == one.num_rows + two.num_rows + 1 - left_out
+    kept = one.to_pylist() + [r for r in two.to_pylist() if r["image_id"] != taken]
+    assert sorted(items.key(k) for k in range(len(items))) == sorted(
+        (r["image_id"], r["instance_id"]) for r in kept
+    )
+    for r in one.to_pylist():
+        if r["image_id"] == taken:
+            assert items.row(taken, r["instance_id"])["mask"] == r["mask"]  # shard 1's, not shard 2's
+
+    def trust(row):
+        values = [row[s] for s in SIGNALS if row.get(s) is not None]
+        return min(values), sum(values) / len(values)
+
+    expected = sorted(kept, key=lambda r: (*trust(r), r["image_id"], r["instance_id"]))
+    assert [items.key(k) for k in items.select()] == [(r["image_id"], r["instance_id"]) for r in expected]
+    assert (renamed, 0) not in items and items.position(renamed, 0) is None
+    with pytest.raises(KeyError):
+        items.row(renamed, 0)
 
 
 @pytest.mark.parametrize(
