@@ -124,19 +124,18 @@ class ReviewItems:
         self._ids = self._table["image_id"].take(self._order).combine_chunks()  # Arrow: no str per row
         self._instances = self._table["instance_id"].take(self._order).to_numpy().astype(np.int64)
         starts = np.flatnonzero(_starts(self._ids)) if len(self._ids) else np.zeros(0, np.int64)
-        stops = np.r_[starts[1:], len(self._ids)].astype(np.int64)
+        stops = np.r_[starts[1:], len(self._ids)].astype(np.int64) if len(starts) else starts
         first = self._ids.take(starts).to_pylist()  # one entry per image
         self._images_at = {i: (int(a), int(b)) for i, a, b in zip(first, starts, stops, strict=True)}
         self._shard_of = {i: shards[int(shard_index[a])] for i, a in zip(first, starts, strict=True)}
         self._trust, self._trust_mean = _trust_arrays(self._table, self.signals, self._order)
         self._score = self._table["score"].take(self._order).to_numpy(zero_copy_only=False).astype(np.float64)
-        labels_column = self._table["label"].take(self._order).to_pylist()
+        labels_column = pc.dictionary_encode(self._table["label"].take(self._order)).combine_chunks()
         self.classes: list[str] = list(self.spec.get("labeler", {}).get("classes") or [])
-        for label in dict.fromkeys(labels_column):
-            if label not in self.classes:
-                self.classes.append(label)
-        code = {label: k for k, label in enumerate(self.classes)}
-        self._label = np.array([code[label] for label in labels_column], np.int32)
+        found = labels_column.dictionary.to_pylist()  # in order of first appearance
+        self.classes += [label for label in found if label not in self.classes]
+        code = np.array([self.classes.index(label) for label in found], np.int32)
+        self._label = code[labels_column.indices.to_numpy(zero_copy_only=False)]
         # least trustworthy first; ties: the lower mean, then the key (positions are in key order)
         positions = np.arange(len(self._order))
         self._ranked = np.lexsort((positions, self._trust_mean, self._trust))

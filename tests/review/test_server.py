@@ -289,6 +289,15 @@ def test_repeated_ids_keep_the_first_shards_masks_and_ranking_matches_a_plain_so
         items.row(renamed, 0)
 
 
+def test_masks_tables_without_rows_give_an_empty_review(labels, tmp_path):
+    folder = copy_labels(labels, tmp_path / "labels")
+    for path in (folder / "masks").glob("*.parquet"):
+        pq.write_table(pq.read_table(path).slice(0, 0), path)
+    app = ReviewApp(str(folder), reviewer="ann", device=None)
+    assert len(app.items) == 0 and ("a.png", 0) not in app.items
+    assert app.list_items({"pending": "1"})["total"] == 0 and app.items.classes == ["cat", "dog"]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
