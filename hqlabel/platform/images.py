@@ -8,10 +8,8 @@ reason against the row instead of crashing the job. Pure PIL/numpy; no torch.
 from __future__ import annotations
 
 import io
-import os
 import re
 import warnings
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -22,12 +20,11 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageDecodeError",
     "decode_image",
-    "list_image_files",
     "resize_longest_side",
 ]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-"""Lower-case file suffixes that :func:`list_image_files` treats as images."""
+"""Lower-case file suffixes that an input listing (``readers.list_input``) treats as images."""
 
 DEFAULT_MAX_PIXELS = 100_000_000
 """Default upper bound on width * height accepted by :func:`decode_image`."""
@@ -223,42 +220,3 @@ def resize_longest_side(image: np.ndarray, max_side: int) -> np.ndarray:
         (new_width, new_height), Image.Resampling.BILINEAR
     )
     return np.array(resized, dtype=np.uint8, order="C", copy=True)
-
-
-def list_image_files(root: str | Path) -> list[Path]:
-    """Find image files under ``root`` recursively.
-
-    A file counts as an image if its suffix, lower-cased, is in :data:`IMAGE_EXTENSIONS`; the content is
-    not inspected. Files and directories whose name starts with "." are skipped. Symlinked directories are
-    not followed.
-
-    Args:
-        root: directory to search.
-
-    Returns:
-        Paths of the form ``Path(root) / relative``, sorted by the relative POSIX path.
-
-    Raises:
-        FileNotFoundError: ``root`` does not exist.
-        NotADirectoryError: ``root`` is a file.
-    """
-    root_path = Path(root)
-    if not root_path.exists():
-        raise FileNotFoundError(f"image root {str(root_path)!r} does not exist; check the input path")
-    if not root_path.is_dir():
-        raise NotADirectoryError(
-            f"image root {str(root_path)!r} is a file; pass the directory holding images"
-        )
-
-    found: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root_path):
-        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
-        directory = Path(dirpath)
-        for name in filenames:
-            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
-                continue
-            path = directory / name
-            if path.is_file():
-                found.append((path.relative_to(root_path).as_posix(), path))
-    found.sort(key=lambda item: item[0])
-    return [path for _, path in found]

@@ -13,7 +13,6 @@ from hqlabel.platform.images import (
     IMAGE_EXTENSIONS,
     ImageDecodeError,
     decode_image,
-    list_image_files,
     resize_longest_side,
 )
 
@@ -52,8 +51,8 @@ def test_lossless_png_round_trip_is_exact() -> None:
 def test_png_named_jpg_is_found_and_decoded(tmp_path: Path) -> None:
     image = _gradient_rgb(6, 9)
     (tmp_path / "actually_png.jpg").write_bytes(_encode(image, "PNG"))
-    [path] = list_image_files(tmp_path)
-    np.testing.assert_array_equal(decode_image(path.read_bytes()), np.asarray(image))
+    data = (tmp_path / "actually_png.jpg").read_bytes()
+    np.testing.assert_array_equal(decode_image(data), np.asarray(image))
 
 
 def test_greyscale_l_becomes_three_equal_channels() -> None:
@@ -231,41 +230,6 @@ def test_resize_returns_same_object_when_small_enough() -> None:
 def test_resize_rejects_bad_max_side() -> None:
     with pytest.raises(ValueError, match="max_side"):
         resize_longest_side(np.zeros((2, 2, 3), dtype=np.uint8), 0)
-
-
-def _touch(root: Path, relative: str) -> None:
-    path = root / relative
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"")
-
-
-def test_list_image_files_recursive_sorted_case_insensitive(tmp_path: Path) -> None:
-    for relative in ["b/z.PNG", "a.jpg", "b/a/y.TiFF", "c.txt", "b/x.webp", "d.jpeg.bak"]:
-        _touch(tmp_path, relative)
-    found = [path.relative_to(tmp_path).as_posix() for path in list_image_files(tmp_path)]
-    assert found == ["a.jpg", "b/a/y.TiFF", "b/x.webp", "b/z.PNG"]
-
-
-def test_list_image_files_skips_hidden(tmp_path: Path) -> None:
-    for relative in [".hidden.jpg", ".cache/in_hidden_dir.png", "sub/.also_hidden.png", "sub/shown.png"]:
-        _touch(tmp_path, relative)
-    assert list_image_files(tmp_path) == [tmp_path / "sub" / "shown.png"]
-
-
-def test_list_image_files_accepts_str_root(tmp_path: Path) -> None:
-    _touch(tmp_path, "one.bmp")
-    assert list_image_files(str(tmp_path)) == [tmp_path / "one.bmp"]
-
-
-def test_list_image_files_missing_root(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nope"):
-        list_image_files(tmp_path / "nope")
-
-
-def test_list_image_files_root_is_file(tmp_path: Path) -> None:
-    _touch(tmp_path, "file.png")
-    with pytest.raises(NotADirectoryError, match=r"file\.png"):
-        list_image_files(tmp_path / "file.png")
 
 
 def test_image_extensions_are_lower_case() -> None:
