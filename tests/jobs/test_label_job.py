@@ -230,9 +230,9 @@ def test_hq_weights_relabel_with_the_same_boxes_and_new_masks(ray_session, image
             if is_hq_parameter(name):
                 param.add_(0.01)
     save_hq_weights(model, weights, base_model="tiny-random")
-    with pytest.raises(ValueError, match="different settings.*hq_weights_revision.*--overwrite"):
+    with pytest.raises(ValueError, match=r"different settings.*hq_weights_revision.*--overwrite"):
         run_label_job(tuned, progress=False)
     pinned = tuned.labeler.model_copy(update={"hq_weights_revision": recorded})
-    with pytest.raises(ValueError, match="--hq-weights: .* has changed"):
+    with pytest.raises(ValueError, match=r"--hq-weights: .* has changed"):
         run_label_job(tuned.model_copy(update={"labeler": pinned, "overwrite": True}), progress=False)
     assert json.loads((tmp_path / "tuned" / "job.json").read_text()) == job  # nothing was touched
