@@ -53,7 +53,7 @@ print(json.dumps({"instances": len(items), "peak_growth": status("VmHWM") - befo
 
 
 def make_labels(root: Path, images: int, instances: int, size: tuple[int, int], shards: int) -> Path:
-    """A labels folder whose masks table holds ``images`` x ``instances`` synthetic rows (module docstring)."""
+    """A labels folder with ``images`` x ``instances`` synthetic masks rows (see the module docstring)."""
     from hqlabel.jobs.label import run_label_job
     from hqlabel.jobs.spec import LabelJobSpec
     from hqlabel.platform.config import LabelerConfig
