@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -415,24 +416,28 @@ def _labeling_pool(ds, spec: LabelJobSpec, plan: ResourcePlan, attempts: Attempt
 
     from hqlabel.workers import LabelWorker
 
-    return ds.map_batches(
-        LabelWorker,
-        batch_format="pyarrow",
-        batch_size=spec.batch_size,
-        compute=ray.data.ActorPoolStrategy(**plan.actor_pool()),
-        num_cpus=plan.actor_cpus,
-        num_gpus=plan.actor_gpus,
-        **({"resources": plan.actor_resources} if plan.actor_resources else {}),  # --actor-resource
-        scheduling_strategy="SPREAD",  # the actors over the nodes, not packed onto the first that fits
-        max_restarts=spec.max_actor_restarts,
-        max_task_retries=spec.max_actor_restarts,
-        fn_constructor_kwargs={
-            "config": spec.labeler,
-            "num_threads": plan.actor_threads,
-            "attempts": attempts,
-            "failpoints": failpoints,
-        },
-    )
+    # Bounded restarts (Ray Data's own default is unbounded) have no named parameter in Ray 2.60: they go as
+    # ray_remote_args, which Ray deprecates for 2.64 (pyproject pins ray < 2.64); its warning would print on
+    # every job. The actors spread over the nodes: DataContext's default scheduling strategy is SPREAD.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(
+            LabelWorker,
+            batch_format="pyarrow",
+            batch_size=spec.batch_size,
+            compute=ray.data.ActorPoolStrategy(**plan.actor_pool()),
+            num_cpus=plan.actor_cpus,
+            num_gpus=plan.actor_gpus,
+            **({"resources": plan.actor_resources} if plan.actor_resources else {}),  # --actor-resource
+            max_restarts=spec.max_actor_restarts,
+            max_task_retries=spec.max_actor_restarts,
+            fn_constructor_kwargs={
+                "config": spec.labeler,
+                "num_threads": plan.actor_threads,
+                "attempts": attempts,
+                "failpoints": failpoints,
+            },
+        )
 
 
 def check_label_spec(spec: LabelJobSpec, *, warn: bool = True) -> LabelJobSpec:
