@@ -156,6 +156,20 @@ def test_in_memory_labeler_gives_the_job_rows(cli_out, folder, labeler):
     assert [len(r) for r in batch] == [len([r for r in rows if r["image_id"] == n]) for n in SIZES]
 
 
+def test_in_memory_labeler_records_its_hq_weights_digest(tmp_path):
+    from hqlabel.segmenters import tiny_random_sam_hq
+    from hqlabel.segmenters.hq_weights import hq_weights_revision, save_hq_weights
+
+    model = tiny_random_sam_hq().model
+    weights = save_hq_weights(model, tmp_path / "hq.safetensors", base_model="tiny-random")
+    loaded = hqlabel.Labeler.from_pretrained(preset="tiny-random", hq_weights=str(weights))
+    assert loaded.config.hq_weights_revision == hq_weights_revision(weights)
+    with pytest.raises(ValueError, match="has changed"):
+        hqlabel.Labeler.from_pretrained(
+            preset="tiny-random", hq_weights=str(weights), hq_weights_revision="sha256:0"
+        )
+
+
 def test_in_memory_labeler_refuses_bad_images(labeler):
     with pytest.raises(ValueError, match="uint8"):
         labeler(np.zeros((8, 8, 3), np.float32))

@@ -69,6 +69,20 @@ def to_rgb(image: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.nda
     return array
 
 
+def _pins(config: LabelerConfig) -> dict[str, str | None]:
+    """The versions of ``config``'s models once loaded (``hub.model_revision``: a hub model's commit in the
+    cache, a local model's ``files:`` fingerprint), as ``label`` pins them."""
+    from hqlabel.platform.hub import model_revision
+
+    pins = {}
+    if config.preset is None:
+        roles = ["detector", "segmenter"] if config.prompts == "detector" else ["segmenter"]
+        for role in roles:
+            name, revision = getattr(config, role), getattr(config, f"{role}_revision")
+            pins[f"{role}_revision"] = model_revision(name, revision, what=role, option=role)
+    return pins
+
+
 class Labeler:
     """Detect ``classes`` in images (or take given boxes) and segment each with HQ-SAM, in this process.
 
@@ -133,7 +147,7 @@ class Labeler:
         Raises:
             TypeError: an unknown option. ValueError: a bad value (``pydantic.ValidationError``).
         """
-        from hqlabel.jobs.checks import check_hq_weights
+        from hqlabel.jobs.checks import check_hq_weights, hq_weights_pin
         from hqlabel.workers.labeler import Labeler as CoreLabeler
 
         unknown = sorted(set(options) - set(LabelerConfig.model_fields))
@@ -147,9 +161,12 @@ class Labeler:
             detector=detector, segmenter=segmenter, classes=classes, preset=preset, **options
         )
         check_hq_weights(config.hq_weights)
+        hq = hq_weights_pin(config.hq_weights, config.hq_weights_revision)  # the file's digest, as a job's
+        config = config.model_copy(update={"hq_weights_revision": hq})
+        core = CoreLabeler.from_config(config)
         return cls(
-            CoreLabeler.from_config(config),
-            config,
+            core,
+            config.model_copy(update=_pins(config)),  # which versions were loaded, as a job records them
             batch_size=batch_size,
             max_side=max_side,
             max_pixels=max_pixels,

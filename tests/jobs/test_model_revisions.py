@@ -71,11 +71,14 @@ a = HQSamSegmenter.from_pretrained("{REPO}", revision="{COMMIT_A}", device="cpu"
 b = HQSamSegmenter.from_pretrained("{REPO}", revision="{COMMIT_B}", device="cpu").model.state_dict()
 main = HQSamSegmenter.from_pretrained("{REPO}", device="cpu").model.state_dict()
 same = lambda x, y: all(torch.equal(x[k], y[k]) for k in x)
+from hqlabel import Labeler  # the Python API records what it loaded, as a job does
+api = Labeler.from_pretrained(segmenter="{REPO}", device="cpu").config
 print(json.dumps({{"revision": model_revision("{REPO}", what="segmenter", option="--segmenter"),
-                  "main_is_a": same(main, a), "a_is_b": same(a, b)}}))
+                  "main_is_a": same(main, a), "a_is_b": same(a, b),
+                  "api": [api.segmenter_revision, api.detector_revision, api.hq_weights_revision]}}))
 """,
     )
-    assert found == {"revision": COMMIT_A, "main_is_a": True, "a_is_b": False}
+    assert found == {"revision": COMMIT_A, "main_is_a": True, "a_is_b": False, "api": [COMMIT_A, None, None]}
 
 
 def test_local_directory_is_pinned_by_a_fingerprint_of_its_files(tmp_path):
