@@ -44,6 +44,25 @@ def check_inputs(config: TrainConfig) -> None:
         check_pretrained([(config.base, "segmenter", "--base", DEFAULT_SEGMENTER)])  # offline: in seconds
 
 
+def pin_data(config: TrainConfig) -> TrainConfig:
+    """``config`` with ``data_revision`` set from its data's files (``training.data.data_revision``), so that
+    checkpoints record it and ``--resume`` refuses data that changed since.
+
+    Raises:
+        ValueError: a ``data_revision`` given by hand that the files do not match, with the fix.
+    """
+    from hqlabel.training.data import data_revision
+
+    found = data_revision(config)
+    if config.data_revision is not None and config.data_revision != found:
+        raise ValueError(
+            f"--data: the files of {config.data}{f' and {config.val_data}' if config.val_data else ''} have "
+            f"changed (their digest is {found}, {config.data_revision} is expected); pass the data that "
+            "revision names, or drop data_revision"
+        )
+    return config.model_copy(update={"data_revision": found})
+
+
 WORKERS = "workers"  # RUN/workers/rank-N.json: where each worker of the latest run (or resume) ran
 
 
@@ -109,13 +128,13 @@ def run_train_job(
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from hqlabel.training.checkpoint import check_run_folder, check_workers
+    from hqlabel.training.checkpoint import check_resume, check_run_folder, check_workers
     from hqlabel.training.recipe import FAULT_ENV
 
     if max_failures < 0:
         raise ValueError(f"--max-failures must be >= 0 (failures to recover from), got {max_failures}")
     worker_resources = check_custom_resources(dict(worker_resources or {}), "--worker-resource")
-    config = config.with_absolute_paths()
+    config = pin_data(config.with_absolute_paths())
     options = config.storage
     check_inputs(config)
     check_run_folder(config.out, resume=resume, options=options)
@@ -137,6 +156,7 @@ def run_train_job(
             )
     if resume:  # before Ray Train starts its workers
         check_workers(config.out, plan.workers, options)
+        check_resume(config.out, config, options)
     check_shared_storage(config)
     per_worker = {"CPU": plan.cpus} | ({"GPU": plan.gpus} if plan.gpus else {}) | worker_resources
     # Ray Train's own run folder (logs, no checkpoints: HQLabel writes those to --out itself).

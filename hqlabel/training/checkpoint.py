@@ -33,6 +33,7 @@ from transformers import SamHQModel
 from hqlabel.platform import storage
 from hqlabel.platform.storage import StorageOptions
 from hqlabel.segmenters.hq_weights import HQ_WEIGHTS_FILE, hq_weights_bytes, load_hq_weights
+from hqlabel.training.config import TrainConfig
 
 
 @dataclass
@@ -154,6 +155,23 @@ def check_workers(out: str, workers: int, options: StorageOptions = StorageOptio
             f"--resume: {out} was trained with {saved} worker(s), this run has {workers}; rerun with "
             f"--workers {saved}, or start a new run (a new --out)"
         )
+
+
+def check_resume(out: str, config: TrainConfig, options: StorageOptions = StorageOptions()) -> None:
+    """In the driver, before any worker starts: ``config`` may resume the run at ``out`` (its latest
+    checkpoint's settings, ``TrainConfig.resume_error``). A run without checkpoints passes
+    (``check_run_folder`` reports it).
+
+    Raises:
+        ValueError: the settings (or the data) differ, with the fix.
+    """
+    epoch = latest_epoch(out, options)
+    if epoch is None:
+        return
+    state = json.loads(storage.read_bytes(storage.join(epoch_dir(out, epoch), "state.json"), options))
+    error = config.resume_error(state["config"])
+    if error:
+        raise ValueError(error)
 
 
 def load_checkpoint(

@@ -33,6 +33,12 @@ class TrainConfig(BaseModel):
         None, description="Tiny random SAM-HQ as the base (offline smoke runs; results mean nothing)."
     )
     init_weights: str | None = Field(None, description="HQ weights to start from (default: the base's).")
+    data_revision: str | None = Field(
+        None,
+        description="The data's version: 'files:' and a digest of the names, sizes and versions (mtime or "
+        "ETag) of the files of `data` and `val_data`, recorded when a run starts (`hqlabel train`); --resume "
+        "refuses data that changed since. Set by hand, a run checks the files against it.",
+    )
     epochs: int = Field(12, ge=1, description="Passes over the training images.")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
     lr_drop_epoch: int = Field(10, ge=1, description="The learning rate is multiplied by lr_gamma from here.")
@@ -110,5 +116,29 @@ class TrainConfig(BaseModel):
     def base_name(self) -> str:
         return self.preset or self.base
 
+    # Fields that a checkpoint written before they existed does not record: not compared on --resume.
+    ADDED_PINS: ClassVar[tuple[str, ...]] = ("data_revision",)
+
     def result_fields(self) -> dict:
         return self.model_dump(mode="json", exclude=set(self.RESUMABLE_CHANGES))
+
+    def resume_error(self, saved: dict) -> str | None:
+        """Why this config cannot resume a run whose checkpoint saved ``saved`` (its ``result_fields``), or
+        None: the fields in which they differ, with the fix."""
+        changed = sorted(
+            name
+            for name, value in self.result_fields().items()
+            if saved.get(name) != value and (name in saved or name not in self.ADDED_PINS)
+        )
+        if not changed:
+            return None
+        data = (
+            f"; the files of --data / --val-data changed since its checkpoints were written (data_revision "
+            f"{saved.get('data_revision')} then, {self.data_revision} now): restore them"
+            if "data_revision" in changed
+            else ""
+        )
+        return (
+            f"--resume: this run's settings differ from {self.out}'s in {changed}{data}; use the same "
+            "settings, or train into a new --out"
+        )

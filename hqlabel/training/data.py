@@ -179,6 +179,27 @@ def _select(images: ImageIndex | ImageList, keep: np.ndarray) -> ImageIndex | Im
     return ImageList([image for image, k in zip(images.images, keep, strict=True) if k])
 
 
+def data_revision(config: TrainConfig) -> str:
+    """``files:`` + a digest of the names, sizes and versions (local: modification time; S3: ETag, or
+    modification time for a single object) of the files of ``config.data`` and ``config.val_data``: what a run
+    records to tell the data it trained on from what those paths hold later. Names and folders starting with
+    ``.`` or ``_`` are left out, as a listing leaves them out."""
+    options = config.storage
+    digest = hashlib.sha256()
+    for role, uri in (("data", config.data), ("val_data", config.val_data)):
+        if uri is None:
+            continue
+        if storage.is_dir(uri, options):
+            entries = ((e.uri, e.size, e.version) for e in storage.walk(uri, ("",), options))
+        else:
+            fs, path = storage.resolve(uri, options)
+            info = fs.get_file_info(path)
+            entries = [(uri, info.size, str(info.mtime_ns))]
+        for name, size, version in entries:
+            digest.update(f"{role}\t{name}\t{size}\t{version}\n".encode())
+    return "files:" + digest.hexdigest()[:32]
+
+
 def load_splits(config: TrainConfig) -> tuple[ImageIndex | ImageList, ImageIndex | ImageList]:
     """The training and validation images (those with at least one mask), as lazy sequences.
 

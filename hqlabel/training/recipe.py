@@ -182,12 +182,9 @@ def run_training(
     if resume:
         checkpoint.check_workers(config.out, world_size, options)
         state, saved = checkpoint.load_checkpoint(config.out, segmenter.model, options)
-        changed = sorted(k for k, v in config.result_fields().items() if saved.get(k) != v)
-        if changed:
-            raise ValueError(
-                f"--resume: this run's settings differ from {config.out}'s in {changed}; use the same "
-                "settings, or train into a new --out"
-            )
+        error = config.resume_error(saved)
+        if error:
+            raise ValueError(error)
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
         start, history, best = state.epoch + 1, state.history, state.best

@@ -14,6 +14,7 @@ from hqlabel.jobs.train import run_train_job
 from hqlabel.platform.instances import iter_instances
 from hqlabel.segmenters import build_segmenter
 from hqlabel.training.config import TrainConfig
+from hqlabel.training.data import data_revision
 from hqlabel.training.evaluate import evaluate_segmenter
 from hqlabel.training.recipe import FAULT_ENV
 from hqlabel.training.synthetic import write_fine_structure_dataset
@@ -34,6 +35,7 @@ def test_ray_train_job_with_two_cpu_workers(ray_session, dataset, tmp_path, caps
     assert "trained 2 epoch(s) on 2 worker(s)" in printed and f"--hq-weights {out}/best" in printed
     config = TrainConfig.model_validate_json((out / "config.json").read_text())
     assert (config.batch_size, config.val_fraction, config.epochs) == (2, 0.25, 2)
+    assert config.data_revision == data_revision(config)  # pinned by the driver, resumed below with it
     history = json.loads((out / "metrics.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1, 2]
     # Each of the 2 workers takes half the images per epoch; the logged mask count sums both.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,6 +128,40 @@ def test_resume_and_restart_mistakes_are_refused(dataset, tmp_path):
         run_training(_config(dataset, out, epochs=2, lr=5e-4), resume=True)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run_training(_config(dataset, tmp_path / "fresh"), resume=True)
+
+
+def test_resume_with_changed_data_is_refused_in_the_driver_and_the_worker(dataset, tmp_path):
+    import shutil
+
+    from hqlabel.jobs.train import pin_data
+    from hqlabel.training.checkpoint import check_resume
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    out = tmp_path / "run"
+    first = pin_data(_config(str(data), out, epochs=1))
+    assert first.data_revision.startswith("files:") and pin_data(first) == first  # stable
+    run_training(first)
+    check_resume(str(out), first.model_copy(update={"epochs": 2}))  # the same data: resumable
+
+    part = sorted(data.rglob("*.parquet"))[0]
+    part.write_bytes(part.read_bytes())  # rewritten in place: a new modification time
+    changed = pin_data(_config(str(data), out, epochs=2))
+    assert changed.data_revision != first.data_revision
+    with pytest.raises(ValueError, match=r"\['data_revision'\]; the files of --data / --val-data changed"):
+        check_resume(str(out), changed)
+    with pytest.raises(ValueError, match="data_revision"):
+        run_training(changed, resume=True)
+    with pytest.raises(ValueError, match=r"--data: the files of .* have changed"):
+        pin_data(changed.model_copy(update={"data_revision": first.data_revision}))
+
+    # A checkpoint written before data_revision existed does not record it: not compared.
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())
+    state_file = Path(latest["path"]) / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["data_revision"]
+    state_file.write_text(json.dumps(state))
+    check_resume(str(out), changed)
 
 
 def test_checkpoints_on_s3(dataset, tmp_path, s3_endpoint, s3_bucket):
