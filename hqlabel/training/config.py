@@ -36,8 +36,9 @@ class TrainConfig(BaseModel):
     data_revision: str | None = Field(
         None,
         description="The data's version: 'files:' and a digest of the names, sizes and versions (mtime or "
-        "ETag) of the files of `data` and `val_data`, recorded when a run starts (`hqlabel train`); --resume "
-        "refuses data that changed since. Set by hand, a run checks the files against it.",
+        "ETag) of the files of `data` and `val_data` (and a COCO JSON's images), recorded when a run starts "
+        "(`hqlabel train`); --resume refuses data that changed since. Set by hand, a run checks the files "
+        "against it.",
     )
     epochs: int = Field(12, ge=1, description="Passes over the training images.")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate.")

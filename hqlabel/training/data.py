@@ -181,14 +181,17 @@ def _select(images: ImageIndex | ImageList, keep: np.ndarray) -> ImageIndex | Im
 
 def data_revision(config: TrainConfig) -> str:
     """``files:`` + a digest of the names, sizes and versions (local: modification time; S3: ETag, or
-    modification time for a single object) of the files of ``config.data`` and ``config.val_data``: what a run
-    records to tell the data it trained on from what those paths hold later. Names and folders starting with
-    ``.`` or ``_`` are left out, as a listing leaves them out."""
+    modification time for a single object) of the files of ``config.data`` and ``config.val_data`` (a COCO
+    JSON's images too: ``images_root``, else the JSON's folder): what a run records to tell the data it
+    trained on from what those paths hold later. Names and folders starting with ``.`` or ``_`` are left out,
+    as a listing leaves them out."""
     options = config.storage
     digest = hashlib.sha256()
-    for role, uri in (("data", config.data), ("val_data", config.val_data)):
-        if uri is None:
-            continue
+    roots = [(role, uri) for role, uri in (("data", config.data), ("val_data", config.val_data)) if uri]
+    for role, uri in list(roots):  # a COCO JSON's images: images_root, else the JSON's folder
+        if uri.lower().endswith(".json"):
+            roots.append((f"{role} images", config.images_root or uri.rsplit("/", 1)[0]))
+    for role, uri in roots:
         if storage.is_dir(uri, options):
             entries = ((e.uri, e.size, e.version) for e in storage.walk(uri, ("",), options))
         else:

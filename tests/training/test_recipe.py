@@ -231,6 +231,13 @@ def test_trains_straight_from_a_mask_folder_and_a_coco_json(tmp_path):
         result = run_training(config)
         assert [h["epoch"] for h in result["history"]] == [0, 1]
         assert result["history"][1]["train_masks"] == len(train)  # every object once (no crop at scale 1)
+    # A COCO JSON's data revision covers its images (the JSON's folder here): a replaced image changes it.
+    from hqlabel.training.data import data_revision
+
+    config = _config(str(coco), tmp_path / "from-coco")
+    before = data_revision(config)
+    (folder / "im" / "0.png").write_bytes((folder / "im" / "1.png").read_bytes())
+    assert data_revision(config) != before
 
 
 def test_validation_scores_the_hq_mask_by_default(dataset, tmp_path):
