@@ -134,9 +134,10 @@ def run_train_job(
     if max_failures < 0:
         raise ValueError(f"--max-failures must be >= 0 (failures to recover from), got {max_failures}")
     worker_resources = check_custom_resources(dict(worker_resources or {}), "--worker-resource")
-    config = pin_data(config.with_absolute_paths())
+    config = config.with_absolute_paths()
     options = config.storage
     check_inputs(config)
+    config = pin_data(config)  # recorded with every checkpoint; compared on --resume
     check_run_folder(config.out, resume=resume, options=options)
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"address": ray_address, "logging_level": logging.WARNING}

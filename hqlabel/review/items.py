@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -177,7 +178,7 @@ class ReviewItems:
         min_score: float | None = None,
         max_score: float | None = None,
         *,
-        exclude: list[tuple[str, int]] = (),
+        exclude: Iterable[tuple[str, int]] = (),
     ) -> np.ndarray:
         """The positions (``key``) in ranked order, restricted to class ``label``, to detector scores in
         [min_score, max_score], and without the instances ``exclude`` names (unknown ones are ignored)."""
