@@ -67,6 +67,7 @@ class SegmentService:
             )
         self.settings = settings
         self.workers = ray.get(service.workers.remote())
+        self.images_sent = 0  # requests that had to carry the image (the rest named it by key alone)
 
     def models(self) -> dict[str, Any]:
         """The service's segmenter settings (``SEGMENTER_FIELDS``) and device, JSON-ready."""
@@ -74,7 +75,10 @@ class SegmentService:
         return {name: config[name] for name in (*SEGMENTER_FIELDS, "device")}
 
     def segment(self, image: np.ndarray, prompts: dict[str, Any], key: str) -> dict[str, Any]:
-        """``WarmLabeler.segment`` on the labeling actor that ``key`` picks (crc32 of the key).
+        """``WarmLabeler.segment`` on the labeling actor that ``key`` picks (crc32 of the key). The prompts
+        go first without the image: the image follows only when that actor does not keep the key's
+        embeddings (the first request for an image, or after the actor's cache moved on), so another click
+        on the same image sends no pixels.
 
         Args:
             image: H x W x 3 uint8 RGB.
@@ -87,7 +91,11 @@ class SegmentService:
         import ray
 
         worker = self.workers[zlib.crc32(key.encode()) % len(self.workers)]
-        return ray.get(worker.segment.remote(image, prompts, self.settings, key=key))
+        result = ray.get(worker.segment.remote(None, prompts, self.settings, key=key))
+        if result.get("need_image"):
+            self.images_sent += 1
+            result = ray.get(worker.segment.remote(image, prompts, self.settings, key=key))
+        return result
 
 
 def decode_result(result: dict[str, Any]) -> tuple[np.ndarray, list[list[float]]]:

@@ -145,6 +145,13 @@ class EmbeddingsCache:
         self.capacity = capacity
         self._items: OrderedDict[str, ImageEmbeddings] = OrderedDict()
 
+    def get(self, key: str) -> ImageEmbeddings | None:
+        """The embeddings kept under ``key`` (now the most recent), or None."""
+        embeddings = self._items.get(key)
+        if embeddings is not None:
+            self._items.move_to_end(key)
+        return embeddings
+
     def embed(self, segmenter: Any, image: np.ndarray, key: str | None) -> tuple[ImageEmbeddings, bool]:
         """``segmenter.embed([image])``, or the embeddings kept under ``key`` when they are of an image of
         the same size; kept (most recent last) unless ``key`` is None. Returns them and whether the encoder

@@ -53,12 +53,13 @@ class WarmLabeler:
         self.first_batch: dict[str, float] = {}  # per job id: when its first batch arrived (time.time())
         self.segments = 0  # segment() calls answered
         self.encodes = 0  # of which ran the image encoder (the others found the image's embeddings cached)
+        self.images = 0  # of which came with the image (the others named a cached one by its key)
         self._embeddings = EmbeddingsCache(SEGMENT_CACHE)
 
     def info(self) -> dict:
         """Process id, how many times this process loaded models, Ray node, start time, batches labeled,
-        ``segment`` calls (and how many of them ran the image encoder), and the service's models
-        (``LabelerConfig`` as JSON)."""
+        ``segment`` calls (how many of them came with their image, and how many ran the image encoder), and
+        the service's models (``LabelerConfig`` as JSON)."""
         from hqlabel.workers.labeler import ray_node_id
 
         return {
@@ -70,6 +71,7 @@ class WarmLabeler:
             "first_batch": dict(self.first_batch),
             "segments": self.segments,
             "encodes": self.encodes,
+            "images": self.images,
             "config": self.config.model_dump(mode="json"),
         }
 
@@ -115,7 +117,7 @@ class WarmLabeler:
 
     def segment(
         self,
-        image: np.ndarray,
+        image: np.ndarray | None,
         prompts: Prompts | dict[str, Any],
         settings: LabelerConfig | dict[str, Any],
         *,
@@ -125,7 +127,9 @@ class WarmLabeler:
         with ``--prompts boxes`` has one too).
 
         Args:
-            image: H x W x 3 uint8 RGB.
+            image: H x W x 3 uint8 RGB; None with a ``key`` whose embeddings this actor keeps (a client
+                sends the image only when told ``need_image``: a click fix on a large image need not
+                cross the network again).
             prompts: ``Prompts`` of N objects (pixels of ``image``), or its fields as nested lists
                 (``{"boxes": N x 4 XYXY, "points": N x P x 2 XY, "point_labels": N x P}``, what a client
                 without torch sends).
@@ -138,7 +142,7 @@ class WarmLabeler:
         Returns:
             ``{"masks": N lists of K COCO RLE dicts (H x W, counts bytes), "iou": N x K predicted IoU,
             "size": [H, W], "encoded": whether the image encoder ran}``; K = 1 unless the segmenter's
-            multimask mode gives 3.
+            multimask mode gives 3. ``{"need_image": True}`` when ``image`` is None and ``key`` is not kept.
 
         Raises:
             ValueError: other segmenter settings than the service's, or a malformed image or prompts.
@@ -152,13 +156,20 @@ class WarmLabeler:
                 "run without --service, or restart the service with these settings (hqlabel serve stop, "
                 "serve start)"
             )
-        image = np.asarray(image)
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"image must be H x W x 3 uint8 RGB, got shape {image.shape} {image.dtype}")
         if not isinstance(prompts, Prompts):
             prompts = Prompts(**prompts)
         segmenter = self.worker.labeler.segmenter
-        embeddings, encoded = self._embeddings.embed(segmenter, image, key)
+        if image is None:
+            embeddings = None if key is None else self._embeddings.get(key)
+            if embeddings is None:
+                return {"need_image": True}
+            encoded = False
+        else:
+            image = np.asarray(image)
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(f"image must be H x W x 3 uint8 RGB, got shape {image.shape} {image.dtype}")
+            embeddings, encoded = self._embeddings.embed(segmenter, image, key)
+            self.images += 1
         self.encodes += encoded
         (logits,) = segmenter.predict(embeddings, [prompts])
         masks: list[list[dict[str, Any]]] = []
@@ -170,6 +181,6 @@ class WarmLabeler:
         return {
             "masks": masks,
             "iou": logits.iou_scores.float().cpu().tolist(),
-            "size": list(image.shape[:2]),
+            "size": [int(v) for v in embeddings.original_sizes[0]],
             "encoded": encoded,
         }

@@ -373,3 +373,4 @@ def test_one_model_load_serves_jobs_segments_and_fixes(service_run):
     assert after["batches"] == before["batches"] > 0
     assert (before["segments"], after["segments"]) == (0, 3)  # two segment commands, one click fix
     assert after["encodes"] == 2  # the second segment of the same image found its embeddings
+    assert after["images"] == 2  # ... and was sent without its pixels (the fix's image was sent once)

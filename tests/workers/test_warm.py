@@ -84,12 +84,16 @@ def test_the_encoder_runs_once_per_cached_image(warm, encoder_calls):
     assert first["masks"] != second["masks"]  # the click changed the mask, with the cached embeddings
     again = warm.segment(image, box, SEGMENT, key="img")
     assert again == first | {"encoded": False}  # the cached embeddings give the first answer again
+    assert warm.segment(None, box, SEGMENT, key="img") == again  # by key alone: no image sent
+    assert warm.segment(None, box, SEGMENT, key="never-sent") == {"need_image": True}
+    assert warm.segment(None, box, SEGMENT) == {"need_image": True}
     warm.segment(other, box, SEGMENT, key="other")
     warm.segment(image, box, SEGMENT)  # no key: encoded, not kept
     warm.segment(random_image(3, (41, 56)), box, SEGMENT, key="img")  # another size under a key: encoded
     assert len(encoder_calls) == 4
     info = warm.info()
-    assert info["segments"] - before["segments"] == 6 and info["encodes"] - before["encodes"] == 4
+    assert info["segments"] - before["segments"] == 7 and info["encodes"] - before["encodes"] == 4
+    assert info["images"] - before["images"] == 6  # all but the request by key alone
     assert info["loads"] == before["loads"] and info["batches"] == before["batches"]
 
 
