@@ -69,20 +69,6 @@ def to_rgb(image: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.nda
     return array
 
 
-def _pins(config: LabelerConfig) -> dict[str, str | None]:
-    """The versions of ``config``'s models once loaded (``hub.model_revision``: a hub model's commit in the
-    cache, a local model's ``files:`` fingerprint), as ``label`` pins them."""
-    from hqlabel.platform.hub import model_revision
-
-    pins = {}
-    if config.preset is None:
-        roles = ["detector", "segmenter"] if config.prompts == "detector" else ["segmenter"]
-        for role in roles:
-            name, revision = getattr(config, role), getattr(config, f"{role}_revision")
-            pins[f"{role}_revision"] = model_revision(name, revision, what=role, option=role)
-    return pins
-
-
 class Labeler:
     """Detect ``classes`` in images (or take given boxes) and segment each with HQ-SAM, in this process.
 
@@ -147,7 +133,7 @@ class Labeler:
         Raises:
             TypeError: an unknown option. ValueError: a bad value (``pydantic.ValidationError``).
         """
-        from hqlabel.jobs.checks import check_hq_weights, hq_weights_pin
+        from hqlabel.jobs.checks import check_hq_weights, hq_weights_pin, model_pins
         from hqlabel.workers.labeler import Labeler as CoreLabeler
 
         unknown = sorted(set(options) - set(LabelerConfig.model_fields))
@@ -166,7 +152,8 @@ class Labeler:
         core = CoreLabeler.from_config(config)
         return cls(
             core,
-            config.model_copy(update=_pins(config)),  # which versions were loaded, as a job records them
+            # which versions were loaded, as a job records them
+            config if config.preset is not None else config.model_copy(update=model_pins(config)),
             batch_size=batch_size,
             max_side=max_side,
             max_pixels=max_pixels,

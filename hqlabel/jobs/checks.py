@@ -12,7 +12,11 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from hqlabel.platform.config import LabelerConfig
 
 TRUE = ("1", "ON", "YES", "TRUE")  # huggingface_hub's true values
 HUB_PROBE_S = 3.0  # how long to wait for the Hugging Face hub's TCP handshake before calling it offline
@@ -122,6 +126,30 @@ def hq_weights_pin(path: str | None, revision: str | None) -> str | None:
             "weights that revision names, or drop hq_weights_revision (a resumed run: --overwrite)"
         )
     return found
+
+
+def model_roles(config: LabelerConfig) -> list[str]:
+    """The models ``config`` loads: ``detector`` and ``segmenter``, or the segmenter alone for given boxes."""
+    return ["detector", "segmenter"] if config.prompts == "detector" else ["segmenter"]
+
+
+def model_pins(config: LabelerConfig, revisions: dict[str, str | None] | None = None) -> dict[str, str]:
+    """``{"detector_revision": ..., "segmenter_revision": ...}`` pinning the models ``config`` loads
+    (``model_roles``; not for a preset): ``hub.model_revision`` of each at ``revisions["--ROLE"]`` when given,
+    else at the config's own revision, i.e. a hub model's commit in the cache or a local model's ``files:``
+    fingerprint. What a label job records, and the Python API's ``Labeler.config``.
+
+    Raises:
+        ModelLoadError: a hub model with no snapshot in the cache (load it first).
+    """
+    from hqlabel.platform.hub import model_revision
+
+    pins = {}
+    for role in model_roles(config):
+        option = f"--{role}"
+        revision = (revisions or {}).get(option, getattr(config, f"{role}_revision"))
+        pins[f"{role}_revision"] = model_revision(getattr(config, role), revision, what=role, option=option)
+    return pins
 
 
 def hub_reachable(timeout: float = HUB_PROBE_S) -> bool:

@@ -30,6 +30,8 @@ from hqlabel.jobs.checks import (
     check_hq_weights,
     check_pretrained,
     hq_weights_pin,
+    model_pins,
+    model_roles,
 )
 from hqlabel.jobs.cluster import describe_nodes, is_local, ray_init
 from hqlabel.jobs.resources import ResourcePlan, object_store_limit, plan_label_job
@@ -37,7 +39,7 @@ from hqlabel.jobs.shared_paths import check_shared_paths
 from hqlabel.jobs.spec import LabelJobSpec, absolute_path
 from hqlabel.platform import storage
 from hqlabel.platform.config import DEFAULT_DETECTOR, DEFAULT_SEGMENTER, LabelerConfig
-from hqlabel.platform.hub import is_hub_revision, model_revision
+from hqlabel.platform.hub import is_hub_revision
 from hqlabel.platform.lease import OutputLease
 from hqlabel.platform.readers import (
     DatasetInput,
@@ -276,10 +278,9 @@ def check_models(spec: LabelJobSpec) -> LabelJobSpec:
     earlier = None if spec.overwrite else _read_json(storage.join(spec.out, "job.json"), spec)
     recorded = ((earlier or {}).get("spec") or {}).get("labeler") or {}
     defaults = {"detector": DEFAULT_DETECTOR, "segmenter": DEFAULT_SEGMENTER}
-    roles = ["detector", "segmenter"] if spec.labeler.prompts == "detector" else ["segmenter"]
     revisions: dict[str, str | None] = {}
     models = []  # (name, what, option, default) of the models with a config to load
-    for role in roles:
+    for role in model_roles(spec.labeler):
         name = getattr(spec.labeler, role)
         revision = getattr(spec.labeler, f"{role}_revision")
         if (
@@ -292,12 +293,7 @@ def check_models(spec: LabelJobSpec) -> LabelJobSpec:
         if not Path(name).expanduser().is_file():  # an original .pth checkpoint has no config
             models.append((name, role, f"--{role}", defaults[role]))
     check_pretrained(models, revisions=revisions)
-    pinned = {
-        f"{role}_revision": model_revision(
-            getattr(spec.labeler, role), revisions[f"--{role}"], what=role, option=f"--{role}"
-        )
-        for role in roles
-    }
+    pinned = model_pins(spec.labeler, revisions)
     return spec.model_copy(update={"labeler": spec.labeler.model_copy(update=pinned)})
 
 
