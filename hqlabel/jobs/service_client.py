@@ -67,7 +67,6 @@ class SegmentService:
             )
         self.settings = settings
         self.workers = ray.get(service.workers.remote())
-        self.images_sent = 0  # requests that had to carry the image (the rest named it by key alone)
 
     def models(self) -> dict[str, Any]:
         """The service's segmenter settings (``SEGMENTER_FIELDS``) and device, JSON-ready."""
@@ -93,7 +92,6 @@ class SegmentService:
         worker = self.workers[zlib.crc32(key.encode()) % len(self.workers)]
         result = ray.get(worker.segment.remote(None, prompts, self.settings, key=key))
         if result.get("need_image"):
-            self.images_sent += 1
             result = ray.get(worker.segment.remote(image, prompts, self.settings, key=key))
         return result
 
