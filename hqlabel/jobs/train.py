@@ -128,7 +128,7 @@ def run_train_job(
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from hqlabel.training.checkpoint import check_resume, check_run_folder, check_workers
+    from hqlabel.training.checkpoint import check_resume, check_run_folder
     from hqlabel.training.recipe import FAULT_ENV
 
     if max_failures < 0:
@@ -156,8 +156,7 @@ def run_train_job(
                 f"(room for {slots}); lower --workers, or add nodes that offer it"
             )
     if resume:  # before Ray Train starts its workers
-        check_workers(config.out, plan.workers, options)
-        check_resume(config.out, config, options)
+        check_resume(config.out, config, plan.workers, options)
     check_shared_storage(config)
     per_worker = {"CPU": plan.cpus} | ({"GPU": plan.gpus} if plan.gpus else {}) | worker_resources
     # Ray Train's own run folder (logs, no checkpoints: HQLabel writes those to --out itself).

@@ -137,18 +137,15 @@ def world_layout(workers: int, batch_size: int, images: int) -> dict[str, int]:
     }
 
 
-def check_workers(out: str, workers: int, options: StorageOptions = StorageOptions()) -> None:
-    """Refuse to resume the run at ``out`` with another number of workers than its latest checkpoint's.
-
-    A checkpoint without ``"world"`` (written before it was recorded) is accepted.
-
-    Raises:
-        ValueError: the counts differ; the message names both and the fix.
-    """
+def _latest_state(out: str, options: StorageOptions) -> dict[str, Any] | None:
+    """The latest checkpoint's ``state.json``, or None for a run without checkpoints."""
     epoch = latest_epoch(out, options)
     if epoch is None:
-        return
-    state = json.loads(storage.read_bytes(storage.join(epoch_dir(out, epoch), "state.json"), options))
+        return None
+    return json.loads(storage.read_bytes(storage.join(epoch_dir(out, epoch), "state.json"), options))
+
+
+def _refuse_other_workers(out: str, state: dict[str, Any], workers: int) -> None:
     saved = state["config"].get("world", {}).get("workers")
     if saved is not None and saved != workers:
         raise ValueError(
@@ -157,18 +154,34 @@ def check_workers(out: str, workers: int, options: StorageOptions = StorageOptio
         )
 
 
-def check_resume(out: str, config: TrainConfig, options: StorageOptions = StorageOptions()) -> None:
-    """In the driver, before any worker starts: ``config`` may resume the run at ``out`` (its latest
-    checkpoint's settings, ``TrainConfig.resume_error``). A run without checkpoints passes
+def check_workers(out: str, workers: int, options: StorageOptions = StorageOptions()) -> None:
+    """Refuse to resume the run at ``out`` with another number of workers than its latest checkpoint's.
+
+    A checkpoint without ``"world"`` (written before it was recorded) is accepted.
+
+    Raises:
+        ValueError: the counts differ; the message names both and the fix.
+    """
+    state = _latest_state(out, options)
+    if state is not None:
+        _refuse_other_workers(out, state, workers)
+
+
+def check_resume(
+    out: str, config: TrainConfig, workers: int, options: StorageOptions = StorageOptions()
+) -> None:
+    """In the driver, before any worker starts: ``config`` with ``workers`` may resume the run at ``out``
+    (its latest checkpoint's worker count, as ``check_workers``, then its settings,
+    ``TrainConfig.resume_error``), from one read of that checkpoint's state. A run without checkpoints passes
     (``check_run_folder`` reports it).
 
     Raises:
-        ValueError: the settings (or the data) differ, with the fix.
+        ValueError: the workers, the settings or the data differ, with the fix.
     """
-    epoch = latest_epoch(out, options)
-    if epoch is None:
+    state = _latest_state(out, options)
+    if state is None:
         return
-    state = json.loads(storage.read_bytes(storage.join(epoch_dir(out, epoch), "state.json"), options))
+    _refuse_other_workers(out, state, workers)
     error = config.resume_error(state["config"])
     if error:
         raise ValueError(error)

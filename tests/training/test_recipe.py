@@ -142,14 +142,16 @@ def test_resume_with_changed_data_is_refused_in_the_driver_and_the_worker(datase
     first = pin_data(_config(str(data), out, epochs=1))
     assert first.data_revision.startswith("files:") and pin_data(first) == first  # stable
     run_training(first)
-    check_resume(str(out), first.model_copy(update={"epochs": 2}))  # the same data: resumable
+    check_resume(str(out), first.model_copy(update={"epochs": 2}), 1)  # the same data: resumable
+    with pytest.raises(ValueError, match=r"trained with 1 worker\(s\), this run has 2"):
+        check_resume(str(out), first.model_copy(update={"epochs": 2}), 2)  # the driver checks workers too
 
     part = sorted(data.rglob("*.parquet"))[0]
     part.write_bytes(part.read_bytes())  # rewritten in place: a new modification time
     changed = pin_data(_config(str(data), out, epochs=2))
     assert changed.data_revision != first.data_revision
     with pytest.raises(ValueError, match=r"\['data_revision'\]; the files of --data / --val-data changed"):
-        check_resume(str(out), changed)
+        check_resume(str(out), changed, 1)
     with pytest.raises(ValueError, match="data_revision"):
         run_training(changed, resume=True)
     with pytest.raises(ValueError, match=r"--data: the files of .* have changed"):
@@ -161,7 +163,7 @@ def test_resume_with_changed_data_is_refused_in_the_driver_and_the_worker(datase
     state = json.loads(state_file.read_text())
     del state["config"]["data_revision"]
     state_file.write_text(json.dumps(state))
-    check_resume(str(out), changed)
+    check_resume(str(out), changed, 1)
 
 
 def test_checkpoints_on_s3(dataset, tmp_path, s3_endpoint, s3_bucket):
