@@ -13,7 +13,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -33,14 +33,25 @@ SIGNALS = ("stability", "hq_sam_iou", "box_iou", "pred_iou", "score")
 _IMAGE_CACHE = 16  # decoded images kept (the current one, its neighbours, the prefetched next)
 
 
-def _key_order(table: pa.Table, shard_rows: list[int]) -> tuple[np.ndarray, np.ndarray, int]:
+class _Keys(NamedTuple):
+    """The rows to review of the concatenated masks tables, in key order ``(image_id, instance_id)``."""
+
+    rows: np.ndarray  # their positions in the table
+    shards: np.ndarray  # their shard's index
+    ids: pa.Array  # their image ids (Arrow: no str per row)
+    instances: np.ndarray  # their instance ids, int64
+    first: np.ndarray  # whether each is its image's first
+    left_out: int  # rows of repeated ids or keys
+
+
+def _key_order(table: pa.Table, shard_rows: list[int]) -> _Keys:
     """The rows of ``table`` (the masks of shards 0, 1, ... concatenated, ``shard_rows`` each) to review, in
-    key order ``(image_id, instance_id)``: ``(rows, their shard index, rows left out)``. Masks of an image id
-    found in an earlier shard, or of a key seen earlier in the same shard, are left out (an id the input
-    repeats: its masks cannot be told apart)."""
+    key order. Masks of an image id found in an earlier shard, or of a key seen earlier in the same shard,
+    are left out (an id the input repeats: its masks cannot be told apart)."""
     shard = np.repeat(np.arange(len(shard_rows)), shard_rows)
     if not table.num_rows:
-        return np.zeros(0, np.int64), shard, 0
+        empty = np.zeros(0, np.int64)
+        return _Keys(empty, empty, pa.array([], pa.string()), empty, np.zeros(0, bool), 0)
     keys = pa.table(
         {
             "image_id": table["image_id"],
@@ -50,19 +61,21 @@ def _key_order(table: pa.Table, shard_rows: list[int]) -> tuple[np.ndarray, np.n
         }
     )
     order = pc.sort_indices(keys, [(name, "ascending") for name in keys.column_names]).to_numpy()
-    new_image = _starts(table["image_id"].take(order))
-    instances = table["instance_id"].take(order).to_numpy()
+    ids = table["image_id"].take(order).combine_chunks()
+    new_image = _starts(ids)
+    instances = table["instance_id"].take(order).to_numpy().astype(np.int64)
     shards = shard[order]
     first_shard = shards[np.maximum.accumulate(np.where(new_image, np.arange(len(order)), 0))]
     repeat_key = ~new_image & np.r_[False, instances[1:] == instances[:-1]]
+    # an image's first sorted row is in its first shard and repeats no key: kept, and still its first
     keep = (shards == first_shard) & ~repeat_key
-    return order[keep], shards[keep], int((~keep).sum())
+    return _Keys(
+        order[keep], shards[keep], ids.filter(keep), instances[keep], new_image[keep], int((~keep).sum())
+    )
 
 
-def _starts(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+def _starts(ids: pa.Array) -> np.ndarray:
     """Whether each of the sorted ``ids`` (not empty) differs from the one before it (the first: True)."""
-    if isinstance(ids, pa.ChunkedArray):
-        ids = ids.combine_chunks()
     differ = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1)).to_numpy(zero_copy_only=False)
     return np.r_[True, differ]
 
@@ -117,18 +130,17 @@ class ReviewItems:
         tables = [storage.read_parquet(mask_files[shard], options) for shard in shards]
         self.signals: list[str] = [s for s in SIGNALS if any(s in t.column_names for t in tables)]
         self._table = pa.concat_tables(tables, promote_options="default")  # older parts lack some signals
-        self._order, shard_index, repeated = _key_order(self._table, [t.num_rows for t in tables])
-        if repeated:
+        keys = _key_order(self._table, [t.num_rows for t in tables])
+        self._order, self._ids, self._instances = keys.rows, keys.ids, keys.instances
+        if keys.left_out:
             logger.warning(
-                "left out %d mask(s) of image ids that occur more than once in %s", repeated, labels
+                "left out %d mask(s) of image ids that occur more than once in %s", keys.left_out, labels
             )
-        self._ids = self._table["image_id"].take(self._order).combine_chunks()  # Arrow: no str per row
-        self._instances = self._table["instance_id"].take(self._order).to_numpy().astype(np.int64)
-        starts = np.flatnonzero(_starts(self._ids)) if len(self._ids) else np.zeros(0, np.int64)
+        starts = np.flatnonzero(keys.first)
         stops = np.r_[starts[1:], len(self._ids)].astype(np.int64) if len(starts) else starts
         first = self._ids.take(starts).to_pylist()  # one entry per image
         self._images_at = {i: (int(a), int(b)) for i, a, b in zip(first, starts, stops, strict=True)}
-        self._shard_of = {i: shards[int(shard_index[a])] for i, a in zip(first, starts, strict=True)}
+        self._shard_of = {i: shards[int(keys.shards[a])] for i, a in zip(first, starts, strict=True)}
         self._trust, self._trust_mean = _trust_arrays(self._table, self.signals, self._order)
         self._score = self._table["score"].take(self._order).to_numpy(zero_copy_only=False).astype(np.float64)
         labels_column = pc.dictionary_encode(self._table["label"].take(self._order)).combine_chunks()
